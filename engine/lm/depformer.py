@@ -1,0 +1,104 @@
+"""The depth transformer ("depformer", MODEL.md §3.3).
+
+Per frame it runs K steps (K = 8 agent codebooks live, `dep_q` for full parity). Step k's input is
+`depformer_in[k](hn)` plus the embedding of the token used at step k−1 (the text token for k = 0);
+every linear has separate weights per step, stored stacked [S, out, in] and indexed by step; the
+norms are shared by all steps; there is no positional encoding; step k attends to steps 0..k of the
+frame (never windowed by `depformer_context`, §13.5) — except that, exactly like the temporal
+ring, the reference keeps the frame's depth keys in a ring of `dep_q` slots, and a step that fills
+it (k = dep_q − 1) no longer sees step 0 (measured on NVIDIA's pipeline: step 15 of a 16-step
+depformer attends to steps 1..15). The output of step k goes through `linears[k]` to `card` logits.
+Steps past K are never computed: the depformer is causal over steps, so steps 0..K−1 do not depend
+on them (§11.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .layers import (Embedding, StackedLinear, attention_scale, gated_ffn, merge_heads,
+                     rms_norm_f32, split_heads)
+
+
+@dataclass
+class DepformerLayer:
+    norm1: mx.array  # [D] float32, shared by all steps
+    in_proj: StackedLinear  # [S, 3D, D]
+    out_proj: StackedLinear  # [S, D, D]
+    norm2: mx.array
+    linear_in: StackedLinear  # [S, 2hd, D]
+    linear_out: StackedLinear  # [S, D, hd]
+
+    def arrays(self) -> list[mx.array]:
+        out = [self.norm1, self.norm2]
+        for lin in (self.in_proj, self.out_proj, self.linear_in, self.linear_out):
+            out += lin.arrays()
+        return out
+
+
+class Depformer:
+    def __init__(self, layers: list[DepformerLayer], depformer_in: StackedLinear,
+                 text_emb: Embedding, emb: list[Embedding], heads: StackedLinear, num_heads: int,
+                 capacity: int):
+        self.layers = layers
+        self.capacity = capacity  # the reference's depth KV ring size (dep_q)
+        self.depformer_in = depformer_in
+        self.text_emb = text_emb
+        self.emb = emb  # emb[k] is the input of step k+1
+        self.heads = heads
+        self.num_heads = num_heads
+
+    @property
+    def num_steps(self) -> int:
+        return self.depformer_in.num_steps
+
+    def arrays(self) -> list[mx.array]:
+        out = self.depformer_in.arrays() + self.text_emb.arrays() + self.heads.arrays()
+        for e in self.emb:
+            out += e.arrays()
+        for layer in self.layers:
+            out += layer.arrays()
+        return out
+
+    def new_cache(self) -> list[tuple[list[mx.array], list[mx.array]]]:
+        return [([], []) for _ in self.layers]
+
+    def token_embedding(self, k: int, token: mx.array) -> mx.array:
+        """Embedding of the token that conditions step k (text for k = 0, audio cb k−1 else)."""
+        table = self.text_emb if k == 0 else self.emb[k - 1]
+        return table(token)
+
+    def step(self, k: int, hn: mx.array, prev_token: mx.array, cache) -> mx.array:
+        """Depth step k for one frame. hn [B, T, d] (the temporal output), prev_token [B, T] int
+        -> logits [B, T, card]. `cache` is the frame's per-layer list of keys/values so far."""
+        x = self.depformer_in.step(k)(hn) + self.token_embedding(k, prev_token)
+        H = self.num_heads
+        for i, layer in enumerate(self.layers):
+            h = rms_norm_f32(x, layer.norm1)
+            q, kk, v = split_heads(layer.in_proj.step(k)(h), H)
+            keys, values = cache[i]
+            keys.append(kk)
+            values.append(v)
+            first = max(0, k - self.capacity + 2)  # ring rule, see the module docstring
+            K = kk if len(keys) - first == 1 else mx.concatenate(keys[first:], axis=2)
+            V = v if len(values) - first == 1 else mx.concatenate(values[first:], axis=2)
+            a = mx.fast.scaled_dot_product_attention(q, K, V, scale=attention_scale(q.shape[-1]))
+            x = x + layer.out_proj.step(k)(merge_heads(a))
+            x = x + gated_ffn(rms_norm_f32(x, layer.norm2), layer.linear_in.step(k),
+                              layer.linear_out.step(k))
+        return self.heads.step(k)(x)
+
+    def teacher_forced(self, hn: mx.array, prev_tokens: mx.array, steps: int | None = None) -> mx.array:
+        """All steps at once for every position: hn [B, T, d], prev_tokens [B, T, K] (the token
+        conditioning each step) -> logits [B, T, K, card]. Positions are independent: step k of
+        position t attends to steps 0..k of the same position."""
+        K = steps or self.num_steps
+        B, T, _ = hn.shape
+        # Fold positions into the batch: one depth sequence per position.
+        hn1 = hn.reshape(B * T, 1, -1)
+        toks = prev_tokens.reshape(B * T, 1, -1)
+        cache = self.new_cache()
+        outs = [self.step(k, hn1, toks[:, :, k], cache) for k in range(K)]
+        return mx.stack(outs, axis=2).reshape(B, T, K, -1)

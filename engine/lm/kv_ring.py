@@ -1,0 +1,112 @@
+"""The temporal transformer's KV cache: a preallocated ring of exactly `context` slots per layer.
+
+Position p lives in slot p mod context. Visibility follows the reference's streaming rule
+(MODEL.md §3.2, §13.3): a query at position q, in a chunk ending (exclusive) at E, sees keys
+max(0, q − context + 1, E − context + 1) … q. The live LM steps one position at a time (E = q + 1),
+so a query sees keys max(0, q − context + 2) … q: everything until the ring is full, then exactly
+context − 1 keys (the slot that holds the oldest key, (q + 1) mod context, is masked out).
+
+* A step writes its key in place (`slice_update` on an array nothing else references, which MLX
+  performs without copying the cache) and attends only over the filled slots until the ring is full.
+* `attend_chunk` handles a batch of new positions: the batched prefill uses the one-position-at-a-
+  time rule per query ("step" visibility), so it leaves exactly the state of a frame-by-frame
+  prefill; teacher forcing uses the exact window of `context` keys ("exact" visibility), which is
+  what the reference's one-pass `LMModel.forward` does.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+
+class KVRing:
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, context: int,
+                 dtype: mx.Dtype = mx.float32):
+        if context < 2:
+            raise ValueError("the attention context must be at least 2")
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.context = context
+        self.dtype = dtype
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+        self.end = 0  # next absolute position (= number of positions written so far)
+        self.reset()
+
+    def reset(self) -> None:
+        shape = (1, self.num_heads, self.context, self.head_dim)
+        self.keys = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        self.values = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        self.end = 0
+
+    def arrays(self) -> list[mx.array]:
+        return self.keys + self.values
+
+    @property
+    def filled(self) -> int:
+        return min(self.end, self.context)
+
+    # -------------------------------------------------------------------------------------------
+    def attend_step(self, layer: int, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+        """One new position (q, k, v: [1, H, 1, hd]) at position `self.end`: writes the ring slot
+        and attends. Call `advance(1)` once all layers are done."""
+        pos = self.end
+        C = self.context
+        slot = pos % C
+        K = mx.slice_update(self.keys[layer], k, mx.array([slot]), axes=(2,))
+        V = mx.slice_update(self.values[layer], v, mx.array([slot]), axes=(2,))
+        self.keys[layer], self.values[layer] = K, V
+        if pos + 1 < C:
+            n = pos + 1
+            return mx.fast.scaled_dot_product_attention(q, K[:, :, :n], V[:, :, :n], scale=scale)
+        # Full ring: every slot is filled; the oldest one, (pos + 1) mod C, is not visible.
+        mask = mx.arange(C) != ((pos + 1) % C)
+        return mx.fast.scaled_dot_product_attention(q, K, V, scale=scale, mask=mask)
+
+    def attend_chunk(self, layer: int, q: mx.array, k: mx.array, v: mx.array, scale: float,
+                     visibility: str = "step") -> mx.array:
+        """T new positions (q, k, v: [1, H, T, hd]) starting at `self.end`. visibility "step":
+        each query sees what it would see had the positions been fed one at a time; "exact": an
+        exact window of `context` keys. Writes the last min(T, context) keys into the ring."""
+        T = q.shape[2]
+        C = self.context
+        start = self.end
+        n_old = self.filled
+        if n_old:
+            old_pos = np.arange(start - n_old, start)
+            old_slots = old_pos % C
+            order = mx.array(old_slots)
+            K_all = mx.concatenate([self.keys[layer][:, :, order] if start > C else
+                                    self.keys[layer][:, :, :n_old], k], axis=2)
+            V_all = mx.concatenate([self.values[layer][:, :, order] if start > C else
+                                    self.values[layer][:, :, :n_old], v], axis=2)
+            kpos = np.concatenate([old_pos, np.arange(start, start + T)])
+        else:
+            K_all, V_all = k, v
+            kpos = np.arange(start, start + T)
+        qpos = np.arange(start, start + T)
+        lower = qpos - C + (2 if visibility == "step" else 1)
+        mask = (kpos[None, :] >= np.maximum(lower, 0)[:, None]) & (kpos[None, :] <= qpos[:, None])
+        out = mx.fast.scaled_dot_product_attention(q, K_all, V_all, scale=scale,
+                                                   mask=mx.array(mask))
+        self._write_chunk(layer, k, v, start)
+        return out
+
+    def _write_chunk(self, layer: int, k: mx.array, v: mx.array, start: int) -> None:
+        T = k.shape[2]
+        C = self.context
+        m = min(T, C)
+        k, v = k[:, :, T - m:], v[:, :, T - m:]
+        first = start + T - m
+        s0 = first % C
+        n1 = min(m, C - s0)
+        K, V = self.keys[layer], self.values[layer]
+        K = mx.slice_update(K, k[:, :, :n1], mx.array([s0]), axes=(2,))
+        V = mx.slice_update(V, v[:, :, :n1], mx.array([s0]), axes=(2,))
+        if n1 < m:
+            K = mx.slice_update(K, k[:, :, n1:], mx.array([0]), axes=(2,))
+            V = mx.slice_update(V, v[:, :, n1:], mx.array([0]), axes=(2,))
+        self.keys[layer], self.values[layer] = K, V
+
+    def advance(self, n: int) -> None:
+        self.end += n

@@ -1,0 +1,335 @@
+"""`LMGen`: the streaming step with PersonaPlex's token bookkeeping (MODEL.md §6, flat formulation),
+replayed voice embeddings and the token-cache handover (§7.3), and the batched prefill (§7.5).
+
+    gen = LMGen(model, lmgen_cfg, text=SamplingParams(0.7, 25), audio=SamplingParams(0.8, 250),
+                greedy=False, seed=None)
+    gen.reset()
+    out = gen.step(user_codes=codes8, forced={channel: token}, embedding=None,
+                   force_agent_silence=False)
+
+State: for channels k = 0..16 and absolute positions p, `tok[k][p]` and `forced[k][p]` (a 4-slot ring
+indexed p mod 4 holds them), the step counter `s` (`gen.position`) and the temporal KV ring.
+Position 0 holds every channel's initial id, forced; position 1 the delayed channels' initial id,
+forced; these initial entries win over anything written there later.
+
+`step` at step s:
+1. writes every supplied token — `forced` ({channel: token}), `user_codes` (channels 9..16) and the
+   interrupt tokens — at position s + delay[channel], marked forced;
+2. at s = 0 stops there and returns None (step 0 only writes, §6.4);
+3. runs the temporal transformer on position s−1 (`embed(tok[:, s−1])`, or `embedding` — a stored
+   [d] vector from a `.pt` voice — instead), samples the text token, then the depformer for
+   K = `model.depformer_steps` codebooks, each conditioned on the token *used* at the previous step
+   (the forced value if forced, else the sample); unforced channels at position s receive the
+   samples;
+4. returns the 17 tokens of real time s−1 — channel k from position s−1+delay[k] — for s ≥ 2, else
+   None. So the text and agent cb0 come from the previous step and the acoustic codebooks from this
+   one (Moshi's acoustic delay).
+
+User codes given at step s are first read at step s+1 (cb0) and s+2 (acoustic). With K = 8 (live
+PersonaPlex) the user channels are never generated: pass user codes at every step (or force them).
+A Kyutai-style dep_q-16 model run with `depformer_steps=16` and no user input generates the user
+codebooks itself.
+
+Kyutai's `LMGen` (moshi 0.2.13) writes a step's user input at offset + delay and reads the same
+offset, i.e. its step o is this class's step o+1 with its input given one step earlier: feed its
+frame 0 to `step` at s = 0, then frame o+1 at s = o+1 (any codes on the last step).
+
+`force_agent_silence=True` forces this step's text to PAD (`existing_text_padding_id`) and the agent
+codebooks to the lmgen SILENCE tokens through the same path as prompt frames (positions s + delay),
+so frame s — emitted by the next step — is the silence frame, and the model's context agrees that
+the agent stopped.
+
+`step(embedding=e)` replays one voice-prompt embedding. Unless `forced` says otherwise it forces,
+as NVIDIA's reference does while replaying, text PAD and audio id `card` on every channel at
+position s; these never reach a later input (`set_token_cache` overwrites what is read next) but
+they condition the discarded depformer outputs of the replay steps.
+
+Sampling runs on the device with one evaluation barrier per step; `greedy=True` (or temperature 0)
+takes the argmax. `seed` makes draws reproducible (an explicit `mx.random` key per generator).
+`last_text_logits`, `last_hidden` (numpy, float32) and `last_audio_logits` (MLX, only with
+`keep_audio_logits=True`) are kept for tests and telemetry.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from engine.config import LMGenConfig
+
+from .model import LMModel
+from .sampling import AUDIO_DEFAULT, TEXT_DEFAULT, SamplingParams, sample
+
+UNSET = -2  # "no token here yet": must never reach an embedding
+RING = 4
+
+
+class LMGen:
+    def __init__(self, model: LMModel, lmgen_cfg: LMGenConfig | None = None,
+                 text: SamplingParams = TEXT_DEFAULT, audio: SamplingParams = AUDIO_DEFAULT,
+                 greedy: bool = False, seed: int | None = None, keep_audio_logits: bool = False):
+        self.model = model
+        self.cfg = model.cfg
+        self.lmgen_cfg = lmgen_cfg
+        self.text_params = text
+        self.audio_params = audio
+        self.greedy = greedy
+        self.seed = seed
+        self.keep_audio_logits = keep_audio_logits
+        cfg = self.cfg
+        self.num_channels = cfg.n_q + 1
+        self.delays = np.array(cfg.delays, dtype=np.int64)
+        self.initial = np.array([cfg.text_card] + [cfg.card] * cfg.n_q, dtype=np.int64)
+        self.pad_id = cfg.existing_text_padding_id
+        self.kv = model.new_kv()
+        self._key = None
+        self.last_text_logits: np.ndarray | None = None
+        self.last_hidden: np.ndarray | None = None
+        self.last_audio_logits: mx.array | None = None
+        self.last_text_sampled: int | None = None
+        self.last_audio_sampled: np.ndarray | None = None
+        self.reset()
+
+    # -------------------------------------------------------------------------------------------
+    # State
+    # -------------------------------------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """s: the index of the next step."""
+        return self.s
+
+    def reset(self, seed: int | None = None) -> None:
+        """Clears the conversation: s = 0, empty KV ring, initial tokens at positions 0 and 1."""
+        if seed is not None:
+            self.seed = seed
+        self.s = 0
+        self.kv.reset()
+        self._tok = np.full((self.num_channels, RING), UNSET, dtype=np.int64)
+        self._forced = np.zeros((self.num_channels, RING), dtype=bool)
+        self._slot_pos = np.full(RING, -1, dtype=np.int64)
+        self._claim(0)
+        self._tok[:, 0] = self.initial
+        self._forced[:, 0] = True
+        self._claim(1)
+        delayed = self.delays > 0
+        self._tok[delayed, 1] = self.initial[delayed]
+        self._forced[delayed, 1] = True
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self._key = mx.random.key(seed)
+        self.last_text_logits = self.last_hidden = self.last_audio_logits = None
+
+    def _claim(self, p: int) -> int:
+        """The ring slot of position p, cleared if it held an older position."""
+        i = p % RING
+        if self._slot_pos[i] != p:
+            if self._slot_pos[i] > p:
+                raise RuntimeError(f"position {p} is no longer in the token window")
+            self._slot_pos[i] = p
+            self._tok[:, i] = UNSET
+            self._forced[:, i] = False
+        return i
+
+    def _is_initial(self, k: int, p: int) -> bool:
+        return p == 0 or (p == 1 and self.delays[k] > 0)
+
+    def _write(self, k: int, p: int, v: int) -> None:
+        if self._is_initial(k, p):
+            return
+        i = self._claim(p)
+        self._tok[k, i] = int(v)
+        self._forced[k, i] = True
+
+    def tokens_at(self, p: int) -> np.ndarray:
+        """The 17 tokens currently held for position p (UNSET = −2 where none)."""
+        i = p % RING
+        if self._slot_pos[i] != p:
+            return np.full(self.num_channels, UNSET, dtype=np.int64)
+        return self._tok[:, i].copy()
+
+    def forced_at(self, p: int) -> np.ndarray:
+        i = p % RING
+        if self._slot_pos[i] != p:
+            return np.zeros(self.num_channels, dtype=bool)
+        return self._forced[:, i].copy()
+
+    def _next_key(self) -> mx.array | None:
+        if self.greedy:
+            return None
+        self._key, sub = mx.random.split(self._key)
+        return sub
+
+    def _ext_writes(self, user_codes, forced, force_agent_silence: bool,
+                    replay: bool) -> dict[int, int]:
+        cfg = self.cfg
+        ext: dict[int, int] = {}
+        if replay and forced is None:
+            ext[0] = self.pad_id
+            for k in range(1, self.num_channels):
+                ext[k] = cfg.card
+        if force_agent_silence:
+            if self.lmgen_cfg is None:
+                raise ValueError("force_agent_silence needs the lmgen configuration (silence tokens)")
+            ext[0] = self.pad_id
+            for i, t in enumerate(self.lmgen_cfg.silence_tokens):
+                ext[1 + i] = int(t)
+        if forced is not None:
+            items = forced.items() if isinstance(forced, Mapping) else enumerate(forced)
+            for k, v in items:
+                if v is None:
+                    continue
+                k = int(k)
+                if not 0 <= k < self.num_channels:
+                    raise ValueError(f"channel {k} does not exist (0..{self.num_channels - 1})")
+                ext[k] = int(v)
+        if user_codes is not None:
+            uc = np.asarray(user_codes).reshape(-1)
+            nu = cfg.n_q // 2
+            if uc.shape[0] != nu:
+                raise ValueError(f"user_codes must have {nu} codebooks, got {uc.shape[0]}")
+            for i in range(nu):
+                ext[1 + nu + i] = int(uc[i])
+        return ext
+
+    def set_token_cache(self, cache: np.ndarray) -> None:
+        """Installs a `.pt` voice's token ring [17, R] (slot p mod R holds position p for
+        p = s−R+1 .. s) as forced tokens (MODEL.md §7.3). Call after the replay steps."""
+        cache = np.asarray(cache).reshape(self.num_channels, -1)
+        R = cache.shape[1]
+        if R > RING:
+            raise ValueError(f"a token cache has at most {RING} slots, got {R}")
+        for p in range(self.s - R + 1, self.s + 1):
+            if p < 0:
+                continue
+            for k in range(self.num_channels):
+                self._write(k, p, int(cache[k, p % R]))
+
+    # -------------------------------------------------------------------------------------------
+    # Step
+    # -------------------------------------------------------------------------------------------
+
+    def _input_row(self, p: int) -> np.ndarray:
+        row = self.tokens_at(p)
+        bad = np.nonzero(row == UNSET)[0]
+        if bad.size:
+            raise RuntimeError(
+                f"no token for channel {int(bad[0])} at position {p}: pass user codes (or force "
+                "the channel) at every step")
+        return row
+
+    def step(self, user_codes: Sequence[int] | np.ndarray | None = None,
+             forced: Mapping[int, int] | Sequence[int] | None = None,
+             embedding: np.ndarray | mx.array | None = None,
+             force_agent_silence: bool = False) -> np.ndarray | None:
+        """One step (see the module docstring). Returns int64 [17] for real time s−1, or None."""
+        s = self.s
+        ext = self._ext_writes(user_codes, forced, force_agent_silence, embedding is not None)
+        for k, v in ext.items():
+            self._write(k, s + int(self.delays[k]), v)
+        if s == 0:
+            self.s = 1
+            return None
+        model = self.model
+        if embedding is not None:
+            x = mx.array(embedding).reshape(1, 1, -1).astype(model.dtype)
+        else:
+            x = model.embed_row(self._input_row(s - 1))
+        hn = model.hidden(x, self.kv)  # [1, 1, d]
+        text_logits = model.text_logits(hn)[0, 0]
+        t = sample(text_logits, self.text_params, self._next_key(), self.greedy)
+        slot = self._claim(s)
+        forced_s = self._forced[:, slot]
+        tok_s = self._tok[:, slot]
+        prev = mx.array([int(tok_s[0])]) if forced_s[0] else t.reshape(1)
+        dep = model.depformer
+        cache = dep.new_cache()
+        K = model.depformer_steps
+        samples = []
+        logits_list = []
+        for j in range(K):
+            logits = dep.step(j, hn, prev.reshape(1, 1), cache)[0, 0]
+            a = sample(logits, self.audio_params, self._next_key(), self.greedy)
+            samples.append(a)
+            if self.keep_audio_logits:
+                logits_list.append(logits)
+            prev = mx.array([int(tok_s[j + 1])]) if forced_s[j + 1] else a.reshape(1)
+        sampled = mx.stack([t.reshape(())] + [a.reshape(()) for a in samples])
+        audio_logits = mx.stack(logits_list) if logits_list else None
+        to_eval = [sampled, hn, text_logits] + self.kv.arrays()
+        if audio_logits is not None:
+            to_eval.append(audio_logits)
+        mx.eval(*to_eval)  # the one evaluation barrier of the step
+        vals = np.array(sampled).astype(np.int64)
+        for k in range(K + 1):
+            if not forced_s[k]:
+                self._tok[k, slot] = vals[k]
+        self.last_hidden = np.array(hn[0, 0].astype(mx.float32))
+        self.last_text_logits = np.array(text_logits.astype(mx.float32))
+        self.last_audio_logits = audio_logits
+        self.last_text_sampled = int(vals[0])
+        self.last_audio_sampled = vals[1:].copy()
+        self.s = s + 1
+        if s <= int(self.delays.max()):
+            return None
+        return np.array([self.tokens_at(s - 1 + int(self.delays[k]))[k]
+                         for k in range(self.num_channels)], dtype=np.int64)
+
+    # -------------------------------------------------------------------------------------------
+    # Batched prefill
+    # -------------------------------------------------------------------------------------------
+
+    def prefill(self, embeddings: np.ndarray | None, token_frames: np.ndarray,
+                token_cache: np.ndarray | None = None) -> None:
+        """Teacher-forced prompt phases in one causal forward (MODEL.md §7.5), from a fresh state.
+
+        embeddings: a `.pt` voice's stored input embeddings [N−1, d] (or None for a WAV voice,
+        whose frames are then the first rows of `token_frames`); token_cache: its [17, 4] ring;
+        token_frames [F, 17]: every later prompt frame, all channels given (silence spacer, text
+        prompt, silence spacer). Leaves exactly the state that `step()` fed the same frames one by
+        one (step(), then step(embedding=e) for each embedding, set_token_cache, then
+        step(forced=frame) per frame) leaves: s = P, the KV ring, the token window,
+        `last_hidden`/`last_text_logits`; only the sampling key is not advanced. Evaluated before
+        returning.
+        """
+        if self.s != 0:
+            raise RuntimeError("prefill starts from a fresh state: call reset() first")
+        frames = np.asarray(token_frames, dtype=np.int64).reshape(-1, self.num_channels)
+        model = self.model
+        rows: list[np.ndarray] = []
+        n_emb = 0
+        if embeddings is not None:
+            emb = np.asarray(embeddings, dtype=np.float32).reshape(-1, self.cfg.dim)
+            n_emb = emb.shape[0]
+            if token_cache is None:
+                raise ValueError("a replayed voice needs its token cache")
+            self.s = 1  # step 0: nothing to write
+            for _ in range(n_emb):
+                for k, v in self._ext_writes(None, None, False, True).items():
+                    self._write(k, self.s + int(self.delays[k]), v)
+                self.s += 1
+            self.set_token_cache(token_cache)
+        for f in frames:
+            s = self.s
+            for k in range(self.num_channels):
+                self._write(k, s + int(self.delays[k]), int(f[k]))
+            if s >= 1:
+                rows.append(self._input_row(s - 1))
+            self.s = s + 1
+        parts = []
+        if n_emb:
+            parts.append(mx.array(emb).astype(model.dtype)[None])
+        if rows:
+            parts.append(model.embed(mx.array(np.stack(rows).astype(np.int32))))
+        if not parts:
+            return
+        x = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+        hn = model.hidden(x, self.kv)
+        last = hn[:, -1:]
+        text_logits = model.text_logits(last)[0, 0]
+        mx.eval(last, text_logits, *self.kv.arrays())
+        self.last_hidden = np.array(last[0, 0].astype(mx.float32))
+        self.last_text_logits = np.array(text_logits.astype(mx.float32))
+        self.last_audio_logits = None

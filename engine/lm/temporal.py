@@ -1,0 +1,71 @@
+"""The temporal ("main") transformer (MODEL.md §3.1): pre-norm layers of fused-QKV attention with
+interleaved RoPE over the KV ring, and a SiLU-gated feed-forward; then `out_norm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .kv_ring import KVRing
+from .layers import Linear, attention_scale, gated_ffn, merge_heads, rms_norm_f32, split_heads
+
+
+@dataclass
+class TemporalLayer:
+    norm1: mx.array  # [d] float32
+    in_proj: Linear  # [3d, d]
+    out_proj: Linear  # [d, d]
+    norm2: mx.array
+    linear_in: Linear  # [2h, d]
+    linear_out: Linear  # [d, h]
+
+    def arrays(self) -> list[mx.array]:
+        out = [self.norm1, self.norm2]
+        for lin in (self.in_proj, self.out_proj, self.linear_in, self.linear_out):
+            out += lin.arrays()
+        return out
+
+
+class Temporal:
+    def __init__(self, layers: list[TemporalLayer], out_norm: mx.array, num_heads: int,
+                 context: int, max_period: float):
+        self.layers = layers
+        self.out_norm = out_norm
+        self.num_heads = num_heads
+        self.context = context
+        self.max_period = float(max_period)
+
+    def arrays(self) -> list[mx.array]:
+        out = [self.out_norm]
+        for layer in self.layers:
+            out += layer.arrays()
+        return out
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        # Interleaved pairs (2i, 2i+1), i.e. MLX's "traditional" RoPE; the math runs in float32.
+        hd = x.shape[-1]
+        y = mx.fast.rope(x.astype(mx.float32), hd, traditional=True, base=self.max_period,
+                         scale=1.0, offset=offset)
+        return y.astype(x.dtype)
+
+    def __call__(self, x: mx.array, kv: KVRing, visibility: str = "step") -> mx.array:
+        """x [1, T, d] at positions kv.end .. kv.end+T−1 -> out_norm(h) [1, T, d]. Writes the ring
+        and advances it by T."""
+        T = x.shape[1]
+        pos = kv.end
+        H = self.num_heads
+        for i, layer in enumerate(self.layers):
+            h = rms_norm_f32(x, layer.norm1)
+            q, k, v = split_heads(layer.in_proj(h), H)
+            scale = attention_scale(q.shape[-1])
+            q, k = self._rope(q, pos), self._rope(k, pos)
+            if T == 1 and visibility == "step":
+                a = kv.attend_step(i, q, k, v, scale)
+            else:
+                a = kv.attend_chunk(i, q, k, v, scale, visibility)
+            x = x + layer.out_proj(merge_heads(a))
+            x = x + gated_ffn(rms_norm_f32(x, layer.norm2), layer.linear_in, layer.linear_out)
+        kv.advance(T)
+        return rms_norm_f32(x, self.out_norm)

@@ -1,0 +1,252 @@
+"""Mimi, the 24 kHz <-> 12.5 Hz neural audio codec, in MLX (MODEL.md §10).
+
+    mimi = Mimi.load(path, cfg, num_codebooks=8)
+    mimi.reset()                       # fresh streaming state (encoder and decoder)
+    codes = mimi.encode_step(pcm)      # float32 [frame_size] -> int32 [num_codebooks]
+    pcm = mimi.decode_step(codes)      # [num_codebooks] -> float32 [frame_size]
+    mimi.encode(clip) / mimi.decode(codes) / mimi.encode_latent(clip)   # whole clips
+
+Laziness: `encode_step` and `decode_step` return *un-evaluated* MLX arrays, and the streaming state
+they update is lazy too. Call `mx.eval` on the results once per frame (for example
+`mx.eval(codes, pcm)` to fuse the encode and decode of a frame); the state is then evaluated as part
+of the next frame. Do evaluate every frame: a caller that never evaluates builds an ever-growing
+graph. `np.asarray(result)` also evaluates.
+
+Whole-clip calls (`encode`, `decode`, `encode_latent`) start from a fresh state, leave the
+streaming state untouched, evaluate as they go and return evaluated arrays. They run exactly the
+streaming computation (the same convolution states and the same attention window, applied frame by
+frame), in chunks of several frames for speed, so their codes equal the streamed ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from engine.config import MimiConfig, default_mimi_config
+from engine.errors import CheckpointError
+from engine.mimi.conv import StreamingConv1d, StreamingConvTranspose1d
+from engine.mimi.quantizer import SplitRVQ
+from engine.mimi.seanet import SeanetDecoder, SeanetEncoder
+from engine.mimi.transformer import MimiTransformer
+from engine.mimi.weights import read_mimi_checkpoint, stored_levels, validate_mimi_weights
+
+# Frames per chunk in whole-clip calls (bounds memory; any value gives the same result).
+CLIP_CHUNK_FRAMES = 16
+
+
+def _transformer_params(w: dict, side: str, num_layers: int) -> list[dict]:
+    out = []
+    for i in range(num_layers):
+        prefix = f"{side}_transformer.transformer.layers.{i}."
+        out.append({k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)})
+    return out
+
+
+class Mimi:
+    """Streaming Mimi codec, batch size 1, float32 throughout."""
+
+    def __init__(self, weights: dict[str, np.ndarray], cfg: MimiConfig, num_codebooks: int,
+                 n_q_stored: int, window: str = "personaplex"):
+        if not 1 <= num_codebooks <= n_q_stored:
+            raise CheckpointError(
+                f"the Mimi checkpoint stores {n_q_stored} quantizer levels, so it cannot provide "
+                f"{num_codebooks} codebooks.")
+        self.cfg = cfg
+        self.num_codebooks = num_codebooks
+        self.n_q_stored = n_q_stored
+        self.frame_size = cfg.frame_size
+        self.sample_rate = cfg.sample_rate
+        self.cardinality = cfg.quantizer.bins
+        t = cfg.transformer
+        stride = cfg.downsample_stride
+        self._positions_per_frame = cfg.frame_size // cfg.seanet.hop_length
+
+        def transformer(side):
+            return MimiTransformer(_transformer_params(weights, side, t.num_layers),
+                                   d_model=t.d_model, num_heads=t.num_heads, context=t.context,
+                                   max_period=t.max_period,
+                                   positions_per_frame=self._positions_per_frame, window=window)
+
+        self.encoder = SeanetEncoder(weights, cfg)
+        self.encoder_transformer = transformer("encoder")
+        self.downsample = StreamingConv1d(weights["downsample.conv.conv.conv.weight"], None,
+                                          stride=stride, pad_mode="replicate")
+        self.quantizer = SplitRVQ.from_weights(weights, n_q_stored, num_codebooks)
+        self.upsample = StreamingConvTranspose1d(weights["upsample.convtr.convtr.convtr.weight"],
+                                                 None, stride=stride, groups=t.d_model)
+        self.decoder_transformer = transformer("decoder")
+        self.decoder = SeanetDecoder(weights, cfg)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: MimiConfig | None = None, num_codebooks: int = 8,
+             window: str = "personaplex") -> "Mimi":
+        """Loads a PyTorch-named safetensors checkpoint, validated against `cfg` (default: the
+        built-in full-size Mimi). The stored level count is taken from the file.
+
+        `window` picks the reference whose streaming attention window is reproduced once the
+        transformers pass `context` positions (10 s): "personaplex" (NVIDIA's fork, the default)
+        or "moshi" (Kyutai's moshi 0.2.13); see engine/mimi/transformer.py.
+        """
+        cfg = default_mimi_config() if cfg is None else cfg
+        weights = read_mimi_checkpoint(path)
+        return cls.from_weights(weights, cfg, num_codebooks, source=str(path), window=window)
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, np.ndarray], cfg: MimiConfig,
+                     num_codebooks: int = 8, validate: bool = True,
+                     source: str = "the Mimi checkpoint", window: str = "personaplex") -> "Mimi":
+        """Builds from a PyTorch-named state dict of numpy arrays."""
+        if validate:
+            n_q = validate_mimi_weights(weights, cfg, source)
+        else:
+            n_q = stored_levels(weights.keys())
+        weights = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+        return cls(weights, cfg, num_codebooks, n_q, window=window)
+
+    # -- state --------------------------------------------------------------------------------
+
+    def _encoder_modules(self):
+        return [self.encoder, self.encoder_transformer, self.downsample]
+
+    def _decoder_modules(self):
+        return [self.upsample, self.decoder_transformer, self.decoder]
+
+    def reset_encoder(self) -> None:
+        for m in self._encoder_modules():
+            m.reset()
+
+    def reset_decoder(self) -> None:
+        for m in self._decoder_modules():
+            m.reset()
+
+    def reset(self) -> None:
+        """Fresh streaming state for both directions (do it at every session start)."""
+        self.reset_encoder()
+        self.reset_decoder()
+
+    @staticmethod
+    def _stateful(modules) -> list:
+        """Every object below `modules` that carries streaming state."""
+        found = []
+        stack = list(modules)
+        while stack:
+            m = stack.pop()
+            if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d, MimiTransformer)):
+                found.append(m)
+            elif hasattr(m, "layers"):
+                stack.extend(mod for _, mod in m.layers)
+            else:  # residual block
+                stack.extend([m.conv1, m.conv2])
+        return found
+
+    def _snapshot(self, modules):
+        snap = []
+        for m in self._stateful(modules):
+            state = {k: v for k, v in vars(m).items()
+                     if k in ("_previous", "_first", "_partial", "offset", "ring_k", "ring_v")}
+            if isinstance(m, MimiTransformer):
+                state["slot_pos"] = m.slot_pos.copy()
+                state["ring_k"] = list(m.ring_k)
+                state["ring_v"] = list(m.ring_v)
+            snap.append((m, state))
+        return snap
+
+    @staticmethod
+    def _restore(snap) -> None:
+        for m, state in snap:
+            for k, v in state.items():
+                setattr(m, k, v)
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def _as_pcm(self, pcm, frames: int | None = None) -> mx.array:
+        arr = pcm if isinstance(pcm, mx.array) else mx.array(np.asarray(pcm, dtype=np.float32))
+        arr = arr.astype(mx.float32).reshape(-1)
+        if frames is not None and arr.shape[0] != frames * self.frame_size:
+            raise ValueError(f"expected {frames * self.frame_size} samples, got {arr.shape[0]}")
+        return arr
+
+    def _latent(self, pcm: mx.array) -> mx.array:
+        """pcm [T] (T a multiple of the frame size) -> pre-quantizer latent [T / frame, D]."""
+        x = self.encoder(pcm.reshape(1, -1, 1))
+        x = self.encoder_transformer(x[0])
+        return self.downsample(x[None])[0]
+
+    def _synth(self, latent: mx.array) -> mx.array:
+        """Quantized latent [F, D] -> pcm [F · frame]."""
+        x = self.upsample(latent[None])
+        x = self.decoder_transformer(x[0])
+        return self.decoder(x[None]).reshape(-1)
+
+    def _codes(self, codes) -> mx.array:
+        if isinstance(codes, mx.array):  # not range-checked: that would force an evaluation
+            arr = codes.astype(mx.int32)
+        else:
+            host = np.asarray(codes)
+            if host.size and (host.min() < 0 or host.max() >= self.cardinality):
+                raise ValueError(f"codes must lie in [0, {self.cardinality})")
+            arr = mx.array(host.astype(np.int32))
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        if arr.ndim != 2 or not 1 <= arr.shape[0] <= self.num_codebooks:
+            raise ValueError(f"codes must have shape [<= {self.num_codebooks}, frames], "
+                             f"got {tuple(arr.shape)}")
+        return arr
+
+    def encode_step(self, pcm) -> mx.array:
+        """One frame of pcm (float32 [frame_size]) -> codes int32 [num_codebooks] (lazy)."""
+        latent = self._latent(self._as_pcm(pcm, 1))
+        return self.quantizer.encode(latent)[:, 0]
+
+    def decode_step(self, codes) -> mx.array:
+        """Codes [num_codebooks] of one frame -> pcm float32 [frame_size] (lazy)."""
+        return self._synth(self.quantizer.decode(self._codes(codes)))
+
+    # -- whole clips --------------------------------------------------------------------------
+
+    def _clip(self, modules, chunks, fn) -> mx.array:
+        snap = self._snapshot(modules)
+        for m in modules:
+            m.reset()
+        try:
+            outs = []
+            for chunk in chunks:
+                out = fn(chunk)
+                mx.eval(out)
+                outs.append(out)
+        finally:
+            self._restore(snap)
+        return outs
+
+    def _pcm_chunks(self, pcm):
+        arr = self._as_pcm(pcm)
+        n = arr.shape[0]
+        frames = max(1, -(-n // self.frame_size))
+        if frames * self.frame_size != n:  # zero-pad the last frame, as the reference does
+            arr = mx.concatenate([arr, mx.zeros((frames * self.frame_size - n,), mx.float32)])
+        step = CLIP_CHUNK_FRAMES * self.frame_size
+        return [arr[s: s + step] for s in range(0, frames * self.frame_size, step)]
+
+    def encode_latent(self, pcm) -> mx.array:
+        """Whole clip -> pre-quantizer latent float32 [F, D] (F = frames, last zero-padded)."""
+        outs = self._clip(self._encoder_modules(), self._pcm_chunks(pcm), self._latent)
+        return mx.concatenate(outs, axis=0)
+
+    def encode(self, pcm) -> mx.array:
+        """Whole clip -> codes int32 [num_codebooks, F], equal to streaming from a fresh state."""
+        outs = self._clip(self._encoder_modules(), self._pcm_chunks(pcm),
+                          lambda c: self.quantizer.encode(self._latent(c)))
+        return mx.concatenate(outs, axis=1)
+
+    def decode(self, codes) -> mx.array:
+        """Codes [num_codebooks, F] -> pcm float32 [F · frame_size], equal to streaming."""
+        arr = self._codes(codes)
+        chunks = [arr[:, s: s + CLIP_CHUNK_FRAMES] for s in range(0, arr.shape[1], CLIP_CHUNK_FRAMES)]
+        outs = self._clip(self._decoder_modules(), chunks,
+                          lambda c: self._synth(self.quantizer.decode(c)))
+        return mx.concatenate(outs, axis=0)
