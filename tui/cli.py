@@ -19,10 +19,11 @@ DEFAULT_MODEL_HELP = (
 )
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, quantize_default: int | None = 8) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="DIR|REPO|tiny", help=DEFAULT_MODEL_HELP)
-    p.add_argument("--quantize", type=int, choices=(4, 8), default=quantize_default,
-                   help="quantize the transformer weights to 4 or 8 bits while loading")
+    p.add_argument("--quantize", type=int, choices=(0, 4, 8), default=None,
+                   help="quantize the transformer weights to 4 or 8 bits while loading, or 0 for "
+                        "none (default: 8 for the 7B model, none for small test models)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="compute dtype (default: bfloat16; float32 for parity checks)")
 

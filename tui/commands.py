@@ -66,15 +66,106 @@ def run_devices(args) -> int:
 
 
 def run_personas(args) -> int:
-    raise NotYetAvailable("`parley personas` is not available yet: personas arrive with issue #5.")
+    from engine.personas import list_personas
+
+    personas = list_personas()
+    table = Table(title="Personas (`--persona NAME`)")
+    table.add_column("name")
+    table.add_column("voice")
+    table.add_column("source")
+    table.add_column("prompt", overflow="fold")
+    for p in personas:
+        prompt = p.prompt if len(p.prompt) <= 160 else p.prompt[:157] + "..."
+        table.add_row(p.name, p.voice, p.source, prompt)
+    console = Console()
+    console.print(table)
+    if args.model:
+        from engine.model_dir import resolve_model
+        from engine.voices import ensure_voices_unpacked, list_voices
+
+        model = resolve_model(args.model)
+        ensure_voices_unpacked(model.path)
+        console.print(f"Voices of {model.source}: {', '.join(list_voices(model.path)) or 'none'}")
+    from engine.personas import persona_dirs
+
+    console.print("Your personas are TOML files in: " + ", ".join(str(d) for d in persona_dirs()))
+    return 0
+
+
+def persona_from_args(args, engine=None):
+    """The persona that --persona / --voice / --prompt describe (MODEL.md §7)."""
+    import dataclasses
+
+    from engine.personas import DEFAULT_PERSONA, get_persona
+
+    persona = get_persona(args.persona or DEFAULT_PERSONA)
+    changes = {}
+    if args.voice:
+        changes["voice"] = args.voice
+    if args.prompt is not None:
+        changes["prompt"] = args.prompt
+    if changes:
+        persona = dataclasses.replace(persona, name=persona.name if args.persona else "custom",
+                                      **changes)
+    if engine is not None and engine.model_dir.is_tiny_random and not args.voice:
+        voices = engine.available_voices()
+        if persona.voice not in voices and voices:  # tiny models ship their own voice
+            persona = dataclasses.replace(persona, voice=voices[0])
+    return persona
 
 
 def run_offline(args) -> int:
-    from engine.model_dir import resolve_model
+    import time
+    from pathlib import Path
 
-    resolve_model(args.model)  # model errors first: they are what the user can fix today
-    raise NotYetAvailable("`parley offline` is not available yet: the offline pipeline arrives "
-                          "with issue #5.")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from engine.audiofile import read_audio
+    from engine.duplex import DuplexEngine
+    from engine.errors import ParleyError
+    from engine.model_dir import resolve_model
+    from engine.offline import run_offline as run, stage_summary, write_outputs
+
+    for flag, value in (("--output", args.output), ("--text", args.text), ("--tokens", args.tokens)):
+        if value and not Path(value).parent.exists():
+            raise ParleyError(f"The folder for {flag} {value} does not exist; create it first.")
+    model = resolve_model(args.model)
+    pcm = read_audio(args.input, target_sr=model.config.mimi.sample_rate, mono="mix")
+    if pcm.shape[0] == 0:
+        raise AudioError(f"{args.input} holds no audio samples; give a file with speech in it.")
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    engine = DuplexEngine.load(model, quantize=args.quantize, dtype=args.dtype,
+                               greedy=args.greedy, seed=args.seed)
+    load_s = time.perf_counter() - t0
+    persona = persona_from_args(args, engine)
+    label = model.source + (" (random weights)" if model.is_tiny_random else "")
+    console.print(f"Model {label}, persona {persona.name} (voice {persona.voice}), "
+                  f"{pcm.shape[0] / model.config.mimi.sample_rate:.1f} s of input")
+    show = console.is_terminal and pcm.shape[0] > 10 * model.config.mimi.sample_rate
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} frames"),
+                  TimeRemainingColumn(), console=console, disable=not show) as progress:
+        task = progress.add_task("Talking", total=None)
+
+        def on_frame(done, total):
+            progress.update(task, completed=done, total=total)
+
+        result = run(engine, persona, pcm, on_frame=on_frame)
+    write_outputs(result, Path(args.output), Path(args.text) if args.text else None,
+                  Path(args.tokens) if args.tokens else None, model.config.mimi.sample_rate)
+    stages = stage_summary(result.stage_ms)
+    table = Table(title="Per-stage timing (ms per 80 ms frame)")
+    for col in ("stage", "p50", "p95", "max"):
+        table.add_column(col)
+    for name, st in stages.items():
+        table.add_row(name, f"{st['p50_ms']:.2f}", f"{st['p95_ms']:.2f}", f"{st['max_ms']:.2f}")
+    console.print(table)
+    console.print(f"Load {load_s:.2f} s, prefill {result.prefill_s * 1000:.0f} ms, "
+                  f"{result.frames} frames in {result.wall_s:.2f} s: real-time factor "
+                  f"{result.real_time_factor:.3f} ({'faster' if result.real_time_factor < 1 else 'slower'} "
+                  f"than real time). Wrote {args.output}"
+                  + (f", {args.text}" if args.text else "") + (f", {args.tokens}" if args.tokens else "") + ".")
+    return 0
 
 
 def run_live(args) -> int:
@@ -82,7 +173,9 @@ def run_live(args) -> int:
 
 
 def run_bench(args) -> int:
-    raise NotYetAvailable("`parley bench` is not available yet: it arrives with issue #8.")
+    from engine.bench import bench_command
+
+    return bench_command(args)
 
 
 def run_tui(args) -> int:

@@ -1,0 +1,224 @@
+"""`DuplexEngine`: Mimi + the LM + a persona as one full-duplex step per 80 ms frame.
+
+It implements the frame contract (`engine.frames.FrameModel`) used by the live session, the
+offline pipeline and the benchmark:
+
+    engine = DuplexEngine.load("tiny", quantize=None, dtype="float32", greedy=True)
+    engine.start(persona)             # reset + batched prefill of voice and prompt (MODEL.md §7)
+    result = engine.step(pcm_1920)    # encode -> LM step -> decode, one evaluation per stage group
+
+All MLX work happens on the thread that calls these methods.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import VoiceError
+from engine.frames import FrameResult
+from engine.model_dir import ModelDir, resolve_model
+from engine.personas import Persona
+from engine.prompts import PAD_ID, TextTokenizer
+from engine.voices import VoicePrompt, WavVoice, list_voices, load_voice, ensure_voices_unpacked
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """Everything a prefill needs, computed once per persona (so switching back is instant)."""
+
+    embeddings: np.ndarray | None  # a .pt/.safetensors voice's stored input embeddings
+    token_cache: np.ndarray | None
+    frames: np.ndarray  # [F, 17] teacher-forced frames (WAV voice frames, spacers, text prompt)
+    text_tokens: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        voice = 0 if self.embeddings is None else self.embeddings.shape[0] + 1
+        return voice + self.frames.shape[0]
+
+
+class DuplexEngine:
+    def __init__(self, model_dir: ModelDir, lm, mimi, tokenizer: TextTokenizer, *,
+                 dtype: str, quantize: int | None, greedy: bool = False, seed: int | None = None):
+        import mlx.core as mx
+        from engine.lm import LMGen
+
+        self.mx = mx
+        self.model_dir = model_dir
+        self.config = model_dir.config
+        self.lm = lm
+        self.mimi = mimi
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.quantize = quantize
+        self.greedy = greedy
+        self.seed = seed
+        self.sample_rate = self.config.mimi.sample_rate
+        self.frame_size = self.config.mimi.frame_size
+        self.gen = LMGen(lm, self.config.lmgen, greedy=greedy, seed=seed)
+        self.profile_stages = False  # per-stage barriers for telemetry and the benchmark
+        self.persona: Persona | None = None
+        self.last_user_codes = np.zeros(self.config.lmgen.mimi_num_codebooks, np.int64)
+        self.last_prefill_frames = 0
+        self._prepared: dict[tuple, PreparedPrompt] = {}
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model: str | ModelDir | None = None, *, quantize: int | None = None,
+             dtype: str | None = None, greedy: bool = False, seed: int | None = None,
+             depformer_steps: int | None = None, group_size: int = 64) -> "DuplexEngine":
+        from engine.lm import LMModel
+        from engine.mimi import Mimi
+
+        model_dir = model if isinstance(model, ModelDir) else resolve_model(model)
+        cfg = model_dir.config
+        if dtype is None:
+            dtype = "float32" if model_dir.is_tiny_random else "bfloat16"
+        if quantize is None:  # 8 bits is the safe default for the 7B (MODEL.md §4.4)
+            quantize = 8 if cfg.lm.dim >= 1024 else 0
+        quantize = quantize or None
+        mimi = Mimi.load(model_dir.mimi_path, cfg.mimi, num_codebooks=cfg.lmgen.mimi_num_codebooks)
+        lm = LMModel.load(model_dir.lm_path, cfg.lm, dtype=dtype, quantize=quantize,
+                          group_size=group_size, depformer_steps=depformer_steps)
+        tokenizer = TextTokenizer.from_model_dir(model_dir.path)
+        return cls(model_dir, lm, mimi, tokenizer, dtype=dtype, quantize=quantize,
+                   greedy=greedy, seed=seed)
+
+    def available_voices(self) -> list[str]:
+        ensure_voices_unpacked(self.model_dir.path)
+        return list(list_voices(self.model_dir.path))
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def _voice(self, persona: Persona) -> VoicePrompt | WavVoice:
+        if not persona.voice:
+            raise VoiceError(f"Persona {persona.name} has no voice; give it one (--voice NAME).")
+        ensure_voices_unpacked(self.model_dir.path)
+        voice = load_voice(persona.voice, self.model_dir.path)
+        if isinstance(voice, VoicePrompt) and voice.dim != self.config.lm.dim:
+            raise VoiceError(
+                f"Voice {voice.name} was made for a model of width {voice.dim}, but this model's "
+                f"width is {self.config.lm.dim}; use a voice of this model.")
+        return voice
+
+    def prepare(self, persona: Persona) -> PreparedPrompt:
+        """Tokenizes the prompt and encodes or reads the voice (MODEL.md §7.1-§7.3)."""
+        key = (persona.voice, persona.prompt)
+        if key in self._prepared:
+            return self._prepared[key]
+        lmgen = self.config.lmgen
+        n_agent = lmgen.audio_tokens_per_stream
+        silence = np.asarray(lmgen.silence_tokens, np.int64)
+        sine = np.asarray(lmgen.sine_tokens, np.int64)
+        pad = lmgen.zero_text_code
+
+        def frame(text: int, agent: np.ndarray) -> np.ndarray:
+            return np.concatenate([[text], agent, sine]).astype(np.int64)
+
+        voice = self._voice(persona)
+        rows: list[np.ndarray] = []
+        embeddings = cache = None
+        if isinstance(voice, VoicePrompt):
+            embeddings, cache = voice.embeddings, voice.cache
+        else:
+            codes = self._encode_clip(voice.audio)  # [N, 8], streaming from a fresh state
+            if codes.shape[0] == 0:
+                raise VoiceError(f"Voice {voice.name} has no audio; use a clip of a few seconds.")
+            rows.extend(frame(pad, codes[i, :n_agent]) for i in range(codes.shape[0]))
+        text_tokens = tuple(self.tokenizer.encode_prompt(persona.prompt or ""))
+        spacer = [frame(pad, silence)] * lmgen.audio_silence_frame_cnt
+        rows.extend(spacer)
+        rows.extend(frame(t, silence) for t in text_tokens)
+        rows.extend(spacer)
+        prepared = PreparedPrompt(embeddings, cache, np.stack(rows), text_tokens)
+        self._prepared[key] = prepared
+        return prepared
+
+    def _encode_clip(self, pcm: np.ndarray) -> np.ndarray:
+        mx = self.mx
+        self.mimi.reset()
+        frames = -(-len(pcm) // self.frame_size)
+        padded = np.zeros(frames * self.frame_size, np.float32)
+        padded[: len(pcm)] = pcm
+        codes = []
+        for i in range(frames):
+            c = self.mimi.encode_step(padded[i * self.frame_size:(i + 1) * self.frame_size])
+            mx.eval(c)
+            codes.append(np.array(c))
+        self.mimi.reset()
+        return np.stack(codes).astype(np.int64) if codes else np.zeros((0, 8), np.int64)
+
+    # -- the frame contract -------------------------------------------------------------------
+
+    def start(self, persona: Persona) -> float:
+        """Resets the conversation and prefills `persona`; returns the seconds it took."""
+        t0 = time.perf_counter()
+        prepared = self.prepare(persona)
+        self.gen.text_params, self.gen.audio_params = _sampling_for(persona)
+        self.mimi.reset()
+        self.gen.reset(self.seed)
+        self.gen.prefill(prepared.embeddings, prepared.frames, prepared.token_cache)
+        self.mimi.reset()
+        self.persona = persona
+        self.last_prefill_frames = prepared.num_steps
+        return time.perf_counter() - t0
+
+    def reset(self) -> None:
+        if self.persona is not None:
+            self.start(self.persona)
+        else:
+            self.mimi.reset()
+            self.gen.reset(self.seed)
+
+    def step(self, pcm_in: np.ndarray, *, force_agent_silence: bool = False) -> FrameResult:
+        mx = self.mx
+        timings = {}
+        t0 = time.perf_counter()
+        codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
+        mx.eval(codes)  # the LM's bookkeeping needs the codes on the host
+        user_codes = np.array(codes).astype(np.int64)
+        t1 = time.perf_counter()
+        out = self.gen.step(user_codes=user_codes, force_agent_silence=force_agent_silence)
+        t2 = time.perf_counter()
+        if out is None:  # only before the prompt phase has run (Moshi-style start)
+            out = np.concatenate([[PAD_ID], self.config.lmgen.silence_tokens,
+                                  user_codes]).astype(np.int64)
+        n = self.config.lmgen.audio_tokens_per_stream
+        pcm = self.mimi.decode_step(out[1:1 + n])
+        mx.eval(pcm)
+        t3 = time.perf_counter()
+        pcm_np = np.array(pcm, dtype=np.float32)
+        lm_ms = (t2 - t1) * 1000
+        depth_share = getattr(self.gen, "last_depth_ms", None)
+        timings = {"encode": (t1 - t0) * 1000, "decode": (t3 - t2) * 1000,
+                   "total": (t3 - t0) * 1000}
+        if depth_share is not None:
+            timings["depth"] = depth_share
+            timings["temporal"] = max(lm_ms - depth_share, 0.0)
+        else:
+            timings["temporal"] = lm_ms
+            timings["depth"] = 0.0
+        self.last_user_codes = user_codes
+        text_id = int(out[0])
+        return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,
+                           text=self.tokenizer.display_piece(text_id) or None, timings_ms=timings)
+
+    def json_piece(self, text_id: int) -> str:
+        return self.tokenizer.json_piece(text_id)
+
+
+def _sampling_for(persona: Persona):
+    from engine.lm.sampling import AUDIO_DEFAULT, TEXT_DEFAULT, SamplingParams
+
+    text = SamplingParams(
+        temp=persona.text_temperature if persona.text_temperature is not None else TEXT_DEFAULT.temp,
+        top_k=persona.text_top_k if persona.text_top_k is not None else TEXT_DEFAULT.top_k)
+    audio = SamplingParams(
+        temp=persona.audio_temperature if persona.audio_temperature is not None else AUDIO_DEFAULT.temp,
+        top_k=persona.audio_top_k if persona.audio_top_k is not None else AUDIO_DEFAULT.top_k)
+    return text, audio
