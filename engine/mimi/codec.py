@@ -12,6 +12,10 @@ they update is lazy too. Call `mx.eval` on the results once per frame (for examp
 of the next frame. Do evaluate every frame: a caller that never evaluates builds an ever-growing
 graph. `np.asarray(result)` also evaluates.
 
+Attention window: past `context` transformer positions (10 s) the two PyTorch references differ by
+one key; `window="personaplex"` (default, NVIDIA's fork) or `window="moshi"` (Kyutai's 0.2.13,
+which made the golden fixtures) picks one. See engine/mimi/transformer.py.
+
 Whole-clip calls (`encode`, `decode`, `encode_latent`) start from a fresh state, leave the
 streaming state untouched, evaluate as they go and return evaluated arrays. They run exactly the
 streaming computation (the same convolution states and the same attention window, applied frame by
@@ -130,37 +134,18 @@ class Mimi:
         self.reset_decoder()
 
     @staticmethod
-    def _stateful(modules) -> list:
-        """Every object below `modules` that carries streaming state."""
-        found = []
-        stack = list(modules)
-        while stack:
-            m = stack.pop()
-            if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d, MimiTransformer)):
-                found.append(m)
-            elif hasattr(m, "layers"):
-                stack.extend(mod for _, mod in m.layers)
-            else:  # residual block
-                stack.extend([m.conv1, m.conv2])
-        return found
-
-    def _snapshot(self, modules):
-        snap = []
-        for m in self._stateful(modules):
-            state = {k: v for k, v in vars(m).items()
-                     if k in ("_previous", "_first", "_partial", "offset", "ring_k", "ring_v")}
-            if isinstance(m, MimiTransformer):
-                state["slot_pos"] = m.slot_pos.copy()
-                state["ring_k"] = list(m.ring_k)
-                state["ring_v"] = list(m.ring_v)
-            snap.append((m, state))
-        return snap
+    def _snapshot(modules) -> list:
+        """The streaming state of every stateful object below `modules` (MLX arrays are
+        immutable, so keeping references is enough)."""
+        leaves = []
+        for m in modules:
+            leaves.extend(m.stateful() if isinstance(m, (SeanetEncoder, SeanetDecoder)) else [m])
+        return [(m, m.get_state()) for m in leaves]
 
     @staticmethod
     def _restore(snap) -> None:
         for m, state in snap:
-            for k, v in state.items():
-                setattr(m, k, v)
+            m.set_state(state)
 
     # -- streaming ----------------------------------------------------------------------------
 
@@ -246,7 +231,8 @@ class Mimi:
     def decode(self, codes) -> mx.array:
         """Codes [num_codebooks, F] -> pcm float32 [F · frame_size], equal to streaming."""
         arr = self._codes(codes)
-        chunks = [arr[:, s: s + CLIP_CHUNK_FRAMES] for s in range(0, arr.shape[1], CLIP_CHUNK_FRAMES)]
+        n = CLIP_CHUNK_FRAMES
+        chunks = [arr[:, s: s + n] for s in range(0, arr.shape[1], n)]
         outs = self._clip(self._decoder_modules(), chunks,
                           lambda c: self._synth(self.quantizer.decode(c)))
         return mx.concatenate(outs, axis=0)

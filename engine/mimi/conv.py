@@ -5,10 +5,11 @@ Semantics follow Kyutai's `moshi` 0.2.13 `StreamingConv1d` / `StreamingConvTrans
 
 * a causal conv keeps the last (effective kernel − stride) input samples; before the first call that
   buffer is zeros ("constant" padding) or the first input sample repeated ("replicate", used by the
-  downsample). Each call emits exactly T / stride outputs; there is never right padding, so feeding a
-  clip at once or frame by frame gives the same result.
-* a transposed conv emits stride × T samples per call; the overlapping tail (kernel − stride samples)
-  is kept, minus the bias, and added to the start of the next call's output (the bias counts once).
+  downsample). Each call emits exactly T / stride outputs; there is never right padding, so
+  feeding a clip at once or frame by frame gives the same result.
+* a transposed conv emits stride × T samples per call; the overlapping tail (kernel − stride
+  samples) is kept, minus the bias, and added to the start of the next call's output (the bias
+  counts once).
 
 All arrays are float32 and batch size 1. Nothing here evaluates: results and states are lazy MLX
 arrays, and the caller decides where to put `mx.eval`.
@@ -30,8 +31,8 @@ def elu(x: mx.array) -> mx.array:
 class StreamingConv1d:
     """Causal 1-D convolution with streaming state.
 
-    `weight` is in PyTorch layout [out, in/groups, k] (numpy or mx); it is converted once to MLX's
-    [out, k, in/groups].
+    `weight` is in PyTorch layout [out, in/groups, k] (numpy or mx), converted once at
+    construction: to a contiguous [k·in, out] matrix (the matmul path) or to MLX's [out, k, in/g].
     """
 
     def __init__(self, weight, bias=None, *, stride: int = 1, dilation: int = 1, groups: int = 1,
@@ -67,6 +68,12 @@ class StreamingConv1d:
         self._previous = mx.zeros((1, self.context, self.in_channels), dtype=mx.float32)
         self._first = True
 
+    def get_state(self):
+        return self._previous, self._first
+
+    def set_state(self, state) -> None:
+        self._previous, self._first = state
+
     def __call__(self, x: mx.array) -> mx.array:
         """x [1, T, C_in] with T a multiple of the stride -> [1, T / stride, C_out]."""
         T = x.shape[1]
@@ -93,8 +100,8 @@ class StreamingConv1d:
     def _matmul(self, x: mx.array, n_out: int) -> mx.array:
         """x [context + T, C_in] (already padded) -> [n_out, C_out]."""
         k, S, d, C = self.kernel_size, self.stride, self.dilation, self.in_channels
-        if k == 1:
-            cols = x if S == 1 else x[::S]
+        if k == 1:  # (then S == 1: the stride never exceeds the kernel)
+            cols = x
         elif S == 1:
             cols = mx.concatenate([x[j * d: j * d + n_out] for j in range(k)], axis=1)
         else:  # k = m·S, dilation 1: rows of S samples, m consecutive rows per window
@@ -153,6 +160,12 @@ class StreamingConvTranspose1d:
     def reset(self) -> None:
         self._partial = mx.zeros((self.context, self.out_channels), dtype=mx.float32)
 
+    def get_state(self):
+        return self._partial
+
+    def set_state(self, state) -> None:
+        self._partial = state
+
     def __call__(self, x: mx.array) -> mx.array:
         """x [1, T, C_in] -> [1, T · stride, C_out]."""
         T = x.shape[1]
@@ -166,7 +179,7 @@ class StreamingConvTranspose1d:
         n = T * self.stride
         if self.context:
             if n < self.context:
-                raise ValueError("a transposed-convolution chunk is shorter than its kernel overlap")
+                raise ValueError("a transposed-conv chunk is shorter than its kernel overlap")
             head = y[: self.context] + self._partial
             tail = y[n:]
             if self.bias is not None:

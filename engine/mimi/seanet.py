@@ -27,6 +27,9 @@ class _ResBlock:
         self.conv1.reset()
         self.conv2.reset()
 
+    def stateful(self) -> list:
+        return [self.conv1, self.conv2]
+
     def __call__(self, x: mx.array) -> mx.array:
         return x + self.conv2(elu(self.conv1(elu(x))))
 
@@ -49,6 +52,13 @@ class _Seanet:
     def reset(self) -> None:
         for _, mod in self.layers:
             mod.reset()
+
+    def stateful(self) -> list:
+        """Every convolution below, each with get_state()/set_state()."""
+        out = []
+        for _, mod in self.layers:
+            out.extend(mod.stateful() if isinstance(mod, _ResBlock) else [mod])
+        return out
 
     def __call__(self, x: mx.array) -> mx.array:
         for elu_before, mod in self.layers:

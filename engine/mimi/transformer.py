@@ -11,11 +11,12 @@ sees the keys max(0, q − context + 1, E − context + h) … q, where h depend
 
 * window "personaplex" (h = 1, the default): NVIDIA's PersonaPlex fork, the pipeline the app must
   reproduce (MODEL.md §13.3). Its `RingKVCache` labels the oldest of its `context` slots as a future
-  position once the ring has wrapped, so a frame's two queries see context − 2 / context − 1 keys.
+  position once the ring is full, so a frame's two queries see context − 2 / context − 1 keys.
 * window "moshi" (h = 0): Kyutai's `moshi` 0.2.13, which labels every slot correctly: context − 1 /
   context keys. The golden fixtures in tests/fixtures/reference/ come from it.
 
-Before the ring first wraps both rules are the plain causal mask. Keys live in a fixed ring of
+While E < context both rules are the plain causal mask (NVIDIA's starts hiding with the call that
+fills its ring, moshi's with the first call that wraps it). Keys live in a fixed ring of
 exactly `context` slots per layer, each slot tagged with its absolute position, so memory never
 grows. A call may carry several frames at once (whole-clip encode/decode): the rule above is then
 applied per frame, so the result is the same as feeding the frames one by one.
@@ -30,7 +31,7 @@ import numpy as np
 
 _SQRT1_2 = 0.7071067811865476
 
-# How many of the oldest keys in the ring a chunk's queries lose once it has wrapped (see above).
+# h above: how many of the ring's oldest keys a frame's queries lose once the ring is full.
 WINDOWS = {"personaplex": 1, "moshi": 0}
 
 
@@ -65,7 +66,7 @@ class _Layer:
         def vec(name):
             return mx.array(np.asarray(p[name], dtype=np.float32))
 
-        def mat(name):  # PyTorch [out, in] -> contiguous [in, out] (x @ W; much faster on CPU
+        def mat(name):  # PyTorch [out, in] -> contiguous [in, out]: x @ W, fast on the CPU
             return mx.array(np.ascontiguousarray(np.asarray(p[name], dtype=np.float32).T))
 
         self.norm1_w, self.norm1_b = vec("norm1.weight"), vec("norm1.bias")
@@ -81,8 +82,8 @@ class _Layer:
 class MimiTransformer:
     """A stack of causal transformer layers with a KV ring of exactly `context` slots.
 
-    `params` maps names relative to `…transformer.layers.{i}.` (PyTorch naming, numpy arrays) for
-    each layer. `positions_per_frame` is P, the number of positions one codec frame feeds.
+    `layer_params` holds, per layer, the tensors named relative to `…transformer.layers.{i}.`
+    (PyTorch naming, numpy arrays). `positions_per_frame` is P, the number of positions one codec frame feeds.
     """
 
     # Longest chunk of positions run through the layers at once (bounds attention memory).
@@ -91,7 +92,7 @@ class MimiTransformer:
     def __init__(self, layer_params: list[dict], *, d_model: int, num_heads: int, context: int,
                  max_period: float, positions_per_frame: int, window: str = "personaplex"):
         if window not in WINDOWS:
-            raise ValueError(f"unknown attention window rule {window!r}; use one of {list(WINDOWS)}")
+            raise ValueError(f"unknown attention window {window!r}; use one of {list(WINDOWS)}")
         self.window = window
         self._hide = WINDOWS[window]
         self.d_model = d_model
@@ -112,6 +113,14 @@ class MimiTransformer:
         self.ring_k = [mx.zeros(shape, dtype=mx.float32) for _ in self.layers]
         self.ring_v = [mx.zeros(shape, dtype=mx.float32) for _ in self.layers]
 
+    def get_state(self):
+        return (self.offset, self.slot_pos.copy(), list(self.ring_k), list(self.ring_v))
+
+    def set_state(self, state) -> None:
+        self.offset, slot_pos, ring_k, ring_v = state
+        self.slot_pos = slot_pos.copy()
+        self.ring_k, self.ring_v = list(ring_k), list(ring_v)
+
     def __call__(self, x: mx.array) -> mx.array:
         """x [T, D] (T a multiple of P) -> [T, D]; advances the streaming state by T positions."""
         T = x.shape[0]
@@ -125,12 +134,13 @@ class MimiTransformer:
     def _mask(self, qpos: np.ndarray) -> mx.array:
         kpos = np.concatenate([self.slot_pos, qpos])
         frame_end = (qpos // self.P + 1) * self.P
-        lo = np.maximum(np.maximum(qpos - self.context + 1, frame_end - self.context + self._hide), 0)
+        lo = np.maximum(qpos - self.context + 1, frame_end - self.context + self._hide)
+        lo = np.maximum(lo, 0)
         ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= qpos[:, None])
         return mx.array(np.where(ok, np.float32(0.0), np.float32(-np.inf)))
 
     def _ring_writes(self, start: int, T: int):
-        """Slices (ring_lo, ring_hi, src_lo, src_hi) that store the chunk's last keys in the ring."""
+        """(ring_lo, ring_hi, src_lo, src_hi) slices storing the chunk's last keys in the ring."""
         first = max(start, start + T - self.context)
         writes = []
         p = first

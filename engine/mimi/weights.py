@@ -134,7 +134,8 @@ def stored_levels(keys) -> int:
     return 1 + (max(found) + 1 if found else 0)
 
 
-def validate_mimi_weights(weights: dict, cfg: MimiConfig, source: str = "the Mimi checkpoint") -> int:
+def validate_mimi_weights(weights: dict, cfg: MimiConfig,
+                          source: str = "the Mimi checkpoint") -> int:
     """Checks keys and shapes against the configuration; returns the stored level count.
 
     Raises CheckpointError naming the first missing, unexpected or mis-shaped tensor.
@@ -145,6 +146,12 @@ def validate_mimi_weights(weights: dict, cfg: MimiConfig, source: str = "the Mim
             f"{source} has no acoustic quantizer levels "
             "('quantizer.rvq_rest.vq.layers.0._codebook.embedding_sum' is missing).")
     expected = expected_mimi_shapes(cfg, n_q)
+    # Shapes first: with a checkpoint made for another configuration they are the telling error.
+    for key, shape in expected.items():
+        if key in weights and tuple(weights[key].shape) != shape:
+            raise CheckpointError(
+                f"{source} tensor '{key}' has shape {list(weights[key].shape)}, "
+                f"but the configured Mimi expects {list(shape)}.")
     missing = sorted(k for k in expected if k not in weights and not k.endswith(_INITIALIZED))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -155,11 +162,6 @@ def validate_mimi_weights(weights: dict, cfg: MimiConfig, source: str = "the Mim
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{source} has unexpected tensor '{unexpected[0]}'{more}; "
                               "it does not match the configured Mimi architecture.")
-    for key, shape in expected.items():
-        if key in weights and tuple(weights[key].shape) != shape:
-            raise CheckpointError(
-                f"{source} tensor '{key}' has shape {list(weights[key].shape)}, "
-                f"but the configured Mimi expects {list(shape)}.")
     return n_q
 
 
@@ -262,7 +264,8 @@ def random_mimi_weights(cfg: MimiConfig, seed: int, n_q_stored: int | None = Non
         usage = uniform((q.bins,), 0.5, 1.5)
         cb = f"quantizer.{branch}.vq.layers.{i}._codebook"
         w[f"{cb}.cluster_usage"] = usage
-        w[f"{cb}.embedding_sum"] = (centroids.astype(np.float32) * usage[:, None]).astype(np.float32)
+        w[f"{cb}.embedding_sum"] = (centroids.astype(np.float32) * usage[:, None]).astype(
+            np.float32)
 
     if fit_pcm is None:
         for branch, n in levels.items():
@@ -289,7 +292,8 @@ def random_mimi_weights(cfg: MimiConfig, seed: int, n_q_stored: int | None = Non
             set_level(branch, i, centroids)
             cb = f"quantizer.{branch}.vq.layers.{i}._codebook"
             c = codebook_vectors(w[f"{cb}.embedding_sum"], w[f"{cb}.cluster_usage"])
-            d = ((residual[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
+            diff = residual[:, None, :].astype(np.float64) - c[None].astype(np.float64)
+            d = (diff ** 2).sum(-1)
             residual = (residual - c[d.argmin(axis=1)]).astype(np.float32)
 
     if out_peak:
