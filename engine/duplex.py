@@ -206,9 +206,18 @@ class DuplexEngine:
         self.last_user_codes = user_codes
         text_id = int(out[0])
         return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,
-                           text=self.tokenizer.display_piece(text_id) or None, timings_ms=timings)
+                           text=self._display(text_id), timings_ms=timings)
+
+    def _display(self, text_id: int) -> str | None:
+        # A model may sample ids its tokenizer lacks (random-weight benchmarks pair a 32000-entry
+        # head with a small tokenizer): show nothing rather than stop the conversation.
+        if text_id >= self.tokenizer.vocab_size:
+            return None
+        return self.tokenizer.display_piece(text_id) or None
 
     def json_piece(self, text_id: int) -> str:
+        if text_id >= self.tokenizer.vocab_size:
+            return f"<{text_id}>"
         return self.tokenizer.json_piece(text_id)
 
 

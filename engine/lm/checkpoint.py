@@ -17,7 +17,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 

@@ -4,10 +4,11 @@ Per frame it runs K steps (K = 8 agent codebooks live, `dep_q` for full parity).
 `depformer_in[k](hn)` plus the embedding of the token used at step k−1 (the text token for k = 0);
 every linear has separate weights per step, stored stacked [S, out, in] and indexed by step; the
 norms are shared by all steps; there is no positional encoding; step k attends to steps 0..k of the
-frame (never windowed by `depformer_context`, §13.5) — except that, exactly like the temporal
-ring, the reference keeps the frame's depth keys in a ring of `dep_q` slots, and a step that fills
-it (k = dep_q − 1) no longer sees step 0 (measured on NVIDIA's pipeline: step 15 of a 16-step
-depformer attends to steps 1..15). The output of step k goes through `linears[k]` to `card` logits.
+frame (never windowed by `depformer_context`, §13.5) — except that with NVIDIA's ring rule
+("nvidia", see kv_ring.py) the frame's depth keys sit in a ring of `dep_q` slots and the step that
+fills it (k = dep_q − 1) no longer sees step 0 (measured on NVIDIA's pipeline: step 15 of a 16-step
+depformer attends to steps 1..15; with 8 live steps of 16 this never happens). Kyutai's rule
+("kyutai") and the teacher-forced pass see all steps. The output of step k goes through `linears[k]` to `card` logits.
 Steps past K are never computed: the depformer is causal over steps, so steps 0..K−1 do not depend
 on them (§11.1).
 """
@@ -70,7 +71,7 @@ class Depformer:
         table = self.text_emb if k == 0 else self.emb[k - 1]
         return table(token)
 
-    def step(self, k: int, hn: mx.array, prev_token: mx.array, cache) -> mx.array:
+    def step(self, k: int, hn: mx.array, prev_token: mx.array, cache, rule: str = "kyutai") -> mx.array:
         """Depth step k for one frame. hn [B, T, d] (the temporal output), prev_token [B, T] int
         -> logits [B, T, card]. `cache` is the frame's per-layer list of keys/values so far."""
         x = self.depformer_in.step(k)(hn) + self.token_embedding(k, prev_token)
@@ -81,7 +82,7 @@ class Depformer:
             keys, values = cache[i]
             keys.append(kk)
             values.append(v)
-            first = max(0, k - self.capacity + 2)  # ring rule, see the module docstring
+            first = max(0, k - self.capacity + 2) if rule == "nvidia" else 0  # module docstring
             K = kk if len(keys) - first == 1 else mx.concatenate(keys[first:], axis=2)
             V = v if len(values) - first == 1 else mx.concatenate(values[first:], axis=2)
             a = mx.fast.scaled_dot_product_attention(q, K, V, scale=attention_scale(q.shape[-1]))

@@ -1,10 +1,18 @@
 """The temporal transformer's KV cache: a preallocated ring of exactly `context` slots per layer.
 
-Position p lives in slot p mod context. Visibility follows the reference's streaming rule
-(MODEL.md §3.2, §13.3): a query at position q, in a chunk ending (exclusive) at E, sees keys
-max(0, q − context + 1, E − context + 1) … q. The live LM steps one position at a time (E = q + 1),
-so a query sees keys max(0, q − context + 2) … q: everything until the ring is full, then exactly
-context − 1 keys (the slot that holds the oldest key, (q + 1) mod context, is masked out).
+Position p lives in slot p mod context. Visibility follows the reference's streaming ring, whose
+rule differs between the two PyTorch implementations (`rule`):
+
+* "nvidia" — NVIDIA's PersonaPlex fork (MODEL.md §3.2, §13.3): a query at position q, in a chunk
+  ending (exclusive) at E, sees keys max(0, q − context + 1, E − context + 1) … q. The live LM steps
+  one position at a time (E = q + 1), so a query sees keys max(0, q − context + 2) … q: everything
+  until the ring is full, then exactly context − 1 keys (the slot that holds the oldest key,
+  (q + 1) mod context, is masked out).
+* "kyutai" — Kyutai's `moshi` 0.2.13 (tests/fixtures/reference/README.md): keys
+  max(0, q − context + 1, E − context) … q, i.e. for one position per call an exact window of
+  `context` keys (the whole ring once full).
+
+Before the ring fills both rules are the plain causal mask.
 
 * A step writes its key in place (`slice_update` on an array nothing else references, which MLX
   performs without copying the cache) and attends only over the filled slots until the ring is full.
@@ -19,12 +27,17 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+RULES = ("nvidia", "kyutai")
+
 
 class KVRing:
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, context: int,
-                 dtype: mx.Dtype = mx.float32):
+                 dtype: mx.Dtype = mx.float32, rule: str = "nvidia"):
         if context < 2:
             raise ValueError("the attention context must be at least 2")
+        if rule not in RULES:
+            raise ValueError(f"window rule must be one of {RULES}, got {rule!r}")
+        self.rule = rule
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.context = context
         self.dtype = dtype
@@ -56,9 +69,11 @@ class KVRing:
         K = mx.slice_update(self.keys[layer], k, mx.array([slot]), axes=(2,))
         V = mx.slice_update(self.values[layer], v, mx.array([slot]), axes=(2,))
         self.keys[layer], self.values[layer] = K, V
-        if pos + 1 < C:
+        if pos + 1 < C or (self.rule == "kyutai" and pos + 1 == C):
             n = pos + 1
             return mx.fast.scaled_dot_product_attention(q, K[:, :, :n], V[:, :, :n], scale=scale)
+        if self.rule == "kyutai":  # exact window: the whole ring
+            return mx.fast.scaled_dot_product_attention(q, K, V, scale=scale)
         # Full ring: every slot is filled; the oldest one, (pos + 1) mod C, is not visible.
         mask = mx.arange(C) != ((pos + 1) % C)
         return mx.fast.scaled_dot_product_attention(q, K, V, scale=scale, mask=mask)
@@ -85,7 +100,7 @@ class KVRing:
             K_all, V_all = k, v
             kpos = np.arange(start, start + T)
         qpos = np.arange(start, start + T)
-        lower = qpos - C + (2 if visibility == "step" else 1)
+        lower = qpos - C + (2 if visibility == "step" and self.rule == "nvidia" else 1)
         mask = (kpos[None, :] >= np.maximum(lower, 0)[:, None]) & (kpos[None, :] <= qpos[:, None])
         out = mx.fast.scaled_dot_product_attention(q, K_all, V_all, scale=scale,
                                                    mask=mx.array(mask))

@@ -30,9 +30,13 @@ PersonaPlex) the user channels are never generated: pass user codes at every ste
 A Kyutai-style dep_q-16 model run with `depformer_steps=16` and no user input generates the user
 codebooks itself.
 
-Kyutai's `LMGen` (moshi 0.2.13) writes a step's user input at offset + delay and reads the same
-offset, i.e. its step o is this class's step o+1 with its input given one step earlier: feed its
-frame 0 to `step` at s = 0, then frame o+1 at s = o+1 (any codes on the last step).
+Kyutai's `LMGen` (moshi 0.2.13) writes a call's user input at offset + delay and reads the same
+offset, so its call o computes what this class's step o+1 computes, with its input written one step
+earlier: pass the input of its call o to `step` at s = o, then run one more step (whose user codes
+are never read); step s ≥ 1 then reproduces call s−1.
+
+`prefill(embeddings, token_frames, token_cache)` runs the teacher-forced prompt phases in one
+batched causal forward and leaves the state of the frame-by-frame path (see its docstring).
 
 `force_agent_silence=True` forces this step's text to PAD (`existing_text_padding_id`) and the agent
 codebooks to the lmgen SILENCE tokens through the same path as prompt frames (positions s + delay),
@@ -44,8 +48,17 @@ as NVIDIA's reference does while replaying, text PAD and audio id `card` on ever
 position s; these never reach a later input (`set_token_cache` overwrites what is read next) but
 they condition the discarded depformer outputs of the replay steps.
 
-Sampling runs on the device with one evaluation barrier per step; `greedy=True` (or temperature 0)
+Sampling runs on the device with one evaluation barrier per step; the per-layer parts of the
+temporal step and the whole text-head + depformer chain are compiled with `mx.compile` (fixed
+shapes; `compile=False` runs the same functions eagerly); `greedy=True` (or temperature 0)
 takes the argmax. `seed` makes draws reproducible (an explicit `mx.random` key per generator).
+`reference` ("nvidia" / "kyutai", default `model.reference`: NVIDIA's fork for the PersonaPlex
+layout, Kyutai's `moshi` for Moshi's) picks the PyTorch implementation to reproduce where they
+differ: the streaming attention window past the context (kv_ring.py, and the depth ring of
+depformer.py), and what conditions the next depth step when the channel is forced — NVIDIA's LMGen
+uses the forced token, Kyutai's (which never forces generated channels) always the sample, which
+matters at position 1, whose acoustic channels hold the initial token.
+
 `last_text_logits`, `last_hidden` (numpy, float32) and `last_audio_logits` (MLX, only with
 `keep_audio_logits=True`) are kept for tests and telemetry.
 """
@@ -70,24 +83,27 @@ RING = 4
 class LMGen:
     def __init__(self, model: LMModel, lmgen_cfg: LMGenConfig | None = None,
                  text: SamplingParams = TEXT_DEFAULT, audio: SamplingParams = AUDIO_DEFAULT,
-                 greedy: bool = False, seed: int | None = None, keep_audio_logits: bool = False):
+                 greedy: bool = False, seed: int | None = None, keep_audio_logits: bool = False,
+                 reference: str | None = None, compile: bool = True):
         self.model = model
         self.cfg = model.cfg
         self.lmgen_cfg = lmgen_cfg
-        self.text_params = text
-        self.audio_params = audio
-        self.greedy = greedy
+        self._frame = None
+        self._text_params, self._audio_params, self._greedy = text, audio, greedy
         self.seed = seed
-        self.keep_audio_logits = keep_audio_logits
+        self._keep_audio_logits = keep_audio_logits
         cfg = self.cfg
         self.num_channels = cfg.n_q + 1
         self.delays = np.array(cfg.delays, dtype=np.int64)
         self.initial = np.array([cfg.text_card] + [cfg.card] * cfg.n_q, dtype=np.int64)
         self.pad_id = cfg.existing_text_padding_id
-        self.kv = model.new_kv()
+        self.reference = reference or model.reference
+        if self.reference not in ("nvidia", "kyutai"):
+            raise ValueError(f"reference must be 'nvidia' or 'kyutai', got {reference!r}")
+        self.kv = model.new_kv(self.reference)
+        self.compile = compile
         self._key = None
-        self.last_text_logits: np.ndarray | None = None
-        self.last_hidden: np.ndarray | None = None
+        self._last = {}  # "hidden" / "text_logits": evaluated MLX arrays, numpy on access
         self.last_audio_logits: mx.array | None = None
         self.last_text_sampled: int | None = None
         self.last_audio_sampled: np.ndarray | None = None
@@ -96,6 +112,58 @@ class LMGen:
     # -------------------------------------------------------------------------------------------
     # State
     # -------------------------------------------------------------------------------------------
+
+    # Sampling settings may change between sessions; the (compiled) frame function bakes them in,
+    # so changing one rebuilds it at the next step.
+    @property
+    def text_params(self) -> SamplingParams:
+        return self._text_params
+
+    @text_params.setter
+    def text_params(self, value: SamplingParams) -> None:
+        self._text_params, self._frame = value, None
+
+    @property
+    def audio_params(self) -> SamplingParams:
+        return self._audio_params
+
+    @audio_params.setter
+    def audio_params(self, value: SamplingParams) -> None:
+        self._audio_params, self._frame = value, None
+
+    @property
+    def greedy(self) -> bool:
+        return self._greedy
+
+    @greedy.setter
+    def greedy(self, value: bool) -> None:
+        self._greedy, self._frame = bool(value), None
+
+    @property
+    def keep_audio_logits(self) -> bool:
+        return self._keep_audio_logits
+
+    @keep_audio_logits.setter
+    def keep_audio_logits(self, value: bool) -> None:
+        self._keep_audio_logits, self._frame = bool(value), None
+
+    def _last_np(self, name: str) -> np.ndarray | None:
+        v = self._last.get(name)
+        if v is None:
+            return None
+        if isinstance(v, mx.array):  # converted on first access only (no work when unused)
+            v = self._last[name] = np.array(v.astype(mx.float32))
+        return v
+
+    @property
+    def last_hidden(self) -> np.ndarray | None:
+        """out_norm output [d] of the last transformer step (float32)."""
+        return self._last_np("hidden")
+
+    @property
+    def last_text_logits(self) -> np.ndarray | None:
+        """Text logits [text_card] of the last transformer step (float32)."""
+        return self._last_np("text_logits")
 
     @property
     def position(self) -> int:
@@ -120,7 +188,8 @@ class LMGen:
         self._forced[delayed, 1] = True
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
         self._key = mx.random.key(seed)
-        self.last_text_logits = self.last_hidden = self.last_audio_logits = None
+        self._last = {}
+        self.last_audio_logits = None
 
     def _claim(self, p: int) -> int:
         """The ring slot of position p, cleared if it held an older position."""
@@ -156,11 +225,42 @@ class LMGen:
             return np.zeros(self.num_channels, dtype=bool)
         return self._forced[:, i].copy()
 
-    def _next_key(self) -> mx.array | None:
+    def _next_key(self) -> mx.array:
         if self.greedy:
-            return None
+            return self._key
         self._key, sub = mx.random.split(self._key)
         return sub
+
+    def _make_frame(self):
+        """The text head, text sampling and the depformer chain of one step, as one function of
+        (hn, forced mask [K+1], forced values [K+1], key) -> (tokens [K+1], text logits
+        [, audio logits [K, card]]); compiled with `mx.compile` unless `compile=False`. The token
+        conditioning depth step j+1 is the forced value where the mask says so, else the sample."""
+        model = self.model
+        dep = model.depformer
+        K = model.depformer_steps
+        rule, greedy, keep = self.reference, self.greedy, self.keep_audio_logits
+        tp, ap = self.text_params, self.audio_params
+
+        def frame(hn, mask, vals, key):
+            keys = mx.random.split(key, K + 1) if not greedy else [None] * (K + 1)
+            text_logits = model.text_logits(hn)[0, 0]
+            t = sample(text_logits, tp, keys[0], greedy)
+            toks, logits_all = [t], []
+            prev = mx.where(mask[0], vals[0], t)
+            cache = dep.new_cache()
+            for j in range(K):
+                logits = dep.step(j, hn, prev.reshape(1, 1), cache, rule)[0, 0]
+                a = sample(logits, ap, keys[j + 1], greedy)
+                toks.append(a)
+                logits_all.append(logits)
+                prev = mx.where(mask[j + 1], vals[j + 1], a)
+            out = [mx.stack(toks), text_logits]
+            if keep:
+                out.append(mx.stack(logits_all))
+            return out
+
+        return mx.compile(frame) if self.compile else frame
 
     def _ext_writes(self, user_codes, forced, force_agent_silence: bool,
                     replay: bool) -> dict[int, int]:
@@ -192,6 +292,10 @@ class LMGen:
                 raise ValueError(f"user_codes must have {nu} codebooks, got {uc.shape[0]}")
             for i in range(nu):
                 ext[1 + nu + i] = int(uc[i])
+        for k, v in ext.items():
+            top = self.initial[k]  # the initial id is the largest valid input id
+            if not -1 <= v <= top:
+                raise ValueError(f"token {v} on channel {k} is out of range (-1..{top})")
         return ext
 
     def set_token_cache(self, cache: np.ndarray) -> None:
@@ -201,6 +305,8 @@ class LMGen:
         R = cache.shape[1]
         if R > RING:
             raise ValueError(f"a token cache has at most {RING} slots, got {R}")
+        if cache.min() < -1 or (cache.max(axis=1) > self.initial).any():
+            raise ValueError("the token cache holds ids outside the vocabularies")
         for p in range(self.s - R + 1, self.s + 1):
             if p < 0:
                 continue
@@ -226,6 +332,9 @@ class LMGen:
              force_agent_silence: bool = False) -> np.ndarray | None:
         """One step (see the module docstring). Returns int64 [17] for real time s−1, or None."""
         s = self.s
+        if embedding is not None and s == 0:
+            raise ValueError("step 0 only writes tokens: call step() once before replaying voice "
+                             "embeddings (they belong to steps 1..N-1)")
         ext = self._ext_writes(user_codes, forced, force_agent_silence, embedding is not None)
         for k, v in ext.items():
             self._write(k, s + int(self.delays[k]), v)
@@ -236,38 +345,25 @@ class LMGen:
         if embedding is not None:
             x = mx.array(embedding).reshape(1, 1, -1).astype(model.dtype)
         else:
-            x = model.embed_row(self._input_row(s - 1))
-        hn = model.hidden(x, self.kv)  # [1, 1, d]
-        text_logits = model.text_logits(hn)[0, 0]
-        t = sample(text_logits, self.text_params, self._next_key(), self.greedy)
+            x = model.embed_step(self._input_row(s - 1), compiled=self.compile)
+        hn = model.hidden(x, self.kv, compiled=self.compile)  # [1, 1, d]
         slot = self._claim(s)
         forced_s = self._forced[:, slot]
         tok_s = self._tok[:, slot]
-        prev = mx.array([int(tok_s[0])]) if forced_s[0] else t.reshape(1)
-        dep = model.depformer
-        cache = dep.new_cache()
         K = model.depformer_steps
-        samples = []
-        logits_list = []
-        for j in range(K):
-            logits = dep.step(j, hn, prev.reshape(1, 1), cache)[0, 0]
-            a = sample(logits, self.audio_params, self._next_key(), self.greedy)
-            samples.append(a)
-            if self.keep_audio_logits:
-                logits_list.append(logits)
-            prev = mx.array([int(tok_s[j + 1])]) if forced_s[j + 1] else a.reshape(1)
-        sampled = mx.stack([t.reshape(())] + [a.reshape(()) for a in samples])
-        audio_logits = mx.stack(logits_list) if logits_list else None
-        to_eval = [sampled, hn, text_logits] + self.kv.arrays()
-        if audio_logits is not None:
-            to_eval.append(audio_logits)
-        mx.eval(*to_eval)  # the one evaluation barrier of the step
+        mask = forced_s[: K + 1] & (self.reference == "nvidia")
+        vals = np.where(mask, tok_s[: K + 1], 0).astype(np.int32)
+        if self._frame is None:
+            self._frame = self._make_frame()
+        outs = self._frame(hn, mx.array(mask), mx.array(vals), self._next_key())
+        sampled, text_logits = outs[0], outs[1]
+        audio_logits = outs[2] if self.keep_audio_logits else None
+        mx.eval(sampled, hn, text_logits, *outs[2:], *self.kv.arrays())  # the one barrier
         vals = np.array(sampled).astype(np.int64)
         for k in range(K + 1):
             if not forced_s[k]:
                 self._tok[k, slot] = vals[k]
-        self.last_hidden = np.array(hn[0, 0].astype(mx.float32))
-        self.last_text_logits = np.array(text_logits.astype(mx.float32))
+        self._last = {"hidden": hn[0, 0], "text_logits": text_logits}
         self.last_audio_logits = audio_logits
         self.last_text_sampled = int(vals[0])
         self.last_audio_sampled = vals[1:].copy()
@@ -330,6 +426,5 @@ class LMGen:
         last = hn[:, -1:]
         text_logits = model.text_logits(last)[0, 0]
         mx.eval(last, text_logits, *self.kv.arrays())
-        self.last_hidden = np.array(last[0, 0].astype(mx.float32))
-        self.last_text_logits = np.array(text_logits.astype(mx.float32))
+        self._last = {"hidden": last[0, 0], "text_logits": text_logits}
         self.last_audio_logits = None

@@ -18,10 +18,18 @@ and the on-disk cache of converted weights.
   peak memory stays near the quantized size. Layers whose input dimension `group_size` does not
   divide stay unquantized. Embeddings and the heads (`text_linear`, `linears`) stay in `dtype`
   unless `quantize_embeddings` / `quantize_heads` say otherwise (token −1 still gives zeros).
+* `model.reference` ("nvidia" for the PersonaPlex layout, "kyutai" for Moshi's) says which PyTorch
+  implementation streaming reproduces where they differ (the attention-window rule of kv_ring.py,
+  depth-chain conditioning, see lmgen.py); `LMGen(reference=...)` overrides it.
 * `cache`: converted weights are saved under `cache_dir` (default `$PARLEY_CACHE_DIR`, else
-  `$XDG_CACHE_HOME/parley` or `~/.cache/parley`, subfolder `lm/`), keyed by the source file's size,
-  mtime and header hash plus the conversion settings, so the next start reads them directly.
+  `$XDG_CACHE_HOME/parley` or `~/.cache/parley`, subfolder `lm/`), one file per source path and
+  conversion settings, valid only for the source's current size, mtime and header hash (a changed
+  source rebuilds and replaces it), so the next start reads them directly.
   "auto" caches quantized conversions only; True / False force it.
+
+On MLX's CPU backend a quantized product with 16-bit activations and 16-bit scales is ~8x slower
+than with float32 activations, so there `Linear` widens the activations for that product
+(layers.py); on Metal/CUDA the bf16 kernels are used as is.
 
 `LMModel.from_weights(dict, cfg, ...)` builds a model from in-memory tensors (fused naming; numpy
 float arrays, uint16 bf16 bits, or MLX arrays) with the same validation and conversion.
@@ -32,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -165,6 +171,10 @@ class LMModel:
             [_embedding(flat, f"depformer_emb.{k}", b, g) for k in range(depformer_steps - 1)],
             _linear(flat, "linears", b, g, True), cfg.depformer_num_heads, cfg.dep_q)
         self._flat = flat
+        self._embed_c = None
+        # The streaming attention-window rule (kv_ring.py): NVIDIA's fork for the PersonaPlex
+        # layout, Kyutai's for Moshi. Tests of the other implementation set it explicitly.
+        self.reference = "nvidia" if cfg.dep_q == cfg.n_q else "kyutai"
 
     # -------------------------------------------------------------------------------------------
     # Construction
@@ -265,10 +275,10 @@ class LMModel:
         use_cache = (quantize is not None) if cache == "auto" else bool(cache)
         cache_path = None
         if use_cache:
-            key = cls._cache_key(path, cfg, dtype, quantize, group_size, steps,
-                                 quantize_embeddings, quantize_heads)
+            slot, key = cls._cache_key(path, cfg, dtype, quantize, group_size, steps,
+                                       quantize_embeddings, quantize_heads)
             cache_path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-            cache_path = cache_path / f"lm-{key[:24]}.safetensors"
+            cache_path = cache_path / f"lm-{slot[:24]}.safetensors"
             model = cls._load_cache(cache_path, key, cfg, dtype, quantize, group_size, steps)
             if model is not None:
                 model.source = str(path)
@@ -301,19 +311,25 @@ class LMModel:
     # -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _cache_key(path: Path, cfg: LMConfig, dtype, bits, group, steps, qe, qh) -> str:
+    def _cache_key(path: Path, cfg: LMConfig, dtype, bits, group, steps, qe, qh) -> tuple[str, str]:
+        """(slot, key): the cache file name depends on the source path and the conversion
+        settings, so a changed source replaces its old entry; the key stored inside also covers the
+        source's size, mtime and header hash, so a stale entry is never used."""
         st = path.stat()
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = f.read(min(n, 100 << 20))
-        ident = {
-            "format": CACHE_FORMAT, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "header_sha256": hashlib.sha256(header).hexdigest(), "dtype": dtype, "bits": bits,
+        settings = {
+            "format": CACHE_FORMAT, "dtype": dtype, "bits": bits,
             "group_size": group if bits else None, "depformer_steps": steps,
             "quantize_embeddings": qe, "quantize_heads": qh,
             "cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        slot = {"source": str(path.resolve()), **settings}
+        ident = {**settings, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                 "header_sha256": hashlib.sha256(header).hexdigest()}
+        h = lambda o: hashlib.sha256(json.dumps(o, sort_keys=True).encode()).hexdigest()  # noqa: E731
+        return h(slot), h(ident)
 
     @classmethod
     def _load_cache(cls, cache_path: Path, key: str, cfg, dtype, bits, group, steps):
@@ -357,9 +373,10 @@ class LMModel:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._flat.values())
 
-    def new_kv(self) -> KVRing:
+    def new_kv(self, rule: str | None = None) -> KVRing:
         cfg = self.cfg
-        return KVRing(cfg.num_layers, cfg.num_heads, cfg.dim // cfg.num_heads, cfg.context, self.dtype)
+        return KVRing(cfg.num_layers, cfg.num_heads, cfg.dim // cfg.num_heads, cfg.context,
+                      self.dtype, rule or self.reference)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """tokens [T, 17] int (−1 = zero token) -> the summed input embeddings [1, T, d], in the
@@ -370,6 +387,14 @@ class LMModel:
             x = e if x is None else x + e
         x = x + self.text_emb(tokens[:, 0])
         return x[None]
+
+    def embed_step(self, row, compiled: bool = True) -> mx.array:
+        """One position's embedding [1, 1, d] from 17 host ints (−1 = zero token)."""
+        if not compiled:
+            return self.embed_row(row)
+        if self._embed_c is None:
+            self._embed_c = mx.compile(self.embed)
+        return self._embed_c(mx.array(np.asarray(row, dtype=np.int32)[None]))
 
     def embed_row(self, row) -> mx.array:
         """One position's embedding [1, 1, d] from 17 host ints; −1 channels contribute zeros."""
@@ -391,9 +416,14 @@ class LMModel:
             x = mx.zeros((1, self.cfg.dim), dtype=self.dtype)
         return x[None].astype(self.dtype)
 
-    def hidden(self, x: mx.array, kv: KVRing, visibility: str = "step") -> mx.array:
-        """The temporal transformer + out_norm: [1, T, d] -> [1, T, d]."""
-        return self.temporal(x.astype(self.dtype), kv, visibility)
+    def hidden(self, x: mx.array, kv: KVRing, visibility: str = "step",
+               compiled: bool = False) -> mx.array:
+        """The temporal transformer + out_norm: [1, T, d] -> [1, T, d]. `compiled` uses the
+        compiled per-layer functions for a one-position step."""
+        x = x.astype(self.dtype)
+        if compiled and x.shape[1] == 1 and visibility == "step":
+            return self.temporal.step_compiled(x, kv)
+        return self.temporal(x, kv, visibility)
 
     def text_logits(self, hn: mx.array) -> mx.array:
         return self.text_linear(hn)

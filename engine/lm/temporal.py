@@ -36,6 +36,7 @@ class Temporal:
         self.num_heads = num_heads
         self.context = context
         self.max_period = float(max_period)
+        self._step_fns = None
 
     def arrays(self) -> list[mx.array]:
         out = [self.out_norm]
@@ -49,6 +50,43 @@ class Temporal:
         y = mx.fast.rope(x.astype(mx.float32), hd, traditional=True, base=self.max_period,
                          scale=1.0, offset=offset)
         return y.astype(x.dtype)
+
+    def _make_step_fns(self):
+        """Per layer, the parts of a one-position step around the KV ring, compiled: before
+        (norm1, QKV, RoPE at an array offset) and after (out projection, residual, norm2, FFN)."""
+        H = self.num_heads
+        fns = []
+        for layer in self.layers:
+            def pre(x, offset, layer=layer):
+                h = rms_norm_f32(x, layer.norm1)
+                q, k, v = split_heads(layer.in_proj(h), H)
+                hd = q.shape[-1]
+                rope = lambda t: mx.fast.rope(t.astype(mx.float32), hd, traditional=True,  # noqa: E731
+                                              base=self.max_period, scale=1.0,
+                                              offset=offset).astype(t.dtype)
+                return rope(q), rope(k), v
+
+            def post(x, a, layer=layer):
+                x = x + layer.out_proj(merge_heads(a))
+                return x + gated_ffn(rms_norm_f32(x, layer.norm2), layer.linear_in, layer.linear_out)
+
+            fns.append((mx.compile(pre), mx.compile(post)))
+        final = mx.compile(lambda x: rms_norm_f32(x, self.out_norm))
+        return fns, final
+
+    def step_compiled(self, x: mx.array, kv: KVRing) -> mx.array:
+        """One position ([1, 1, d]) with the compiled per-layer functions; same result as
+        `__call__`."""
+        if self._step_fns is None:
+            self._step_fns = self._make_step_fns()
+        fns, final = self._step_fns
+        offset = mx.array(kv.end, dtype=mx.int32)
+        for i, (pre, post) in enumerate(fns):
+            q, k, v = pre(x, offset)
+            a = kv.attend_step(i, q, k, v, attention_scale(q.shape[-1]))
+            x = post(x, a)
+        kv.advance(1)
+        return final(x)
 
     def __call__(self, x: mx.array, kv: KVRing, visibility: str = "step") -> mx.array:
         """x [1, T, d] at positions kv.end .. kv.end+T−1 -> out_norm(h) [1, T, d]. Writes the ring
