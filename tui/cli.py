@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="benchmark a model of this shape instead of a model directory")
     bench.add_argument("--random-weights", action="store_true",
                        help="with --shape: use random weights (nothing downloaded)")
-    bench.add_argument("--quantize", type=int, choices=(4, 8), default=None)
+    bench.add_argument("--quantize", type=int, choices=(0, 4, 8), default=None,
+                       help="weight bits (default: 8 for the 7B, none for small models)")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed frames first")
     bench.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     bench.add_argument("--frames", type=int, default=100, help="frames to time after warm-up")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -179,8 +179,9 @@ def run_bench(args) -> int:
 
 
 def run_tui(args) -> int:
-    raise NotYetAvailable("The dashboard is not available yet: it arrives with issue #7; "
-                          "`parley --help` lists what works today.")
+    from tui.dashboard_cli import run_dashboard
+
+    return run_dashboard(args)
 
 
 def _stderr(msg: str) -> None:
