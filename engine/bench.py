@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import zlib
 import shutil
 import tempfile
 import time
@@ -123,32 +124,78 @@ def _device_label() -> str:
     return dev
 
 
-def random_full_size_model(dest: Path, seed: int = 0, shape: str = "personaplex-7b") -> Path:
-    """Writes a model directory of the real PersonaPlex-7B shape with random bf16 weights (16.7 GB
-    on disk, streamed one tensor at a time) for timing and memory measurements."""
+class _RandomLMWeights:
+    """A lazy mapping of the real checkpoint's tensor names to random MLX arrays (bf16), generated
+    on the device when the loader reads them: a 7B-shaped model without a 16.7 GB file."""
+
+    def __init__(self, cfg, seed: int = 0):
+        from engine.lm.checkpoint import expected_lm_tensors
+
+        self.cfg = cfg
+        self.shapes = expected_lm_tensors(cfg)
+        self.seed = seed
+
+    def __contains__(self, key) -> bool:
+        return key in self.shapes
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def keys(self):
+        return self.shapes.keys()
+
+    def __getitem__(self, key):
+        import mlx.core as mx
+
+        shape = self.shapes[key]
+        rkey = mx.random.key(self.seed + zlib.crc32(key.encode()))
+        if key.endswith(".alpha"):
+            return mx.random.uniform(0.5, 1.5, shape, key=rkey).astype(mx.bfloat16)
+        scale = 1.0 / np.sqrt(shape[-1])
+        if key == "text_emb.weight" or key.startswith("emb."):
+            scale = 1.0 / np.sqrt(self.cfg.n_q + 1)
+        elif key.startswith("depformer_text_emb") or key.startswith("depformer_emb"):
+            scale = 1.0
+        return (mx.random.normal(shape, key=rkey) * scale).astype(mx.bfloat16)
+
+
+def random_full_size_engine(shape: str = "personaplex-7b", *, quantize: int | None = 4,
+                            dtype: str = "bfloat16", seed: int = 0):
+    """A DuplexEngine of the real PersonaPlex-7B shape with random weights generated on the
+    device (LM) and a random full-size Mimi, for timing and memory figures. The scratch folder
+    (Mimi file, tokenizer, a voice) is returned too, to be removed by the caller."""
     from safetensors.numpy import save_file
 
-    from engine.config import parse_model_config
-    from engine.lm.random_weights import write_random_lm_checkpoint
-    from engine.mimi.weights import random_mimi_weights
-    from engine.tiny import babble, train_tokenizer
     from engine.audiofile import write_wav
+    from engine.config import parse_model_config
+    from engine.duplex import DuplexEngine
+    from engine.lm import LMModel
+    from engine.mimi import Mimi
+    from engine.mimi.weights import random_mimi_weights
+    from engine.model_dir import ModelDir
+    from engine.prompts import TextTokenizer
+    from engine.tiny import babble, train_tokenizer
 
     if shape != "personaplex-7b":
         raise ValueError(f"unknown shape {shape}")
-    dest = Path(dest)
-    (dest / "voices").mkdir(parents=True, exist_ok=True)
-    cfg = parse_model_config({})
-    (dest / "config.json").write_text(json.dumps({"model_type": "personaplex", "version": "7b-v1"}))
+    scratch = Path(tempfile.mkdtemp(prefix="parley-bench-"))
+    (scratch / "voices").mkdir()
+    cfg = parse_model_config({"model_type": "personaplex", "version": "7b-v1"})
+    (scratch / "config.json").write_text(json.dumps({"model_type": "personaplex"}))
     rng = np.random.default_rng(seed)
-    speech = babble(rng, 4.0)
-    save_file(random_mimi_weights(cfg.mimi, seed, fit_pcm=speech),
-              str(dest / "tokenizer-e351c8d8-checkpoint125.safetensors"))
-    train_tokenizer(dest / "tokenizer_spm_32k_3.model")
-    write_random_lm_checkpoint(dest / "model.safetensors", cfg.lm, seed=seed, dtype="bfloat16")
-    write_wav(dest / "voices" / "BENCH.wav", babble(rng, 3.0), 24000)
-    (dest / "RANDOM_WEIGHTS").write_text("random weights for benchmarking\n")
-    return dest
+    mimi_path = scratch / "tokenizer-e351c8d8-checkpoint125.safetensors"
+    save_file(random_mimi_weights(cfg.mimi, seed, fit_pcm=babble(rng, 4.0)), str(mimi_path))
+    train_tokenizer(scratch / "tokenizer_spm_32k_3.model")
+    write_wav(scratch / "voices" / "BENCH.wav", babble(rng, 3.0), cfg.mimi.sample_rate)
+    (scratch / "RANDOM_WEIGHTS").write_text("random weights for benchmarking\n")
+    model_dir = ModelDir(path=scratch, config=cfg, source=f"{shape} (random weights)")
+    mimi = Mimi.load(mimi_path, cfg.mimi, num_codebooks=cfg.lmgen.mimi_num_codebooks)
+    lm = LMModel.from_weights(_RandomLMWeights(cfg.lm, seed), cfg.lm, dtype=dtype,
+                              quantize=quantize)
+    tokenizer = TextTokenizer.from_model_dir(scratch)
+    engine = DuplexEngine(model_dir, lm, mimi, tokenizer, dtype=dtype, quantize=quantize,
+                          greedy=False, seed=seed)
+    return engine, scratch
 
 
 def bench_command(args) -> int:
@@ -159,18 +206,17 @@ def bench_command(args) -> int:
 
     scratch = None
     try:
+        t0 = time.perf_counter()
         if args.shape:
             if not args.random_weights:
                 raise ParleyError("--shape needs --random-weights (no real weights are downloaded "
                                   "for a shape); or pass --model instead.")
-            scratch = Path(tempfile.mkdtemp(prefix="parley-bench-"))
-            model_spec = str(random_full_size_model(scratch / "model"))
+            engine, scratch = random_full_size_engine(
+                args.shape, quantize=args.quantize or None, dtype=args.dtype or "bfloat16")
             label = f"{args.shape}, random weights"
         else:
-            model_spec = args.model
             label = args.model or "nvidia/personaplex-7b-v1"
-        t0 = time.perf_counter()
-        engine = DuplexEngine.load(model_spec, quantize=args.quantize, dtype=args.dtype, seed=0)
+            engine = DuplexEngine.load(args.model, quantize=args.quantize, dtype=args.dtype, seed=0)
         load_s = time.perf_counter() - t0
         if engine.model_dir.is_tiny_random and not args.shape:
             label += ", random weights"
@@ -178,8 +224,8 @@ def bench_command(args) -> int:
         persona = Persona(name="bench", prompt="You are a wise and friendly teacher. Answer "
                           "questions or provide advice in a clear and engaging way.",
                           voice=voices[0] if voices else None)
-        result = run_bench(engine, persona, frames=args.frames, load_s=load_s,
-                           model_label=label, quantize=args.quantize,
+        result = run_bench(engine, persona, frames=args.frames, warmup=args.warmup, load_s=load_s,
+                           model_label=label, quantize=engine.quantize,
                            dtype=engine.dtype)
     finally:
         if scratch is not None:

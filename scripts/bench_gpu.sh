@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU comparison of issue 8, on the lent H100 (see ../shared/spec/GPU.md). Not a unit test.
+#
+# Prepare here: bash ../shared/tools/gpu-wheels.sh (MLX's CUDA build in .gpu/a + .gpu/b) and the
+# wheels the GPU machine lacks in .whl/ (moshi==0.2.13, soundfile, cffi, pycparser, samplerate).
+# Then two device calls in a row on the same warm machine (one call cannot carry everything):
+#   1. carry [".gpu/a"]:          bash scripts/bench_gpu.sh stage
+#   2. carry [".gpu/b", ".whl"]:  bash scripts/bench_gpu.sh run [extra parley bench args]
+#      installs MLX's CUDA build and the wheels, times the PyTorch reference's LMGen.step (CUDA
+#      graphs on), runs `parley bench` on a 7B-shaped random model at 4 and 8 bits, and prints both
+#      engines' figures with the ratio (reference p50 / ours p50).
+set -euo pipefail
+phase=${1:-}
+shift || true
+mkdir -p "${OUT:-/tmp/out}"
+out=${OUT:-/tmp/out}
+case "$phase" in
+  stage)
+    mkdir -p /root/gpu && cp .gpu/a/* /root/gpu/ && ls -la /root/gpu
+    ;;
+  run)
+    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    PYTHONPATH=/root/site-extra PYTHONUNBUFFERED=1 python3 scripts/bench_gpu_reference.py 200 \
+      | tee /root/reference.json "$out/reference.json"
+    cp .gpu/b/part_ab /root/gpu/
+    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
+      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
+    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+    python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
+    for bits in 4 8; do
+      python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize "$bits" \
+        --frames 200 --json "$@" | tee "$out/parley-q$bits.json"
+    done
+    python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+ref = json.loads(pathlib.Path("/root/reference.json").read_text())
+print(f"reference LMGen.step: p50 {ref['p50_ms']:.2f} ms, p95 {ref['p95_ms']:.2f} ms, peak {ref['peak_gb']:.1f} GiB ({ref['gpu']}, torch {ref['torch']})")
+for bits in (4, 8):
+    d = json.loads((out / f"parley-q{bits}.json").read_text())
+    st = d["stages"]
+    split = ", ".join(f"{k} {st[k]['p50_ms']:.2f}" for k in ("encode", "temporal", "depth", "decode"))
+    tot = st["total"]["p50_ms"]
+    print(f"parley {bits}-bit full frame: p50 {tot:.2f} ms, p95 {st['total']['p95_ms']:.2f} ms ({split}); "
+          f"peak {d['peak_memory_gb']:.2f} GB; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
+PY
+    ;;
+  *)
+    echo "usage: bash scripts/bench_gpu.sh stage|run" >&2
+    exit 2
+    ;;
+esac
