@@ -176,33 +176,32 @@ class DuplexEngine:
             self.gen.reset(self.seed)
 
     def step(self, pcm_in: np.ndarray, *, force_agent_silence: bool = False) -> FrameResult:
+        """One frame: encode, LM step, decode, with one evaluation barrier (per-stage barriers
+        when `profile_stages` is set, for the stage split)."""
         mx = self.mx
-        timings = {}
         t0 = time.perf_counter()
-        codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
-        mx.eval(codes)  # the LM's bookkeeping needs the codes on the host
-        user_codes = np.array(codes).astype(np.int64)
-        t1 = time.perf_counter()
-        out = self.gen.step(user_codes=user_codes, force_agent_silence=force_agent_silence)
-        t2 = time.perf_counter()
-        if out is None:  # only before the prompt phase has run (Moshi-style start)
-            out = np.concatenate([[PAD_ID], self.config.lmgen.silence_tokens,
-                                  user_codes]).astype(np.int64)
         n = self.config.lmgen.audio_tokens_per_stream
-        pcm = self.mimi.decode_step(out[1:1 + n])
-        mx.eval(pcm)
-        t3 = time.perf_counter()
+        codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
+        if self.gen.position >= 2 and self.gen.reference == "nvidia":
+            timings: dict[str, float] | None = {} if self.profile_stages else None
+            out, pcm, user_codes = self.gen.step_live(codes, self.mimi.decode_step,
+                                                      force_agent_silence, timings)
+            timings = timings or {}
+        else:  # before any prompt (Moshi-style start): the plain step with three barriers
+            mx.eval(codes)
+            user_codes = np.array(codes).astype(np.int64)
+            t1 = time.perf_counter()
+            out = self.gen.step(user_codes=user_codes, force_agent_silence=force_agent_silence)
+            t2 = time.perf_counter()
+            if out is None:
+                out = np.concatenate([[PAD_ID], self.config.lmgen.silence_tokens,
+                                      user_codes]).astype(np.int64)
+            pcm = self.mimi.decode_step(out[1:1 + n])
+            mx.eval(pcm)
+            timings = {"encode": (t1 - t0) * 1000, "temporal": (t2 - t1) * 1000, "depth": 0.0,
+                       "decode": (time.perf_counter() - t2) * 1000}
         pcm_np = np.array(pcm, dtype=np.float32)
-        lm_ms = (t2 - t1) * 1000
-        depth_share = getattr(self.gen, "last_depth_ms", None)
-        timings = {"encode": (t1 - t0) * 1000, "decode": (t3 - t2) * 1000,
-                   "total": (t3 - t0) * 1000}
-        if depth_share is not None:
-            timings["depth"] = depth_share
-            timings["temporal"] = max(lm_ms - depth_share, 0.0)
-        else:
-            timings["temporal"] = lm_ms
-            timings["depth"] = 0.0
+        timings["total"] = (time.perf_counter() - t0) * 1000
         self.last_user_codes = user_codes
         text_id = int(out[0])
         return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,

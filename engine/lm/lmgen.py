@@ -66,6 +66,7 @@ matters at position 1, whose acoustic channels hold the initial token.
 from __future__ import annotations
 
 import os
+import time
 from typing import Mapping, Sequence
 
 import mlx.core as mx
@@ -372,6 +373,81 @@ class LMGen:
             return None
         return np.array([self.tokens_at(s - 1 + int(self.delays[k]))[k]
                          for k in range(self.num_channels)], dtype=np.int64)
+
+    def step_live(self, user_codes: mx.array, decode, force_agent_silence: bool = False,
+                  timings: dict | None = None):
+        """A live frame with one evaluation barrier (MODEL.md §11.6): `user_codes` may be the lazy
+        output of Mimi's encoder and `decode(codes[8])` a lazy Mimi decode; the temporal step, the
+        depformer, the encode and the decode of the emitted frame all run in one `mx.eval`.
+
+        This works because step s never reads what it writes: the user codes of this frame land at
+        positions s and s+1 (read from the next step on), and the emitted frame s−1 needs only
+        host-known tokens plus this step's acoustic samples, which are selected on the device.
+        Returns (emitted tokens int64 [17], decoded pcm (evaluated), user codes int64 [8]).
+        With `timings` (a dict), barriers are added between stages and their milliseconds stored
+        under encode / temporal / depth / decode, for telemetry and the benchmark.
+        """
+        s = self.s
+        if s < 2 or self.reference != "nvidia":
+            raise RuntimeError("step_live runs after the prompt prefill of a PersonaPlex session")
+        ext = self._ext_writes(None, None, force_agent_silence, False)
+        for k, v in ext.items():
+            self._write(k, s + int(self.delays[k]), v)
+        clock = time.perf_counter
+        t0 = clock()
+        if timings is not None:
+            mx.eval(user_codes)
+            t1 = clock()
+            timings["encode"] = (t1 - t0) * 1000
+        model = self.model
+        x = model.embed_step(self._input_row(s - 1), compiled=self.compile)
+        hn = model.hidden(x, self.kv, compiled=self.compile)
+        if timings is not None:
+            mx.eval(hn, *self.kv.arrays())
+            t2 = clock()
+            timings["temporal"] = (t2 - t1) * 1000
+        slot = self._claim(s)
+        forced_s = self._forced[:, slot]
+        tok_s = self._tok[:, slot]
+        K = model.depformer_steps
+        mask = forced_s[: K + 1].copy()
+        vals = np.where(mask, tok_s[: K + 1], 0).astype(np.int32)
+        if self._frame is None:
+            self._frame = self._make_frame()
+        outs = self._frame(hn, mx.array(mask), mx.array(vals), self._next_key())
+        sampled, text_logits = outs[0], outs[1]
+        if timings is not None:
+            mx.eval(sampled, *outs[2:])
+            t3 = clock()
+            timings["depth"] = (t3 - t2) * 1000
+        # The emitted frame s-1: delay-0 channels from position s-1 (host), delayed ones from
+        # position s (forced, or this step's samples).
+        n = self.cfg.n_q // 2
+        prev_row = self.tokens_at(s - 1)
+        agent = range(1, n + 1)
+        take_host = np.array([self.delays[k] == 0 or forced_s[k] for k in agent])
+        host_vals = np.array([prev_row[k] if self.delays[k] == 0 else tok_s[k] for k in agent])
+        codes = mx.where(mx.array(take_host), mx.array(np.where(take_host, host_vals, 0)
+                                                      .astype(np.int32)), sampled[1:n + 1])
+        pcm = decode(codes)
+        mx.eval(sampled, pcm, user_codes, text_logits, hn, *outs[2:], *self.kv.arrays())
+        if timings is not None:
+            timings["decode"] = (clock() - t3) * 1000
+        sampled_np = np.array(sampled).astype(np.int64)
+        for k in range(K + 1):
+            if not forced_s[k]:
+                self._tok[k, slot] = sampled_np[k]
+        user_np = np.array(user_codes).astype(np.int64).reshape(-1)
+        for k, v in self._ext_writes(user_np, None, False, False).items():
+            self._write(k, s + int(self.delays[k]), v)
+        self._last = {"hidden": hn[0, 0], "text_logits": text_logits}
+        self.last_audio_logits = outs[2] if self.keep_audio_logits else None
+        self.last_text_sampled = int(sampled_np[0])
+        self.last_audio_sampled = sampled_np[1:].copy()
+        self.s = s + 1
+        emitted = np.array([self.tokens_at(s - 1 + int(self.delays[k]))[k]
+                            for k in range(self.num_channels)], dtype=np.int64)
+        return emitted, pcm, user_np
 
     # -------------------------------------------------------------------------------------------
     # Batched prefill
