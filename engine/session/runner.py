@@ -264,12 +264,30 @@ class ModelThread(_RunnerBase):
                 while not self._stop and not self._has_work():
                     self._cv.wait(0.1)
                 if self._stop:
+                    self._release_model()
                     return
             d = self._exec_next()
             if d is not None:
                 self.done.append(d)
                 if self._wake is not None:
                     self._wake()
+
+
+    def _release_model(self) -> None:
+        """Frees a model this thread built, on this thread: MLX arrays destroyed later at
+        interpreter shutdown, after their thread is gone, can abort the process."""
+        if self._factory is None or self.model is None:
+            return
+        import gc
+
+        self.model = None
+        gc.collect()
+        try:
+            import mlx.core as mx
+
+            mx.synchronize()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
 
 
 class InlineRunner(_RunnerBase):
