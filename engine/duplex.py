@@ -65,6 +65,16 @@ class DuplexEngine:
         self.last_user_codes = np.zeros(self.config.lmgen.mimi_num_codebooks, np.int64)
         self.last_prefill_frames = 0
         self._prepared: dict[tuple, PreparedPrompt] = {}
+        self._warm_up_codec()
+
+    def _warm_up_codec(self) -> None:
+        """Runs the codec once so every array it derived from its weights is evaluated here: MLX
+        arrays left lazy belong to the loading thread's stream and fail on the model thread."""
+        mx = self.mx
+        self.mimi.reset()
+        codes = self.mimi.encode_step(np.zeros(self.frame_size, np.float32))
+        mx.eval(codes, self.mimi.decode_step(codes))
+        self.mimi.reset()
 
     # -- construction -------------------------------------------------------------------------
 

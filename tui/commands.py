@@ -92,7 +92,7 @@ def run_personas(args) -> int:
     return 0
 
 
-def persona_from_args(args, engine=None):
+def persona_from_args(args, model_dir=None):
     """The persona that --persona / --voice / --prompt describe (MODEL.md §7)."""
     import dataclasses
 
@@ -107,8 +107,11 @@ def persona_from_args(args, engine=None):
     if changes:
         persona = dataclasses.replace(persona, name=persona.name if args.persona else "custom",
                                       **changes)
-    if engine is not None and engine.model_dir.is_tiny_random and not args.voice:
-        voices = engine.available_voices()
+    if model_dir is not None and model_dir.is_tiny_random and not args.voice:
+        from engine.voices import ensure_voices_unpacked, list_voices
+
+        ensure_voices_unpacked(model_dir.path)
+        voices = list(list_voices(model_dir.path))
         if persona.voice not in voices and voices:  # tiny models ship their own voice
             persona = dataclasses.replace(persona, voice=voices[0])
     return persona
@@ -138,7 +141,7 @@ def run_offline(args) -> int:
     engine = DuplexEngine.load(model, quantize=args.quantize, dtype=args.dtype,
                                greedy=args.greedy, seed=args.seed)
     load_s = time.perf_counter() - t0
-    persona = persona_from_args(args, engine)
+    persona = persona_from_args(args, model)
     label = model.source + (" (random weights)" if model.is_tiny_random else "")
     console.print(f"Model {label}, persona {persona.name} (voice {persona.voice}), "
                   f"{pcm.shape[0] / model.config.mimi.sample_rate:.1f} s of input")
@@ -169,7 +172,49 @@ def run_offline(args) -> int:
 
 
 def run_live(args) -> int:
-    raise NotYetAvailable("`parley run` is not available yet: the live session arrives with issue #6.")
+    """`parley run`: the live session without the dashboard, on files or the sound devices."""
+    from pathlib import Path
+
+    from engine.duplex import DuplexEngine
+    from engine.errors import ParleyError
+    from engine.model_dir import resolve_model
+    from engine.session.headless import run_headless
+
+    if args.output and not Path(args.output).resolve().parent.exists():
+        raise ParleyError(f"The folder for --output {args.output} does not exist; create it first.")
+    if args.input and not Path(args.input).is_file():
+        raise AudioError(f"{args.input} does not exist; give a WAV or FLAC file as --input.")
+    model = resolve_model(args.model)
+    persona = persona_from_args(args, model)
+    label = model.source + (" (random weights)" if model.is_tiny_random else "")
+
+    def build():  # runs on the session's model thread, which owns every MLX array
+        return DuplexEngine.load(model, quantize=args.quantize, dtype=args.dtype,
+                                 greedy=args.greedy, seed=args.seed)
+
+    print(f"parley run: {label}, persona {persona.name} (voice {persona.voice}); "
+          f"{'input ' + args.input if args.input else 'microphone'} -> "
+          f"{'output ' + args.output if args.output else 'speaker'}. Ctrl-C stops.",
+          file=sys.stderr)
+    result = run_headless(build, input_wav=args.input, output_wav=args.output,
+                          realtime=not args.fast, record_dir=args.record, persona=persona,
+                          persona_name=persona.name, echo_mode=args.echo,
+                          input_device=_device(args.input_device),
+                          output_device=_device(args.output_device))
+    snap = result.snapshot
+    if snap.state == "ERROR":
+        raise ParleyError(snap.message or "The session stopped with an error.")
+    print(f"parley run: {result.frames} frames in {result.seconds:.1f} s"
+          + (f"; wrote {result.output_wav}" if result.output_wav else "")
+          + (f"; recording in {result.record_dir}" if result.record_dir else "") + ".",
+          file=sys.stderr)
+    return 0
+
+
+def _device(value):
+    if value is None:
+        return None
+    return int(value) if str(value).isdigit() else value
 
 
 def run_bench(args) -> int:
