@@ -88,7 +88,7 @@ class DuplexEngine:
         model_dir = model if isinstance(model, ModelDir) else resolve_model(model)
         cfg = model_dir.config
         if dtype is None:
-            dtype = "float32" if model_dir.is_tiny_random else "bfloat16"
+            dtype = "float32" if cfg.lm.dim < 1024 else "bfloat16"  # small test models: fp32
         if quantize is None:  # 8 bits is the safe default for the 7B (MODEL.md §4.4)
             quantize = 8 if cfg.lm.dim >= 1024 else 0
         quantize = quantize or None

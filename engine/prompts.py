@@ -110,8 +110,9 @@ class TextTokenizer:
         return self._all_pieces()[token_id]
 
     def display_piece(self, token_id: int) -> str:
-        """Text to show for a sampled token: '' for EPAD/PAD, else the piece with spaces."""
-        if int(token_id) in HIDDEN_IDS:
+        """Text to show for a sampled token: '' for EPAD/PAD and the BOS/EOS markers, else the
+        piece with spaces."""
+        if int(token_id) in HIDDEN_IDS or int(token_id) in (BOS_ID, EOS_ID):
             return ""
         return self.piece(token_id).replace(SPACE_MARK, " ")
 

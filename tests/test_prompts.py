@@ -62,6 +62,8 @@ def test_pieces_display_and_json(tok):
     assert tok.vocab_size == 256
     assert tok.piece(0) == "<unk>" and tok.piece(3) == "<pad>"
     assert tok.display_piece(0) == "" and tok.display_piece(3) == ""
+    assert tok.display_piece(1) == "" and tok.display_piece(2) == ""  # no <s> / </s> on screen
+    assert tok.json_piece(2) == "</s>"  # the reference JSON keeps them
     assert tok.json_piece(0) == "EPAD" and tok.json_piece(3) == "PAD"
     assert tok.json_piece(1) == "<s>" and tok.json_piece(2) == "</s>"
     assert tok.piece(5) == "\u2581a" and tok.display_piece(5) == " a" and tok.json_piece(5) == " a"
