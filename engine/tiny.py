@@ -15,23 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import config_to_json, parse_model_config
+from engine.config import DEFAULT_LM, config_to_json, parse_model_config
 
 TINY_VERSION = 1
 VOICE_NAME = "TINY"
 
 # MODEL.md §2.4, with the codec's SILENCE/SINE constants computed after the codec is written.
 TINY_LM = {
-    "dim": 64, "text_card": 256, "existing_text_padding_id": 3,
-    "n_q": 16, "dep_q": 16, "card": 64,
-    "num_heads": 4, "num_layers": 2, "hidden_scale": 4.125,
-    "causal": True, "layer_scale": None, "context": 3000, "max_period": 10000,
-    "gating": "silu", "norm": "rms_norm_f32", "positional_embedding": "rope",
-    "depformer_dim": 32, "depformer_dim_feedforward": 132,
-    "depformer_num_heads": 2, "depformer_num_layers": 1, "depformer_layer_scale": None,
-    "depformer_multi_linear": True, "depformer_context": 8, "depformer_max_period": 10000,
-    "depformer_gating": "silu", "depformer_pos_emb": "none", "depformer_weights_per_step": True,
-    "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
+    **DEFAULT_LM,
+    "dim": 64, "text_card": 256, "card": 64, "num_heads": 4, "num_layers": 2,
+    "depformer_dim": 32, "depformer_dim_feedforward": 132, "depformer_num_heads": 2,
+    "depformer_num_layers": 1,
 }
 TINY_MIMI = {
     "sample_rate": 24000, "channels": 1, "frame_rate": 12.5,
