@@ -46,6 +46,23 @@ for bits in (4, 8):
           f"peak {d['peak_memory_gb']:.2f} GB; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
 PY
     ;;
+  variants)
+    # MLX's CUDA backend replays kernels as CUDA graphs of up to MLX_MAX_OPS_PER_BUFFER nodes,
+    # keeping MLX_CUDA_GRAPH_CACHE_SIZE of them; a frame has thousands of kernels, so both matter.
+    cp .gpu/b/part_ab /root/gpu/
+    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
+      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
+    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
+    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+    python3 scripts/profile_frame_graph.py
+    for env in "MLX_CUDA_GRAPH_CACHE_SIZE=100" "MLX_CUDA_GRAPH_CACHE_SIZE=4000" \
+               "MLX_CUDA_GRAPH_CACHE_SIZE=4000 MLX_MAX_OPS_PER_BUFFER=100" \
+               "MLX_CUDA_GRAPH_CACHE_SIZE=4000 MLX_MAX_OPS_PER_BUFFER=200"; do
+      echo "== $env"
+      env $env python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 \
+        --frames 100 "$@" | grep -E "Frame|Stages|Peak|Prefill"
+    done
+    ;;
   *)
     echo "usage: bash scripts/bench_gpu.sh stage|run" >&2
     exit 2
