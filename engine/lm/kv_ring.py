@@ -78,16 +78,6 @@ class KVRing:
         mask = mx.arange(C) != ((pos + 1) % C)
         return mx.fast.scaled_dot_product_attention(q, K, V, scale=scale, mask=mask)
 
-    def step_mask(self, pos: int) -> np.ndarray:
-        """Which ring slots a one-position query at `pos` sees, as a bool [context] (the same keys
-        `attend_step` uses): the filled slots, less the oldest one under NVIDIA's rule once full."""
-        C = self.context
-        if pos + 1 < C or (self.rule == "kyutai" and pos + 1 == C):
-            return np.arange(C) <= pos
-        if self.rule == "kyutai":
-            return np.ones(C, dtype=bool)
-        return np.arange(C) != ((pos + 1) % C)
-
     def attend_chunk(self, layer: int, q: mx.array, k: mx.array, v: mx.array, scale: float,
                      visibility: str = "step") -> mx.array:
         """T new positions (q, k, v: [1, H, T, hd]) starting at `self.end`. visibility "step":

@@ -74,44 +74,19 @@ class Temporal:
         final = mx.compile(lambda x: rms_norm_f32(x, self.out_norm))
         return fns, final
 
-    def _make_fused_step(self):
-        """The whole one-position step (all layers, the ring writes, attention and out_norm) as one
-        compiled function, so each frame costs one call instead of one per layer (host dispatch,
-        not bandwidth, bounds a frame on a GPU; docs/benchmarks.md). It attends over the first
-        `len(mask)` ring slots with a visibility mask; the caller grows that length in powers of
-        two until the ring is full, so there are only a few traced shapes per session."""
-        fns, final = self._make_step_fns()
-        n = len(self.layers)
-
-        def step(x, offset, slot, mask, *kvs):
-            keys, values = list(kvs[:n]), list(kvs[n:])
-            for i, (pre, post) in enumerate(fns):
-                q, k, v = pre(x, offset)
-                keys[i] = mx.slice_update(keys[i], k, slot, axes=(2,))
-                values[i] = mx.slice_update(values[i], v, slot, axes=(2,))
-                n_keys = mask.shape[0]
-                a = mx.fast.scaled_dot_product_attention(
-                    q, keys[i][:, :, :n_keys], values[i][:, :, :n_keys],
-                    scale=attention_scale(q.shape[-1]), mask=mask)
-                x = post(x, a)
-            return [final(x), *keys, *values]
-
-        return mx.compile(step)
-
     def step_compiled(self, x: mx.array, kv: KVRing) -> mx.array:
-        """One position ([1, 1, d]) through the fused compiled step; same result as `__call__`."""
+        """One position ([1, 1, d]) with the compiled per-layer functions; same result as
+        `__call__`."""
         if self._step_fns is None:
-            self._step_fns = self._make_fused_step()
-        pos = kv.end
-        C = kv.context
-        n_keys = C if pos + 1 >= C else min(C, max(64, 1 << pos.bit_length()))
-        mask = kv.step_mask(pos)[:n_keys]
-        outs = self._step_fns(x, mx.array(pos, dtype=mx.int32), mx.array([pos % C]),
-                              mx.array(mask), *kv.keys, *kv.values)
-        n = len(self.layers)
-        kv.keys, kv.values = list(outs[1:n + 1]), list(outs[n + 1:])
+            self._step_fns = self._make_step_fns()
+        fns, final = self._step_fns
+        offset = mx.array(kv.end, dtype=mx.int32)
+        for i, (pre, post) in enumerate(fns):
+            q, k, v = pre(x, offset)
+            a = kv.attend_step(i, q, k, v, attention_scale(q.shape[-1]))
+            x = post(x, a)
         kv.advance(1)
-        return outs[0]
+        return final(x)
 
     def __call__(self, x: mx.array, kv: KVRing, visibility: str = "step") -> mx.array:
         """x [1, T, d] at positions kv.end .. kv.end+T−1 -> out_norm(h) [1, T, d]. Writes the ring
