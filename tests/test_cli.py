@@ -151,3 +151,15 @@ def test_unknown_repo_is_one_clear_sentence(tmp_path):
         proc = run("models", "path", "nobody/nothing", env={"HF_HOME": str(tmp_path / "hf"),
                                                             "HF_ENDPOINT": url})
     assert_clear_error(proc, "nobody/nothing")
+
+
+def test_out_of_memory_is_one_clear_sentence(monkeypatch, capsys):
+    import tui.cli as cli
+
+    def boom(command, args):
+        raise RuntimeError("[metal::malloc] Attempting to allocate 17179869184 bytes")
+
+    monkeypatch.setattr(cli, "_dispatch", boom)
+    assert cli.main(["doctor"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory" in err and "--quantize 4" in err

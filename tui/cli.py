@@ -143,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 1
+    except RuntimeError as exc:  # MLX reports allocation failures as RuntimeError
+        if "malloc" in str(exc).lower() or "out of memory" in str(exc).lower():
+            print("parley: out of memory while running the model; close other programs or use "
+                  "--quantize 4 (about 5.5 GB).", file=sys.stderr)
+            return 1
+        if os.environ.get("PARLEY_DEBUG"):
+            raise
+        print(f"parley: internal error (RuntimeError: {exc}); rerun with PARLEY_DEBUG=1 for "
+              "details and report it.", file=sys.stderr)
+        return 70
     except Exception as exc:  # a bug: keep the message short; PARLEY_DEBUG=1 shows the traceback
         if os.environ.get("PARLEY_DEBUG"):
             raise

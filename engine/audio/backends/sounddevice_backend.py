@@ -260,7 +260,8 @@ class SoundDeviceBackend(AudioBackend):
             raise _NoDevice(f"no audio device could be listed ({e})") from None
         if len(devs) == 0:
             hint = " (is PulseAudio or PipeWire running?)" if sys.platform.startswith("linux") else ""
-            raise _NoDevice(f"no audio device was found{hint}")
+            raise _NoDevice(f"no audio device was found{hint}; connect one, or use --input and "
+                            "--output WAV files instead")
         try:
             info_in = sd.query_devices(self.input_device, "input")
         except Exception:  # noqa: BLE001
