@@ -68,6 +68,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         engine.step(mic())
 
     engine.profile_stages = False
+    engine.stage_sample_every = 0  # totals with exactly one barrier per frame
     totals = []
     t_all = time.perf_counter()
     for _ in range(frames):

@@ -60,7 +60,11 @@ class DuplexEngine:
         self.sample_rate = self.config.mimi.sample_rate
         self.frame_size = self.config.mimi.frame_size
         self.gen = LMGen(lm, self.config.lmgen, greedy=greedy, seed=seed)
-        self.profile_stages = False  # per-stage barriers for telemetry and the benchmark
+        self.profile_stages = False  # per-stage barriers on every frame (the benchmark)
+        # Live telemetry samples the stage split on one frame in this many (0: never); the
+        # other frames keep one evaluation barrier.
+        self.stage_sample_every = 8
+        self._frames = 0
         self.persona: Persona | None = None
         self.last_user_codes = np.zeros(self.config.lmgen.mimi_num_codebooks, np.int64)
         self.last_prefill_frames = 0
@@ -192,8 +196,11 @@ class DuplexEngine:
         t0 = time.perf_counter()
         n = self.config.lmgen.audio_tokens_per_stream
         codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
+        self._frames += 1
+        every = self.stage_sample_every
+        profile = self.profile_stages or (every > 0 and self._frames % every == 0)
         if self.gen.position >= 2 and self.gen.reference == "nvidia":
-            timings: dict[str, float] | None = {} if self.profile_stages else None
+            timings: dict[str, float] | None = {} if profile else None
             out, pcm, user_codes = self.gen.step_live(codes, self.mimi.decode_step,
                                                       force_agent_silence, timings)
             timings = timings or {}

@@ -28,3 +28,21 @@ def test_bench_summary_lines(tiny_dir, capsys):
     assert main(["bench", "--model", str(tiny_dir), "--frames", "3", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "Peak memory:" in out and "Frame: p50" in out and "real-time factor" in out
+
+
+def test_live_frames_sample_the_stage_split(tiny_dir):
+    import numpy as np
+
+    from engine.duplex import DuplexEngine
+    from engine.personas import Persona, TEACHER_PROMPT
+
+    engine = DuplexEngine.load(str(tiny_dir), greedy=True)
+    engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+    results = [engine.step(np.zeros(1920, np.float32)) for _ in range(16)]
+    split = [r for r in results if "temporal" in r.timings_ms]
+    assert len(split) == 2  # one frame in eight pays the per-stage barriers
+    for r in split:
+        assert set(r.timings_ms) == {"encode", "temporal", "depth", "decode", "total"}
+        assert all(v > 0 for v in r.timings_ms.values())
+    chosen = {id(r) for r in split}
+    assert all(set(r.timings_ms) == {"total"} for r in results if id(r) not in chosen)
