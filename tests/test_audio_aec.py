@@ -32,7 +32,7 @@ def _run(aec, mic, ref):
 
 @pytest.mark.parametrize("delay_ms,tanh", [(40.0, 0.0), (150.0, 0.0), (40.0, 2.0)])
 def test_webrtc_aec_erle_above_30_db_and_keeps_near_end(delay_ms, tanh):
-    pytest.importorskip("pywebrtc_audio", reason="pywebrtc-audio is not installed (pip install 'parley[aec]')")
+    pytest.importorskip("pywebrtc_audio", reason="pywebrtc-audio is not installed (a dependency of parley: reinstall it)")
     far, near, echo, noise = _scene(delay_ms, tanh=tanh)
     mic = echo + near + noise
     aec = create_echo_canceller("aec", R)

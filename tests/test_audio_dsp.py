@@ -217,7 +217,7 @@ def test_vad_smoother_on_after_2_off_after_4():
 
 
 def test_webrtc_speech_probability_on_scene():
-    pytest.importorskip("pywebrtc_audio", reason="pywebrtc-audio is not installed (pip install 'parley[aec]')")
+    pytest.importorskip("pywebrtc_audio", reason="pywebrtc-audio is not installed (a dependency of parley: reinstall it)")
     from engine.audio.aec import create_echo_canceller
 
     x, labels = _vad_scene()

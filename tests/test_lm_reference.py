@@ -21,8 +21,7 @@ TOL = 1e-4
 
 def load_variant(name: str, depformer_steps=None):
     d = REF / name
-    if not (d / "fixture.npz").exists():
-        pytest.skip(f"fixture {name} not present")
+    assert (d / "fixture.npz").exists(), f"committed fixture {name} is missing"
     raw = json.loads((d / "config.json").read_text())
     cfg = LMConfig.from_dict({**DEFAULT_LM, **raw["lm"]}, "lm")
     fx = dict(np.load(d / "fixture.npz"))

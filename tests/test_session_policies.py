@@ -157,7 +157,7 @@ def test_silent_mic_is_reported():
 
 
 def test_echo_cancelled_inside_the_session():
-    pytest.importorskip("pywebrtc_audio", reason="pywebrtc-audio is not installed (pip install 'parley[aec]')")
+    pytest.importorskip("pywebrtc_audio", reason="pywebrtc-audio is not installed (a dependency of parley: reinstall it)")
     far = S.speech_like(20.0, seed=3, f0=110, level_dbfs=-14, pause_every_s=1.6)
     model = ToneFrameModel(step_ms=30.0, start_s=0.2, mode="signal", signal=far)
     s, b, m, recs = make(

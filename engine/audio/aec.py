@@ -269,7 +269,7 @@ def create_echo_canceller(
         except ImportError:
             gate = MicGate(sample_rate)
             gate.fallback_reason = (
-                "echo cancellation needs pywebrtc-audio (pip install 'parley[aec]'); using the mic gate"
+                "echo cancellation needs pywebrtc-audio (pip install pywebrtc-audio==0.2.0); using the mic gate"
             )
             return gate
         except Exception as e:  # a broken binary wheel must not stop the session
