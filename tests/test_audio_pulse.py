@@ -210,7 +210,7 @@ def test_echo_is_reduced_by_30_db_through_the_loopback(pulse):
     try:
         import pywebrtc_audio  # noqa: F401
     except ImportError:
-        pytest.fail("pywebrtc-audio is not installed; CI must install it: pip install '.[test,aec]'")
+        pytest.fail("pywebrtc-audio is not installed; it is a dependency of parley: pip install '.[test]'")
     ok, why = _setup("--echo")
     assert ok, why
     try:
