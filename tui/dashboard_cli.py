@@ -48,6 +48,8 @@ def model_label(spec: str | None, quantize: int | None, dtype: str | None,
         name = "PersonaPlex-7B"
     else:
         name = Path(spec.rstrip("/")).name or spec
+    if quantize is None and name == "PersonaPlex-7B":
+        quantize = 8  # the engine's default for the 7B (before the model has loaded)
     precision = f"q{quantize}" if quantize else ("fp32" if dtype == "float32" else "bf16")
     label = f"{name} {precision}"
     if random_weights:
