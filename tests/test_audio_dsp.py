@@ -1,7 +1,6 @@
 """Unit tests of the audio building blocks (AUDIO.md §14.1): rings, re-framing, resampling,
 meters, VAD. No audio server, no device."""
 
-import math
 
 import numpy as np
 import pytest

@@ -198,7 +198,7 @@ class LMModel:
                  steps: int) -> dict[str, mx.array]:
         """Reads every tensor through `get(fused_key, rows)` and converts it, temporal layer by
         layer, then the rest. Only steps 0..steps−1 of the depformer are read."""
-        D, hd = cfg.depformer_dim, cfg.depformer_hidden_size
+        D = cfg.depformer_dim
         for i in range(cfg.num_layers):
             p, q = f"transformer.layers.{i}.", f"temporal.{i}."
             conv.norm(q + "norm1", get(p + "norm1.alpha", None))
