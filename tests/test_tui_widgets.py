@@ -200,6 +200,11 @@ def test_terminal_flags_and_model_label():
     env = {}
     configure_terminal("truecolor", low_bandwidth=True, environ=env)
     assert env["TEXTUAL_COLOR_SYSTEM"] == "truecolor"  # an explicit choice wins
+    env = {}
+    configure_terminal("auto", environ=env, fps=20)
+    assert env == {"TEXTUAL_FPS": "20"}
+    assert model_label(None, None, None) == "PersonaPlex-7B q8"  # the engine's default
+    assert model_label(None, 0, "bfloat16") == "PersonaPlex-7B bf16"
     assert model_label("tiny", None, None) == "tiny · random weights"
     assert model_label(None, 8, None) == "PersonaPlex-7B q8"
     assert model_label("nvidia/personaplex-7b-v1", 4, None) == "PersonaPlex-7B q4"

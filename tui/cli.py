@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="colour depth to draw with")
     tui.add_argument("--low-bandwidth", action="store_true",
                      help="slower refresh and no animations, for slow SSH links")
+    tui.add_argument("--fps", type=int, default=None, metavar="N",
+                     help="cap on screen updates per second (Textual's TEXTUAL_FPS, default 60)")
 
     off = sub.add_parser("offline", help="WAV in -> the model's WAV and transcript out")
     _add_model_args(off)

@@ -16,7 +16,7 @@ COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256", "16": "standard"}
 
 
 def configure_terminal(color: str = "auto", low_bandwidth: bool = False,
-                       environ: dict | None = None) -> bool:
+                       environ: dict | None = None, fps: int | None = None) -> bool:
     """Sets TEXTUAL_COLOR_SYSTEM / NO_COLOR / TEXTUAL_ANIMATIONS for the chosen colour depth.
 
     Returns True when the link is low-colour (the ANSI theme is the better default then).
@@ -34,6 +34,10 @@ def configure_terminal(color: str = "auto", low_bandwidth: bool = False,
         env["NO_COLOR"] = "1"
     if low_bandwidth:
         env.setdefault("TEXTUAL_ANIMATIONS", "none")
+    if fps is not None:  # Textual's screen update cap (default 60), TUI.md §4
+        env["TEXTUAL_FPS"] = str(fps)
+        if environ is None and "textual.constants" in sys.modules:
+            sys.modules["textual.constants"].MAX_FPS = fps  # type: ignore[attr-defined]
     if environ is None and system is not None and "textual.constants" in sys.modules:
         sys.modules["textual.constants"].COLOR_SYSTEM = system  # type: ignore[attr-defined]
     return color in ("256", "16", "none")
@@ -60,7 +64,7 @@ def model_label(spec: str | None, quantize: int | None, dtype: str | None,
 def run_dashboard(args: Any) -> int:
     color = getattr(args, "color", "auto") or "auto"
     low_bandwidth = bool(getattr(args, "low_bandwidth", False))
-    low_colour = configure_terminal(color, low_bandwidth)
+    low_colour = configure_terminal(color, low_bandwidth, fps=getattr(args, "fps", None))
 
     from engine.personas import list_personas, scan_user_personas
 
