@@ -63,6 +63,33 @@ PY
         --frames 100 "$@" | grep -E "Frame|Stages|Peak|Prefill"
     done
     ;;
+  explore)
+    # Per-primitive dispatch costs, then whole 4-bit frames under each of ENVS (space-separated;
+    # commas inside one entry separate variables), one process each since MLX reads them once.
+    # Run right after `stage`, carrying [".gpu/b", ".whl"].
+    cp .gpu/b/part_ab /root/gpu/
+    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
+      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
+    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
+    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+    python3 scripts/bench_mlx_dispatch.py --n 200 --reps 3 | tee -a "$out/dispatch.txt"
+    for env in ${ENVS:-"MLX_CUDA_GRAPH_CACHE_SIZE=4000"}; do
+      echo "== $env" | tee -a "$out/frames.txt"
+      env ${env//,/ } timeout ${BENCH_TIMEOUT:-400} python3 -m tui.cli bench --shape personaplex-7b \
+        --random-weights --quantize 4 --frames ${FRAMES:-60} "$@" 2>&1 \
+        | tee -a "$out/frames.txt" | grep -E "Frame|Stages|Peak|Prefill|Load|rror" || true
+    done
+    ;;
+  parts)
+    # Where a frame's time goes (scripts/bench_frame_parts.py), right after `stage`.
+    cp .gpu/b/part_ab /root/gpu/
+    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
+      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
+    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
+    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+    [ -n "${DISPATCH:-}" ] && python3 scripts/bench_mlx_dispatch.py --n 200 --reps 3 | tee "$out/dispatch.txt"
+    python3 scripts/bench_frame_parts.py "$@" | tee "$out/parts.json"
+    ;;
   *)
     echo "usage: bash scripts/bench_gpu.sh stage|run" >&2
     exit 2

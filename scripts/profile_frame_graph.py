@@ -5,12 +5,14 @@ Widths do not change the number of operations, only their size, so this runs on 
 seconds. Divided into the per-stage GPU times of docs/benchmarks.md it gives the cost per
 operation, which shows whether a stage is bound by bandwidth or by launches. Not a unit test.
 
-    python3 scripts/profile_frame_graph.py
+    python3 scripts/profile_frame_graph.py [--by-kind]
 """
 
 from __future__ import annotations
 
 import re
+import sys
+from collections import Counter
 import tempfile
 from pathlib import Path
 
@@ -23,12 +25,17 @@ VIEWS = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Transpose", 
          "Full", "Copy", "Split", "Flatten", "Unflatten", "StopGradient"}
 
 
-def count_ops(*outputs) -> tuple[int, int]:
-    """(all primitives, primitives that are not mere views) in the graph of `outputs`."""
+KINDS: dict[str, Counter] = {}
+
+
+def count_ops(*outputs, stage: str = "") -> tuple[int, int]:
+    """(all primitives, primitives that are not mere views) in the graph of `outputs`; the
+    compute primitives by kind are kept in KINDS[stage]."""
     with tempfile.NamedTemporaryFile("w+", suffix=".dot") as fh:
         mx.export_to_dot(fh.name, *outputs)
         text = Path(fh.name).read_text()
     labels = re.findall(r'label ="([^"]+)", shape=rectangle', text)
+    KINDS[stage] = Counter(lab for lab in labels if lab not in VIEWS)
     return len(labels), sum(1 for lab in labels if lab not in VIEWS)
 
 
@@ -63,19 +70,19 @@ def main() -> None:
         mx.eval(codec.decode_step(mx.zeros((8,), mx.int32)))
 
     codes = codec.encode_step(frame)
-    n_encode = count_ops(codes)
+    n_encode = count_ops(codes, stage="encode")
     mx.eval(codes)
     x = model.embed_step(gen.tokens_at(gen.position - 1), compiled=False)
     hn = model.hidden(x, gen.kv)
-    n_temporal = count_ops(hn)
+    n_temporal = count_ops(hn, stage="temporal")
     mx.eval(hn)
     frame_fn = gen._make_frame()
     K = model.depformer_steps
     outs = frame_fn(hn, mx.zeros((K + 1,), mx.bool_), mx.zeros((K + 1,), mx.int32), None)
-    n_depth = count_ops(outs[0])
+    n_depth = count_ops(outs[0], stage="depth")
     mx.eval(outs)
     pcm = codec.decode_step(mx.zeros((8,), mx.int32))
-    n_decode = count_ops(pcm)
+    n_decode = count_ops(pcm, stage="decode")
     print("MLX primitives per live frame (before mx.compile fusion), real layer counts:")
     print(f"  {'stage':9s} {'all':>6s} {'compute':>8s}")
     rows = (("encode", n_encode), ("temporal", n_temporal), ("depth", n_depth),
@@ -83,6 +90,9 @@ def main() -> None:
     for name, (n_all, n_compute) in rows:
         print(f"  {name:9s} {n_all:6d} {n_compute:8d}")
     print(f"  {'total':9s} {sum(r[1][0] for r in rows):6d} {sum(r[1][1] for r in rows):8d}")
+    if "--by-kind" in sys.argv:
+        for name, kinds in KINDS.items():
+            print(f"{name}: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
 
 
 if __name__ == "__main__":

@@ -115,8 +115,10 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
     B, T, three_d = qkv.shape
     d = three_d // 3
     hd = d // num_heads
-    x = qkv.reshape(B, T, 3, num_heads, hd).transpose(2, 0, 3, 1, 4)
-    return x[0], x[1], x[2]
+    x = qkv.reshape(B, T, 3, num_heads, hd)
+    # `x[:, :, i]` is a view; `x[i]` after moving the axis first would be a gather kernel
+    # (engine/mxops.py).
+    return tuple(x[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
 
 def merge_heads(x: mx.array) -> mx.array:

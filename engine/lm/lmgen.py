@@ -73,6 +73,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.config import LMGenConfig
+from engine.mxops import at
 
 from .model import LMModel
 from .sampling import AUDIO_DEFAULT, TEXT_DEFAULT, SamplingParams, sample
@@ -244,18 +245,21 @@ class LMGen:
         tp, ap = self.text_params, self.audio_params
 
         def frame(hn, mask, vals, key):
-            keys = mx.random.split(key, K + 1) if not greedy else [None] * (K + 1)
+            keys = [None] * (K + 1)
+            if not greedy:
+                split = mx.random.split(key, K + 1)
+                keys = [at(split, j) for j in range(K + 1)]
             text_logits = model.text_logits(hn)[0, 0]
             t = sample(text_logits, tp, keys[0], greedy)
             toks, logits_all = [t], []
-            prev = mx.where(mask[0], vals[0], t)
+            prev = mx.where(at(mask, 0), at(vals, 0), t)
             cache = dep.new_cache()
             for j in range(K):
                 logits = dep.step(j, hn, prev.reshape(1, 1), cache, rule)[0, 0]
                 a = sample(logits, ap, keys[j + 1], greedy)
                 toks.append(a)
                 logits_all.append(logits)
-                prev = mx.where(mask[j + 1], vals[j + 1], a)
+                prev = mx.where(at(mask, j + 1), at(vals, j + 1), a)
             out = [mx.stack(toks), text_logits]
             if keep:
                 out.append(mx.stack(logits_all))

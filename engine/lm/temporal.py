@@ -59,12 +59,17 @@ class Temporal:
         for layer in self.layers:
             def pre(x, offset, layer=layer):
                 h = rms_norm_f32(x, layer.norm1)
-                q, k, v = split_heads(layer.in_proj(h), H)
-                hd = q.shape[-1]
-                rope = lambda t: mx.fast.rope(t.astype(mx.float32), hd, traditional=True,  # noqa: E731
-                                              base=self.max_period, scale=1.0,
-                                              offset=offset).astype(t.dtype)
-                return rope(q), rope(k), v
+                qkv = layer.in_proj(h)
+                B, T, three_d = qkv.shape
+                d = three_d // 3
+                hd = d // H
+                # Queries and keys rotated together: one RoPE (and one cast each way) instead of
+                # two; the rotation is per element, so the result is the same.
+                qk = qkv[..., : 2 * d].reshape(B, T, 2 * H, hd).transpose(0, 2, 1, 3)
+                qk = mx.fast.rope(qk.astype(mx.float32), hd, traditional=True,
+                                  base=self.max_period, scale=1.0, offset=offset).astype(qkv.dtype)
+                v = qkv[..., 2 * d:].reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+                return qk[:, :H], qk[:, H:], v
 
             def post(x, a, layer=layer):
                 x = x + layer.out_proj(merge_heads(a))

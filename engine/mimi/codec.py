@@ -36,6 +36,7 @@ from engine.mimi.quantizer import SplitRVQ
 from engine.mimi.seanet import SeanetDecoder, SeanetEncoder
 from engine.mimi.transformer import MimiTransformer
 from engine.mimi.weights import read_mimi_checkpoint, stored_levels, validate_mimi_weights
+from engine.mxops import unbatch
 
 # Frames per chunk in whole-clip calls (bounds memory; any value gives the same result).
 CLIP_CHUNK_FRAMES = 16
@@ -159,13 +160,13 @@ class Mimi:
     def _latent(self, pcm: mx.array) -> mx.array:
         """pcm [T] (T a multiple of the frame size) -> pre-quantizer latent [T / frame, D]."""
         x = self.encoder(pcm.reshape(1, -1, 1))
-        x = self.encoder_transformer(x[0])
-        return self.downsample(x[None])[0]
+        x = self.encoder_transformer(unbatch(x))
+        return unbatch(self.downsample(x[None]))
 
     def _synth(self, latent: mx.array) -> mx.array:
         """Quantized latent [F, D] -> pcm [F · frame]."""
         x = self.upsample(latent[None])
-        x = self.decoder_transformer(x[0])
+        x = self.decoder_transformer(unbatch(x))
         return self.decoder(x[None]).reshape(-1)
 
     def _codes(self, codes) -> mx.array:

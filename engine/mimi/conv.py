@@ -22,6 +22,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from engine.mxops import unbatch
+
 
 def elu(x: mx.array) -> mx.array:
     """ELU with alpha 1: x for x > 0, exp(x) − 1 otherwise."""
@@ -92,7 +94,7 @@ class StreamingConv1d:
             y = mx.conv1d(x, self.weight, stride=self.stride, dilation=self.dilation,
                           groups=self.groups)
         else:
-            y = self._matmul(x[0], T // self.stride)[None]
+            y = self._matmul(unbatch(x), T // self.stride)[None]
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -170,9 +172,9 @@ class StreamingConvTranspose1d:
         """x [1, T, C_in] -> [1, T · stride, C_out]."""
         T = x.shape[1]
         if self.depthwise:
-            y = x[0][:, None, :] * self.weight  # [T, kpad, C]
+            y = unbatch(x)[:, None, :] * self.weight  # [T, kpad, C]
         else:
-            y = x[0] @ self.weight  # [T, kpad · C_out]
+            y = unbatch(x) @ self.weight  # [T, kpad · C_out]
         y = _overlap_add(y.reshape(T, self.taps, self.stride, self.out_channels), self.stride)
         if self.bias is not None:
             y = y + self.bias

@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from engine.mxops import at
+
 CLUSTER_USAGE_EPS = 1e-5
 
 
@@ -95,7 +97,7 @@ class SplitRVQ:
 
     def decode(self, codes: mx.array) -> mx.array:
         """codes [num_codebooks, T] -> latent [T, D]."""
-        out = self.first.decode([codes[0]])
+        out = self.first.decode([at(codes, 0)])
         if codes.shape[0] > 1:
-            out = out + self.rest.decode([codes[i] for i in range(1, codes.shape[0])])
+            out = out + self.rest.decode([at(codes, i) for i in range(1, codes.shape[0])])
         return out

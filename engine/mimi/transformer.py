@@ -161,10 +161,10 @@ class MimiTransformer:
         writes = self._ring_writes(self.offset, T)
         for i, L in enumerate(self.layers):
             h = mx.fast.layer_norm(x, L.norm1_w, L.norm1_b, 1e-5)
-            qkv = (h @ L.in_proj).reshape(T, 3, H, d).transpose(1, 2, 0, 3)  # [3, H, T, d]
-            q = apply_rope(qkv[0], cos, sin)
-            k = apply_rope(qkv[1], cos, sin)
-            v = qkv[2]
+            qkv = (h @ L.in_proj).reshape(T, 3, H, d)  # views below, not gathers (engine/mxops.py)
+            q = apply_rope(qkv[:, 0].transpose(1, 0, 2), cos, sin)  # [H, T, d]
+            k = apply_rope(qkv[:, 1].transpose(1, 0, 2), cos, sin)
+            v = qkv[:, 2].transpose(1, 0, 2)
             keys = mx.concatenate([self.ring_k[i], k], axis=1)
             values = mx.concatenate([self.ring_v[i], v], axis=1)
             scores = (q @ keys.transpose(0, 2, 1)) * self.scale + mask

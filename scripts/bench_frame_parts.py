@@ -1,0 +1,114 @@
+"""Where a live frame's time goes, stage by stage, on a 7B-shaped random model (run on the lent
+H100; see docs/benchmarks.md). For each stage it separates the time Python spends building the
+MLX graph, the time `mx.async_eval` takes to hand the kernels to the device (MLX's encoding) and
+the time left waiting for the device. Then it times whole `DuplexEngine.step` frames. Not a unit
+test; the numbers are for deciding what to optimise.
+
+    python3 scripts/bench_frame_parts.py [--frames 50] [--quantize 4] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def p50(values):
+    return round(statistics.median(values), 3)
+
+
+def timed_stage(build, frames: int) -> dict:
+    """build() -> arrays to evaluate; returns p50 ms of python build / async hand-off / wait."""
+    b, h, w = [], [], []
+    for _ in range(frames):
+        t0 = time.perf_counter()
+        outs = build()
+        t1 = time.perf_counter()
+        mx.async_eval(outs)
+        t2 = time.perf_counter()
+        mx.eval(outs)
+        t3 = time.perf_counter()
+        b.append((t1 - t0) * 1e3)
+        h.append((t2 - t1) * 1e3)
+        w.append((t3 - t2) * 1e3)
+    return {"build_ms": p50(b), "encode_ms": p50(h), "wait_ms": p50(w),
+            "total_ms": p50([x + y + z for x, y, z in zip(b, h, w)])}
+
+
+def main() -> None:
+    from engine.bench import random_full_size_engine
+    from engine.personas import Persona
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=50)
+    ap.add_argument("--quantize", type=int, default=4)
+    ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    if args.tiny:
+        from engine.duplex import DuplexEngine
+        engine, scratch = DuplexEngine.load("tiny", seed=0), None
+    else:
+        engine, scratch = random_full_size_engine(quantize=args.quantize)
+    try:
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        voices = engine.available_voices()
+        engine.start(Persona(name="parts", prompt="You are helpful.",
+                             voice=voices[0] if voices else None))
+        prefill_s = time.perf_counter() - t0
+        rng = np.random.default_rng(0)
+        n = engine.frame_size
+
+        def mic():
+            return (0.05 * rng.standard_normal(n)).astype(np.float32)
+
+        for _ in range(10):
+            engine.step(mic())
+        result = {"load_s": round(load_s, 1), "prefill_s": round(prefill_s, 1)}
+
+        mimi, gen, model = engine.mimi, engine.gen, engine.gen.model
+        codes8 = mx.zeros((8,), mx.int32)
+        result["encode"] = timed_stage(lambda: [mimi.encode_step(mic())], args.frames)
+        result["decode"] = timed_stage(lambda: [mimi.decode_step(codes8)], args.frames)
+        row = gen.tokens_at(gen.position - 1)
+
+        def temporal():
+            hn = model.hidden(model.embed_step(row, compiled=True), gen.kv, compiled=True)
+            return [hn, *gen.kv.arrays()]
+
+        result["temporal"] = timed_stage(temporal, args.frames)
+        hn = temporal()[0]
+        mx.eval(hn)
+        K = model.depformer_steps
+        mask, vals = mx.zeros((K + 1,), mx.bool_), mx.zeros((K + 1,), mx.int32)
+        if gen._frame is None:
+            gen._frame = gen._make_frame()
+        result["depth"] = timed_stage(lambda: gen._frame(hn, mask, vals, gen._next_key()),
+                                      args.frames)
+        totals = []
+        for _ in range(args.frames):
+            t = time.perf_counter()
+            engine.step(mic())
+            totals.append((time.perf_counter() - t) * 1e3)
+        result["frame_p50_ms"] = p50(totals)
+        result["frame_p95_ms"] = round(float(np.percentile(totals, 95)), 3)
+        result["frame_max_ms"] = round(max(totals), 3)
+        print(json.dumps(result, indent=1))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
