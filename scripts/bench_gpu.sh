@@ -14,19 +14,24 @@ phase=${1:-}
 shift || true
 mkdir -p "${OUT:-/tmp/out}"
 out=${OUT:-/tmp/out}
+# The second call of a pair: reassembles and installs MLX's CUDA build and the extra wheels.
+install() {
+  cp .gpu/b/part_ab /root/gpu/
+  ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
+    && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
+  python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
+  export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+}
+
 case "$phase" in
   stage)
     mkdir -p /root/gpu && cp .gpu/a/* /root/gpu/ && ls -la /root/gpu
     ;;
   run)
-    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
+    install
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-    PYTHONPATH=/root/site-extra PYTHONUNBUFFERED=1 python3 scripts/bench_gpu_reference.py 200 \
+    PYTHONPATH=/root/site-extra python3 scripts/bench_gpu_reference.py 200 \
       | tee /root/reference.json "$out/reference.json"
-    cp .gpu/b/part_ab /root/gpu/
-    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
-      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
-    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
     python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
     for bits in 4 8; do
       python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize "$bits" \
@@ -49,11 +54,7 @@ PY
   variants)
     # MLX's CUDA backend replays kernels as CUDA graphs of up to MLX_MAX_OPS_PER_BUFFER nodes,
     # keeping MLX_CUDA_GRAPH_CACHE_SIZE of them; a frame has thousands of kernels, so both matter.
-    cp .gpu/b/part_ab /root/gpu/
-    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
-      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
-    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
-    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+    install
     python3 scripts/profile_frame_graph.py
     for env in "MLX_CUDA_GRAPH_CACHE_SIZE=100" "MLX_CUDA_GRAPH_CACHE_SIZE=4000" \
                "MLX_CUDA_GRAPH_CACHE_SIZE=4000 MLX_MAX_OPS_PER_BUFFER=100" \
@@ -67,11 +68,7 @@ PY
     # Per-primitive dispatch costs, then whole 4-bit frames under each of ENVS (space-separated;
     # commas inside one entry separate variables), one process each since MLX reads them once.
     # Run right after `stage`, carrying [".gpu/b", ".whl"].
-    cp .gpu/b/part_ab /root/gpu/
-    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
-      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
-    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
-    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+    install
     python3 scripts/bench_mlx_dispatch.py --n 200 --reps 3 | tee -a "$out/dispatch.txt"
     for env in ${ENVS:-"MLX_CUDA_GRAPH_CACHE_SIZE=4000"}; do
       echo "== $env" | tee -a "$out/frames.txt"
@@ -82,11 +79,7 @@ PY
     ;;
   parts)
     # Where a frame's time goes (scripts/bench_frame_parts.py), right after `stage`.
-    cp .gpu/b/part_ab /root/gpu/
-    ( cd /root/gpu && cat part_aa part_ab > "$(cat cuda.name)" && md5sum -c --quiet cuda.md5 \
-      && python3 -m pip install -q --no-index --no-deps --target /root/site mlx-*.whl "$(cat cuda.name)" )
-    python3 -m pip install -q --no-index --no-deps --target /root/site-extra .whl/*.whl
-    export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
+    install
     [ -n "${DISPATCH:-}" ] && python3 scripts/bench_mlx_dispatch.py --n 200 --reps 3 | tee "$out/dispatch.txt"
     python3 scripts/bench_frame_parts.py "$@" | tee "$out/parts.json"
     ;;
