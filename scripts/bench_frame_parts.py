@@ -10,6 +10,7 @@ test; the numbers are for deciding what to optimise.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -96,14 +97,34 @@ def main() -> None:
             gen._frame = gen._make_frame()
         result["depth"] = timed_stage(lambda: gen._frame(hn, mask, vals, gen._next_key()),
                                       args.frames)
-        totals = []
+        # Mimi's frames compiled or eager, interleaved frame by frame in this one process
+        # (machines differ between calls, so only same-process comparisons are fair).
+        ab = {mode: {"encode": [], "decode": []} for mode in ("compiled", "eager")}
         for _ in range(args.frames):
-            t = time.perf_counter()
-            engine.step(mic())
-            totals.append((time.perf_counter() - t) * 1e3)
-        result["frame_p50_ms"] = p50(totals)
-        result["frame_p95_ms"] = round(float(np.percentile(totals, 95)), 3)
-        result["frame_max_ms"] = round(max(totals), 3)
+            for mode in ab:
+                mimi.compile = mode == "compiled"
+                for stage, build in (("encode", lambda: mimi.encode_step(mic())),
+                                     ("decode", lambda: mimi.decode_step(codes8))):
+                    t = time.perf_counter()
+                    mx.eval(build())
+                    ab[mode][stage].append((time.perf_counter() - t) * 1e3)
+        mimi.compile = True
+        result["mimi_p50_ms"] = {m: {k: p50(v) for k, v in d.items()} for m, d in ab.items()}
+        # Whole frames, with Python's cyclic garbage collector on and off (tail latency).
+        for label in ("frames_gc_on", "frames_gc_off", "frames_gc_on_again"):
+            if label == "frames_gc_off":
+                gc.collect()
+                gc.disable()
+            totals = []
+            for _ in range(args.frames):
+                t = time.perf_counter()
+                engine.step(mic())
+                totals.append((time.perf_counter() - t) * 1e3)
+            gc.enable()
+            result[label] = {"p50_ms": p50(totals),
+                             "p95_ms": round(float(np.percentile(totals, 95)), 3),
+                             "max_ms": round(max(totals), 3),
+                             "over_50_ms": sum(t > 50 for t in totals)}
         print(json.dumps(result, indent=1))
     finally:
         if scratch is not None:

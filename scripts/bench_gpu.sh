@@ -81,6 +81,7 @@ PY
     # Where a frame's time goes (scripts/bench_frame_parts.py), right after `stage`.
     install
     [ -n "${DISPATCH:-}" ] && python3 scripts/bench_mlx_dispatch.py --n 200 --reps 3 | tee "$out/dispatch.txt"
+    python3 scripts/profile_frame_graph.py --by-kind | tee "$out/profile.txt"
     python3 scripts/bench_frame_parts.py "$@" | tee "$out/parts.json"
     ;;
   *)

@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=20, help="timed frames (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed warm-up frames (default 3)")
     ap.add_argument("--weights", type=Path, help="a full-size Mimi safetensors file")
+    ap.add_argument("--eager", action="store_true",
+                    help="run frames eagerly instead of as compiled functions")
     args = ap.parse_args(argv)
 
     cfg = default_mimi_config()
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
             print(f"random full-size weights written in {time.perf_counter() - t:.1f} s")
 
         mimi = Mimi.load(path, cfg, num_codebooks=8)
+        mimi.compile = not args.eager
 
         def our_encode(frame):
             codes = mimi.encode_step(frame)

@@ -184,6 +184,24 @@ def test_ring_past_window_streaming_equals_chunked():
     assert mimi.decoder_transformer.ring_k[0].shape[1] == 10
 
 
+@pytest.mark.parametrize("context", [10, 9])
+def test_compiled_streaming_frames_equal_eager_frames(context):
+    """Streaming frames run as compiled functions (after the first) give the eager frames' codes
+    and audio, through ring wraps; with an odd context some frames' keys straddle the ring's end,
+    and those frames fall back to the eager path."""
+    cfg = _small_context_cfg(context)
+    pcm = speech_like(24 * FRAME, seed=7)
+    w = random_mimi_weights(cfg, seed=8, n_q_stored=16, fit_pcm=pcm)
+    compiled, eager = Mimi.from_weights(w, cfg, 8), Mimi.from_weights(w, cfg, 8)
+    eager.compile = False
+    codes = _stream_encode(compiled, pcm)
+    assert np.array_equal(codes, _stream_encode(eager, pcm))
+    assert len({tuple(c) for c in codes}) > 10
+    audio = _stream_decode(compiled, codes)
+    assert np.abs(audio - _stream_decode(eager, codes)).max() < 1e-6
+    assert set(compiled._step_fns) == {"encode", "decode"} and not eager._step_fns
+
+
 def test_window_rule_changes_output_past_the_window():
     """Sanity: with context 10 the window matters (a context-1000 model gives other codes after
     the first 5 frames, identical ones before)."""

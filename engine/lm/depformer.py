@@ -63,8 +63,9 @@ class Depformer:
             out += layer.arrays()
         return out
 
-    def new_cache(self) -> list[tuple[list[mx.array], list[mx.array]]]:
-        return [([], []) for _ in self.layers]
+    def new_cache(self) -> list:
+        """Per layer, the frame's depth keys and values so far (None before step 0)."""
+        return [None for _ in self.layers]
 
     def token_embedding(self, k: int, token: mx.array) -> mx.array:
         """Embedding of the token that conditions step k (text for k = 0, audio cb k−1 else)."""
@@ -79,12 +80,18 @@ class Depformer:
         for i, layer in enumerate(self.layers):
             h = rms_norm_f32(x, layer.norm1)
             q, kk, v = split_heads(layer.in_proj.step(k)(h), H)
-            keys, values = cache[i]
-            keys.append(kk)
-            values.append(v)
+            # The frame's keys so far grow by one concatenation of two arrays a step (a
+            # concatenation costs one copy kernel per input, so joining every step's keys anew
+            # would cost k + 1 kernels at step k).
+            if cache[i] is None:
+                K, V = kk, v
+            else:
+                K = mx.concatenate([cache[i][0], kk], axis=2)
+                V = mx.concatenate([cache[i][1], v], axis=2)
+            cache[i] = (K, V)
             first = max(0, k - self.capacity + 2) if rule == "nvidia" else 0  # module docstring
-            K = kk if len(keys) - first == 1 else mx.concatenate(keys[first:], axis=2)
-            V = v if len(values) - first == 1 else mx.concatenate(values[first:], axis=2)
+            if first:
+                K, V = K[:, :, first:], V[:, :, first:]
             a = mx.fast.scaled_dot_product_attention(q, K, V, scale=attention_scale(q.shape[-1]))
             x = x + layer.out_proj.step(k)(merge_heads(a))
             x = x + gated_ffn(rms_norm_f32(x, layer.norm2), layer.linear_in.step(k),

@@ -54,12 +54,14 @@ class Mimi:
     """Streaming Mimi codec, batch size 1, float32 throughout."""
 
     def __init__(self, weights: dict[str, np.ndarray], cfg: MimiConfig, num_codebooks: int,
-                 n_q_stored: int, window: str = "personaplex"):
+                 n_q_stored: int, window: str = "personaplex", compile: bool = True):
         if not 1 <= num_codebooks <= n_q_stored:
             raise CheckpointError(
                 f"the Mimi checkpoint stores {n_q_stored} quantizer levels, so it cannot provide "
                 f"{num_codebooks} codebooks.")
         self.cfg = cfg
+        self.compile = compile  # streaming frames as compiled functions (see `_step`)
+        self._step_fns: dict = {}
         self.num_codebooks = num_codebooks
         self.n_q_stored = n_q_stored
         self.frame_size = cfg.frame_size
@@ -135,13 +137,18 @@ class Mimi:
         self.reset_decoder()
 
     @staticmethod
-    def _snapshot(modules) -> list:
-        """The streaming state of every stateful object below `modules` (MLX arrays are
-        immutable, so keeping references is enough)."""
+    def _leaves(modules) -> list:
+        """Every stateful object below `modules` (convolutions, transformers)."""
         leaves = []
         for m in modules:
             leaves.extend(m.stateful() if isinstance(m, (SeanetEncoder, SeanetDecoder)) else [m])
-        return [(m, m.get_state()) for m in leaves]
+        return leaves
+
+    @classmethod
+    def _snapshot(cls, modules) -> list:
+        """The streaming state of every stateful object below `modules` (MLX arrays are
+        immutable, so keeping references is enough)."""
+        return [(m, m.get_state()) for m in cls._leaves(modules)]
 
     @staticmethod
     def _restore(snap) -> None:
@@ -186,12 +193,49 @@ class Mimi:
 
     def encode_step(self, pcm) -> mx.array:
         """One frame of pcm (float32 [frame_size]) -> codes int32 [num_codebooks] (lazy)."""
-        latent = self._latent(self._as_pcm(pcm, 1))
-        return self.quantizer.encode(latent)[:, 0]
+        plan = self.encoder_transformer.plan(self._positions_per_frame)
+        return self._step("encode", self._encoder_modules(), self._encode_frame,
+                          self._as_pcm(pcm, 1), plan)
 
     def decode_step(self, codes) -> mx.array:
         """Codes [num_codebooks] of one frame -> pcm float32 [frame_size] (lazy)."""
-        return self._synth(self.quantizer.decode(self._codes(codes)))
+        plan = self.decoder_transformer.plan(self._positions_per_frame)
+        return self._step("decode", self._decoder_modules(), self._decode_frame,
+                          self._codes(codes), plan)
+
+    def _encode_frame(self, pcm: mx.array, plan) -> mx.array:
+        x = self.encoder(pcm.reshape(1, -1, 1))
+        x = self.encoder_transformer.apply(unbatch(x), plan)
+        return self.quantizer.encode(unbatch(self.downsample(x[None])))[:, 0]
+
+    def _decode_frame(self, codes: mx.array, plan) -> mx.array:
+        x = self.upsample(self.quantizer.decode(codes)[None])
+        x = self.decoder_transformer.apply(unbatch(x), plan)
+        return self.decoder(x[None]).reshape(-1)
+
+    def _step(self, name: str, modules, frame_fn, inp: mx.array, plan) -> mx.array:
+        """One streaming frame through `frame_fn`, as one `mx.compile`d function of (input, the
+        transformer's plan arrays, the state arrays) whenever the frame's graph does not depend
+        on host-side state: a compiled frame fuses Mimi's elementwise work (ELU, GELU, RoPE,
+        layer scales) and skips rebuilding ~1000 operations in Python, which is what a frame
+        costs on a GPU. The first frame (replicate padding) and ring-wrapping frames run as is."""
+        leaves = self._leaves(modules)
+        if (not self.compile or plan.segments != ((0, self._positions_per_frame),)
+                or any(getattr(m, "replicates_next", False) for m in leaves)):
+            return frame_fn(inp, plan)
+        fn = self._step_fns.get(name)
+        if fn is None:
+            def traced(inp, plan_arrays, states):
+                for m, st in zip(leaves, states):
+                    m.set_state_arrays(st)
+                out = frame_fn(inp, plan.with_arrays(plan_arrays))
+                return out, [m.state_arrays() for m in leaves]
+
+            fn = self._step_fns[name] = mx.compile(traced)
+        out, states = fn(inp, plan.arrays(), [m.state_arrays() for m in leaves])
+        for m, st in zip(leaves, states):
+            m.set_state_arrays(st)
+        return out
 
     # -- whole clips --------------------------------------------------------------------------
 

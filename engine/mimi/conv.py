@@ -76,6 +76,20 @@ class StreamingConv1d:
     def set_state(self, state) -> None:
         self._previous, self._first = state
 
+    @property
+    def replicates_next(self) -> bool:
+        """Whether the next call pads by replicating its first sample (a host-side decision a
+        compiled step cannot make)."""
+        return self.pad_mode == "replicate" and self._first and self.context > 0
+
+    def state_arrays(self) -> list[mx.array]:
+        """The device part of the state, for a compiled step (see `replicates_next`)."""
+        return [self._previous] if self.context else []
+
+    def set_state_arrays(self, arrays: list[mx.array]) -> None:
+        if self.context:
+            (self._previous,) = arrays
+
     def __call__(self, x: mx.array) -> mx.array:
         """x [1, T, C_in] with T a multiple of the stride -> [1, T / stride, C_out]."""
         T = x.shape[1]
@@ -167,6 +181,13 @@ class StreamingConvTranspose1d:
 
     def set_state(self, state) -> None:
         self._partial = state
+
+    def state_arrays(self) -> list[mx.array]:
+        return [self._partial] if self.context else []
+
+    def set_state_arrays(self, arrays: list[mx.array]) -> None:
+        if self.context:
+            (self._partial,) = arrays
 
     def __call__(self, x: mx.array) -> mx.array:
         """x [1, T, C_in] -> [1, T · stride, C_out]."""

@@ -25,6 +25,7 @@ applied per frame, so the result is the same as feeding the frames one by one.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -121,6 +122,14 @@ class MimiTransformer:
         self.slot_pos = slot_pos.copy()
         self.ring_k, self.ring_v = list(ring_k), list(ring_v)
 
+    def state_arrays(self) -> list[mx.array]:
+        """The device part of the state (the key/value rings), for a compiled step."""
+        return self.ring_k + self.ring_v
+
+    def set_state_arrays(self, arrays: list[mx.array]) -> None:
+        n = len(self.layers)
+        self.ring_k, self.ring_v = list(arrays[:n]), list(arrays[n:])
+
     def __call__(self, x: mx.array) -> mx.array:
         """x [T, D] (T a multiple of P) -> [T, D]; advances the streaming state by T positions."""
         T = x.shape[0]
@@ -152,13 +161,28 @@ class MimiTransformer:
         return writes
 
     def _run(self, x: mx.array) -> mx.array:
-        T = x.shape[0]
-        H, d = self.num_heads, self.head_dim
+        return self.apply(x, self.plan(x.shape[0]))
+
+    def plan(self, T: int) -> "Plan":
+        """The host side of the next T positions: RoPE tables, the attention mask and where the
+        keys go in the ring. Advances the position bookkeeping; `apply` must then run them."""
         qpos = np.arange(self.offset, self.offset + T, dtype=np.int64)
-        cos_np, sin_np = rope_tables(qpos, d, self.max_period)
-        cos, sin = mx.array(cos_np), mx.array(sin_np)
+        cos, sin = rope_tables(qpos, self.head_dim, self.max_period)
         mask = self._mask(qpos)
         writes = self._ring_writes(self.offset, T)
+        for lo, hi, a, b in writes:
+            self.slot_pos[lo:hi] = qpos[a:b]
+        self.offset += T
+        return Plan(mx.array(cos), mx.array(sin), mask,
+                    [mx.array([lo], dtype=mx.int32) for lo, _, _, _ in writes],
+                    tuple((a, b) for _, _, a, b in writes))
+
+    def apply(self, x: mx.array, plan: "Plan") -> mx.array:
+        """The device side: x [T, D] through the layers, keys written into the rings. Uses only
+        `plan`'s arrays, so it can be traced by `mx.compile` for a fixed segment layout."""
+        T = x.shape[0]
+        H, d = self.num_heads, self.head_dim
+        cos, sin, mask = plan.cos, plan.sin, plan.mask
         for i, L in enumerate(self.layers):
             h = mx.fast.layer_norm(x, L.norm1_w, L.norm1_b, 1e-5)
             qkv = (h @ L.in_proj).reshape(T, 3, H, d)  # views below, not gathers (engine/mxops.py)
@@ -174,12 +198,24 @@ class MimiTransformer:
             h = mx.fast.layer_norm(x, L.norm2_w, L.norm2_b, 1e-5)
             x = x + L.scale2 * (gelu_exact(h @ L.linear1) @ L.linear2)
             rk, rv = self.ring_k[i], self.ring_v[i]
-            for lo, hi, a, b in writes:
-                start = mx.array([lo])
+            for start, (a, b) in zip(plan.starts, plan.segments):
                 rk = mx.slice_update(rk, k[:, a:b], start, axes=(1,))
                 rv = mx.slice_update(rv, v[:, a:b], start, axes=(1,))
             self.ring_k[i], self.ring_v[i] = rk, rv
-        for lo, hi, a, b in writes:
-            self.slot_pos[lo:hi] = qpos[a:b]
-        self.offset += T
         return x
+
+
+class Plan(NamedTuple):
+    """What `MimiTransformer.apply` needs from the host for one call."""
+
+    cos: mx.array  # [T, head_dim / 2]
+    sin: mx.array
+    mask: mx.array  # [T, context + T] additive
+    starts: list  # ring slot (int32 [1]) of each contiguous run of written keys
+    segments: tuple  # (a, b): the run's positions within the call
+
+    def arrays(self) -> list[mx.array]:
+        return [self.cos, self.sin, self.mask, *self.starts]
+
+    def with_arrays(self, arrays: list[mx.array]) -> "Plan":
+        return Plan(arrays[0], arrays[1], arrays[2], list(arrays[3:]), self.segments)
