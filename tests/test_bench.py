@@ -22,6 +22,23 @@ def test_bench_json_has_every_field(tiny_dir, capsys):
         assert data[key] > 0, key
     assert data["quantize"] is None and data["device"] and data["mlx_version"]
     assert abs(data["rtf"] - (1000 / data["frames_per_s"]) / 80) < 1e-6
+    assert data["context"] == "full"
+
+
+def test_bench_times_a_full_or_a_fresh_attention_window(tiny_dir):
+    """By default the frames attend over a whole window (the steady state); `--context prompt`
+    times them right after the prompt."""
+    from engine.bench import run_bench
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+
+    engine = DuplexEngine.load(str(tiny_dir), greedy=True)
+    persona = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
+    kv = engine.gen.kv
+    full = run_bench(engine, persona, frames=2, warmup=1).data
+    assert full["attended_positions"] == kv.slots == kv.filled and full["context"] == "full"
+    fresh = run_bench(engine, persona, frames=2, warmup=1, full_context=False).data
+    assert 0 < fresh["attended_positions"] == kv.filled < kv.slots
 
 
 def test_bench_summary_lines(tiny_dir, capsys):
