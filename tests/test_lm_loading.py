@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,6 +256,31 @@ def test_quantized_embeddings_keep_zero_token(tiny_dir, cfg):
     plain = Embedding(mx.arange(12, dtype=mx.float32).reshape(3, 4))
     assert mx.array_equal(plain(mx.array([-1, 2])), mx.array([[0, 0, 0, 0], [8, 9, 10, 11]], dtype=mx.float32))
     _run(q, cfg, n_user=2)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_step_embedding_is_one_gather_equal_to_the_per_channel_sum(tiny_dir, cfg, quantized):
+    """A step's embedding (one gather over the stacked audio tables, one over text, −1 channels
+    skipped) equals the per-channel lookup-and-sum the batched path does, bit for bit."""
+    import re
+    import tempfile
+
+    kw = dict(quantize=8, group_size=32, quantize_embeddings=True) if quantized else {}
+    m = LMModel.load(tiny_dir / "model.safetensors", cfg.lm, dtype="bfloat16", cache=False, **kw)
+    rows = [[5] + list(range(3, 19)), [-1] + [7] * 8 + [-1] * 8, [-1] * 17,
+            [9, -1, 2, -1, 4] + [1] * 12]
+    for row in rows:
+        step = m.embed_step(row, compiled=True)
+        assert np.array_equal(np.array(step.astype(mx.float32)),
+                              np.array(m.embed(mx.array([row])).astype(mx.float32)))
+        assert np.array_equal(np.array(m.embed_step(row, compiled=False).astype(mx.float32)),
+                              np.array(step.astype(mx.float32)))
+    with tempfile.NamedTemporaryFile("w+", suffix=".dot") as fh:
+        mx.export_to_dot(fh.name, m.embed_step(rows[0], compiled=False))
+        kinds = re.findall(r'label ="([^"]+)", shape=rectangle', Path(fh.name).read_text())
+    assert kinds.count("Gather") == (6 if quantized else 2)
+    with pytest.raises(ValueError, match="channel 2"):
+        m.embed_step([0, 1, -2] + [0] * 14)
 
 
 def test_converted_weights_cache(tmp_path, tiny_dir, cfg):

@@ -115,6 +115,9 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
     B, T, three_d = qkv.shape
     d = three_d // 3
     hd = d // num_heads
+    if T == 1:  # the time axis can move for free: one reshape and three slices (all views)
+        x = qkv.reshape(B, 3 * num_heads, 1, hd)
+        return x[:, :num_heads], x[:, num_heads: 2 * num_heads], x[:, 2 * num_heads:]
     x = qkv.reshape(B, T, 3, num_heads, hd)
     # `x[:, :, i]` is a view; `x[i]` after moving the axis first would be a gather kernel
     # (engine/mxops.py).
@@ -124,6 +127,8 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
 def merge_heads(x: mx.array) -> mx.array:
     """[B, H, T, hd] -> [B, T, H·hd]."""
     B, H, T, hd = x.shape
+    if T == 1:
+        return x.reshape(B, 1, H * hd)
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * hd)
 
 
@@ -141,6 +146,25 @@ class Embedding:
                  biases: mx.array | None = None, bits: int = 0, group_size: int = 0):
         self.weight, self.scales, self.biases = weight, scales, biases
         self.bits, self.group_size = bits, group_size
+
+    def unstacked(self) -> list["Embedding"]:
+        """For a stacked table [S, rows, dim]: one Embedding per table, each a view."""
+        def view(a, i):
+            return None if a is None else a[i:i + 1].reshape(a.shape[1:])
+
+        out = [Embedding(view(self.weight, i), view(self.scales, i), view(self.biases, i),
+                         self.bits, self.group_size) for i in range(int(self.weight.shape[0]))]
+        mx.eval([e.arrays() for e in out])
+        return out
+
+    def flat_rows(self, idx: mx.array) -> mx.array:
+        """For a stacked table [S, rows, dim]: rows of the tables laid end to end (id
+        s · rows + r is row r of table s), one gather."""
+        def flat(a):
+            return None if a is None else a.reshape(-1, a.shape[-1])
+
+        return Embedding(flat(self.weight), flat(self.scales), flat(self.biases), self.bits,
+                         self.group_size).rows(idx)
 
     def rows(self, idx: mx.array) -> mx.array:
         """Lookup of non-negative ids (no −1 handling)."""

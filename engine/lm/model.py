@@ -57,7 +57,7 @@ from .kv_ring import KVRing
 from .layers import Embedding, Linear, StackedLinear
 from .temporal import Temporal, TemporalLayer
 
-CACHE_FORMAT = "parley-lm-converted-1"
+CACHE_FORMAT = "parley-lm-converted-2"  # 2: audio embeddings stacked
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _QUANT_BITS = (2, 3, 4, 5, 6, 8)
 _QUANT_GROUPS = (32, 64, 128)
@@ -154,7 +154,8 @@ class LMModel:
                 linear_out=_linear(flat, p + "linear_out", b, g)))
         self.temporal = Temporal(layers, flat["out_norm"], cfg.num_heads, cfg.context, cfg.max_period)
         self.text_emb = _embedding(flat, "text_emb", b, g)
-        self.emb = [_embedding(flat, f"emb.{k}", b, g) for k in range(cfg.n_q)]
+        self.audio_emb = _embedding(flat, "emb", b, g)  # stacked [n_q, rows, d]
+        self.emb = self.audio_emb.unstacked()  # per channel, views of the stacked table
         self.text_linear = _linear(flat, "text_linear", b, g)
         dlayers = []
         for l in range(cfg.depformer_num_layers):
@@ -208,16 +209,16 @@ class LMModel:
             conv.matrix(q + "linear_in", get(p + "gating.linear_in.weight", None), "linear")
             conv.matrix(q + "linear_out", get(p + "gating.linear_out.weight", None), "linear")
         conv.norm("out_norm", get("out_norm.alpha", None))
-        conv.matrix("text_emb", get("text_emb.weight", None), "embedding")
-        for k in range(cfg.n_q):
-            conv.matrix(f"emb.{k}", get(f"emb.{k}.weight", None), "embedding")
-        conv.matrix("text_linear", get("text_linear.weight", None), "head")
-
         def stack(keys: list[str]):
             parts = [get(k, None) for k in keys]
             if isinstance(parts[0], mx.array):
                 return mx.stack(parts)
             return np.stack(parts)
+
+        conv.matrix("text_emb", get("text_emb.weight", None), "embedding")
+        # The audio tables stacked [n_q, card + 1, d]: a step looks its 16 rows up in one gather.
+        conv.matrix("emb", stack([f"emb.{k}.weight" for k in range(cfg.n_q)]), "embedding")
+        conv.matrix("text_linear", get("text_linear.weight", None), "head")
 
         for l in range(cfg.depformer_num_layers):
             p, q = f"depformer.layers.{l}.", f"depformer.{l}."
@@ -389,32 +390,39 @@ class LMModel:
         return x[None]
 
     def embed_step(self, row, compiled: bool = True) -> mx.array:
-        """One position's embedding [1, 1, d] from 17 host ints (−1 = zero token)."""
-        if not compiled:
-            return self.embed_row(row)
-        if self._embed_c is None:
-            self._embed_c = mx.compile(self.embed)
-        return self._embed_c(mx.array(np.asarray(row, dtype=np.int32)[None]))
+        """One position's embedding [1, 1, d] from 17 host ints (−1 = zero token): one gather
+        over the stacked audio tables, one over the text table, summed in the reference's order
+        (a −1 channel adds an exact zero, so it is skipped)."""
+        row = np.asarray(row)
+        for k, t in enumerate(row):
+            if t < -1:
+                raise ValueError(f"token {int(t)} on channel {k} cannot be embedded")
+        rows_per_table = self.audio_emb.weight.shape[1]
+        audio = [k * rows_per_table + int(t) for k, t in enumerate(row[1:]) if t >= 0]
+        text = [int(row[0])] if row[0] >= 0 else []
+        fn = self._embed_ids
+        if compiled:
+            if self._embed_c is None:
+                self._embed_c = mx.compile(self._embed_ids)
+            fn = self._embed_c
+        return fn(mx.array(np.array(audio, dtype=np.int32)),
+                  mx.array(np.array(text, dtype=np.int32))).astype(self.dtype)
 
-    def embed_row(self, row) -> mx.array:
-        """One position's embedding [1, 1, d] from 17 host ints; −1 channels contribute zeros."""
+    def _embed_ids(self, audio_ids: mx.array, text_ids: mx.array) -> mx.array:
+        """Rows `audio_ids` of the flattened audio tables plus rows `text_ids` of the text table,
+        summed in order -> [1, 1, d]."""
+        parts = []
+        if audio_ids.shape[0]:
+            parts.append(self.audio_emb.flat_rows(audio_ids))
+        if text_ids.shape[0]:
+            parts.append(self.text_emb.rows(text_ids))
         x = None
-        for k in range(self.cfg.n_q):
-            t = int(row[k + 1])
-            e = self.emb[k].rows(mx.array([t])) if t >= 0 else None
-            if e is not None:
-                x = e if x is None else x + e
-            elif t != -1:
-                raise ValueError(f"token {t} on channel {k + 1} cannot be embedded")
-        t = int(row[0])
-        if t >= 0:
-            e = self.text_emb.rows(mx.array([t]))
-            x = e if x is None else x + e
-        elif t != -1:
-            raise ValueError(f"token {t} on channel 0 cannot be embedded")
+        for p in parts:
+            for i in range(p.shape[0]):
+                x = p[i: i + 1] if x is None else x + p[i: i + 1]
         if x is None:
             x = mx.zeros((1, self.cfg.dim), dtype=self.dtype)
-        return x[None].astype(self.dtype)
+        return x[None]
 
     def hidden(self, x: mx.array, kv: KVRing, visibility: str = "step",
                compiled: bool = False) -> mx.array:
