@@ -62,6 +62,11 @@ class Linear:
         return [a for a in (self.weight, self.scales, self.biases) if a is not None]
 
 
+def _view(a: mx.array | None, i: int) -> mx.array | None:
+    """Entry i of a stacked array as a view sharing its memory (`a[i]` would copy it)."""
+    return None if a is None else a[i:i + 1].reshape(a.shape[1:])
+
+
 class StackedLinear:
     """Per-step linears stored stacked: weight [S, out, in] (quantized: packed [S, out, in·b/32]
     with scales/biases [S, out, in/group]). `step(k)` gives step k's layer, whose arrays are views
@@ -75,10 +80,7 @@ class StackedLinear:
         self.weight, self.scales, self.biases = weight, scales, biases
         self.bits, self.group_size = bits, group_size
 
-        def view(a, i):
-            return None if a is None else a[i:i + 1].reshape(a.shape[1:])
-
-        self._steps = [Linear(view(weight, i), view(scales, i), view(biases, i), bits, group_size)
+        self._steps = [Linear(_view(weight, i), _view(scales, i), _view(biases, i), bits, group_size)
                        for i in range(int(weight.shape[0]))]
         mx.eval([lin.arrays() for lin in self._steps])
 
@@ -149,10 +151,7 @@ class Embedding:
 
     def unstacked(self) -> list["Embedding"]:
         """For a stacked table [S, rows, dim]: one Embedding per table, each a view."""
-        def view(a, i):
-            return None if a is None else a[i:i + 1].reshape(a.shape[1:])
-
-        out = [Embedding(view(self.weight, i), view(self.scales, i), view(self.biases, i),
+        out = [Embedding(_view(self.weight, i), _view(self.scales, i), _view(self.biases, i),
                          self.bits, self.group_size) for i in range(int(self.weight.shape[0]))]
         mx.eval([e.arrays() for e in out])
         return out
