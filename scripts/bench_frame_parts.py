@@ -1,8 +1,11 @@
 """Where a live frame's time goes, stage by stage, on a 7B-shaped random model (run on the lent
 H100; see docs/benchmarks.md). For each stage it separates the time Python spends building the
 MLX graph, the time `mx.async_eval` takes to hand the kernels to the device (MLX's encoding) and
-the time left waiting for the device. Then it times whole `DuplexEngine.step` frames. Not a unit
-test; the numbers are for deciding what to optimise.
+the time left waiting for the device. Then it compares, in this one process and interleaved frame
+by frame (lent machines differ, so only same-process comparisons are fair), Mimi's compiled and
+eager frames, and whole `DuplexEngine.step` frames over a short or a full attention window, with
+one barrier or one per stage, with or without a synchronisation after the frame. Not a unit test;
+the numbers are for deciding what to optimise.
 
     python3 scripts/bench_frame_parts.py [--frames 50] [--quantize 4] [--tiny]
 """
@@ -10,7 +13,6 @@ test; the numbers are for deciding what to optimise.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -110,21 +112,32 @@ def main() -> None:
                     ab[mode][stage].append((time.perf_counter() - t) * 1e3)
         mimi.compile = True
         result["mimi_p50_ms"] = {m: {k: p50(v) for k, v in d.items()} for m, d in ab.items()}
-        # Whole frames, with Python's cyclic garbage collector on and off (tail latency).
-        for label in ("frames_gc_on", "frames_gc_off", "frames_gc_on_again"):
-            if label == "frames_gc_off":
-                gc.collect()
-                gc.disable()
-            totals = []
-            for _ in range(args.frames):
+        # Whole frames, 8 variants interleaved frame by frame: attention over ~the prompt or a
+        # full window; one barrier a frame or one per stage; with or without an
+        # mx.synchronize() after the frame (which also waits until MLX has released the frame's
+        # buffers, so the next frame's KV-ring writes can be done in place).
+        kv = gen.kv
+        clocks = {"prompt": kv.end, "full": kv.end + kv.slots}
+        engine.stage_sample_every = 0
+        variants = [(c, b, y) for c in clocks for b in ("one", "stages") for y in (False, True)]
+        times = {v: [] for v in variants}
+        for _ in range(args.frames):
+            for v in variants:
+                context, barriers, sync = v
+                kv.end = clocks[context]
+                engine.profile_stages = barriers == "stages"
                 t = time.perf_counter()
                 engine.step(mic())
-                totals.append((time.perf_counter() - t) * 1e3)
-            gc.enable()
-            result[label] = {"p50_ms": p50(totals),
-                             "p95_ms": round(float(np.percentile(totals, 95)), 3),
-                             "max_ms": round(max(totals), 3),
-                             "over_50_ms": sum(t > 50 for t in totals)}
+                if sync:
+                    mx.synchronize()
+                times[v].append((time.perf_counter() - t) * 1e3)
+                clocks[context] += 1
+        engine.profile_stages = False
+        result["frames"] = {
+            f"{c} context, {b} barrier(s), {'sync' if y else 'no sync'}": {
+                "p50_ms": p50(t), "p95_ms": round(float(np.percentile(t, 95)), 3),
+                "max_ms": round(max(t), 3)}
+            for (c, b, y), t in times.items()}
         print(json.dumps(result, indent=1))
     finally:
         if scratch is not None:
