@@ -8,7 +8,11 @@
 #   2. carry [".gpu/b", ".whl"]:  bash scripts/bench_gpu.sh run [extra parley bench args]
 #      installs MLX's CUDA build and the wheels, times the PyTorch reference's LMGen.step (CUDA
 #      graphs on), runs `parley bench` on a 7B-shaped random model at 4 and 8 bits, and prints both
-#      engines' figures with the ratio (reference p50 / ours p50).
+#      engines' figures with the ratio (reference p50 / ours p50). Takes ~5 minutes of device
+#      time (each `parley bench` process loads the 7B and JIT-compiles its prefill, ~1-2 min).
+# Other second calls: `parts` (scripts/bench_frame_parts.py, DISPATCH=1 adds
+# scripts/bench_mlx_dispatch.py), `explore` (dispatch costs, then 4-bit frames under each of
+# ENVS), `variants` (MLX's CUDA graph settings).
 set -euo pipefail
 phase=${1:-}
 shift || true
@@ -85,7 +89,7 @@ PY
     python3 scripts/bench_frame_parts.py "$@" | tee "$out/parts.json"
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|explore|variants" >&2
     exit 2
     ;;
 esac
