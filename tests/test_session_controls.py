@@ -244,3 +244,79 @@ def test_controls_from_other_threads_and_model_on_one_thread():
     assert not errors
     assert snap.state is SessionState.STOPPED and snap.frame_index > 5
     assert len(model.thread_ids) == 1 and threading.get_ident() not in model.thread_ids
+
+
+def test_fake_model_lists_its_voices():
+    assert ToneFrameModel().available_voices() == ["NATF2", "NATM0"]
+    assert ToneFrameModel(voices=("A", "B", "C")).available_voices() == ["A", "B", "C"]
+
+
+def test_detailed_timing_is_harmless_on_a_model_without_the_switch():
+    s, b, m, recs = make()
+    assert not hasattr(m, "profile_stages")
+    b.advance(1.0)
+    frames = s.snapshot.frame_index
+    assert not s.snapshot.detailed_timing and s.snapshot.stage_sample_every is None
+    s.set_detailed_timing(True)
+    assert s.detailed_timing  # the request is visible at once
+    b.advance(1.0)
+    snap = s.snapshot
+    assert not hasattr(m, "profile_stages")  # nothing was added to the model
+    assert not snap.detailed_timing and snap.stage_sample_every is None
+    assert snap.frame_index > frames + 8 and snap.state is SessionState.SPEAKING
+    assert "profile_stages" in s._runner.unsupported_settings
+    controls = [e.data for e in s.events.drain() if e.kind == EventKind.CONTROL]
+    assert {"control": "detailed_timing", "value": True}.items() <= controls[-1].items()
+    s.set_detailed_timing(False)
+    b.advance(0.3)
+    assert not s.detailed_timing
+    s.stop()
+
+
+class SwitchableToneModel(ToneFrameModel):
+    """A fake with the engine's stage-timing switch; records the thread that set it."""
+
+    stage_sample_every = 8
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._profile = False
+        self.profile_set_on: list[tuple[int, bool]] = []
+
+    @property
+    def profile_stages(self) -> bool:
+        return self._profile
+
+    @profile_stages.setter
+    def profile_stages(self, on: bool) -> None:
+        self.profile_set_on.append((threading.get_ident(), on))
+        self._profile = on
+
+
+def test_detailed_timing_is_set_on_the_model_thread_and_shown_in_the_snapshot():
+    model = SwitchableToneModel(step_ms=5.0, start_s=0.05, sleep=True)
+    b = SimulatedBackend(input_signal=S.speech_like(10.0, seed=2), autorun=True)
+    s = Session(model, b, persona="a", config=SessionConfig(echo_mode="headphones"), threaded=True)
+    s.start(wait_ready=True, timeout=10)
+    try:
+        snap = s.snapshot
+        assert not snap.detailed_timing and snap.stage_sample_every == 8
+        s.set_detailed_timing(True)
+        end = threading.Event()
+        for _ in range(200):
+            if s.snapshot.detailed_timing:
+                break
+            end.wait(0.01)
+        assert model.profile_stages and s.snapshot.detailed_timing
+        s.set_detailed_timing(False)
+        for _ in range(200):
+            if not s.snapshot.detailed_timing:
+                break
+            end.wait(0.01)
+        assert not model.profile_stages and not s.snapshot.detailed_timing
+        assert [on for _, on in model.profile_set_on] == [True, False]
+        # set between two steps on the model's own thread, never on the caller's
+        assert {t for t, _ in model.profile_set_on} <= model.thread_ids
+        assert threading.get_ident() not in {t for t, _ in model.profile_set_on}
+    finally:
+        s.stop()

@@ -144,3 +144,33 @@ def test_tiny_stall_counters_and_latency_recovers(tiny, personas, tiny_dir):
     # bounded again: at most the trim threshold above the slack target (60 - 20 ms) over the base
     assert len(lat) > 30 and max(lat) <= np.median(base) + 45
     s.stop()
+
+
+def test_tiny_detailed_timing_splits_every_frame(tiny, personas, tiny_dir):
+    """`t`: the engine's per-stage barriers on every frame; off, the split on one frame in 8."""
+    a, _ = personas
+    assert not tiny.profile_stages and tiny.stage_sample_every == 8
+    s, b, recs = make(tiny, a, tiny_dir)
+    try:
+        b.advance(4.0)
+        assert not s.snapshot.detailed_timing and s.snapshot.stage_sample_every == 8
+        ran = [r for r in recs if r.result is not None]
+        split = [r for r in ran if "encode" in r.result.timings_ms]
+        assert len(ran) >= 24 and 0 < len(split) <= len(ran) // 8 + 1  # sampled: 1 frame in 8
+        mark = recs[-1].index
+        s.set_detailed_timing(True)
+        b.advance(2.0)
+        assert tiny.profile_stages and s.snapshot.detailed_timing
+        later = [r for r in recs if r.result is not None and r.index > mark + 2]
+        assert len(later) >= 12
+        assert all({"encode", "temporal", "depth", "decode", "total"} <= r.result.timings_ms.keys()
+                   for r in later)
+        mark = recs[-1].index
+        s.set_detailed_timing(False)
+        b.advance(2.0)
+        assert not tiny.profile_stages and not s.snapshot.detailed_timing
+        off = [r for r in recs if r.result is not None and r.index > mark + 2]
+        assert len(off) >= 12 and sum("encode" in r.result.timings_ms for r in off) < len(off) // 2
+    finally:
+        s.stop()
+        tiny.profile_stages = False  # the module's shared engine

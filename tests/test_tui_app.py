@@ -466,3 +466,169 @@ async def _transcript(engine):
             assert transcript.live_text or transcript.committed_text
     finally:
         session.stop()
+
+
+def tiny_with_voices(tmp_path: Path, extra=("TINY1", "TINY2")) -> Path:
+    """A copy of the tiny model with more voices (copies of TINY0's stored prompt)."""
+    import shutil
+
+    target = tmp_path / "personaplex-tiny"
+    shutil.copytree(TINY_DIR, target, ignore=shutil.ignore_patterns("reference"))
+    for name in extra:
+        shutil.copy(target / "voices" / "TINY0.pt", target / "voices" / f"{name}.pt")
+    return target
+
+
+def make_session_in(model_dir: Path, *, duration_s: float = 60.0):
+    from engine.audio.backends import FileBackend
+    from engine.duplex import DuplexEngine
+    from engine.session import Session
+    from engine.voices import list_voices
+
+    voices = list(list_voices(model_dir))
+    resolver = lambda p: resolve_voice(p, voices)  # noqa: E731
+    backend = FileBackend(input_wav=TINY_DIR / "input.wav", output_wav=None, realtime=True,
+                          loop=True, duration_s=duration_s)
+    session = Session(lambda: DuplexEngine.load(str(model_dir), dtype="float32", seed=7),
+                      backend, resolver(PERSONAS[0]), persona_name="Teacher")
+    return session, resolver
+
+
+def record_notifications(app) -> list[str]:
+    seen: list[str] = []
+    notify = app.notify
+
+    def recording(message, *args, **kwargs):
+        seen.append(str(message))
+        return notify(message, *args, **kwargs)
+
+    app.notify = recording
+    return seen
+
+
+def test_v_switches_to_the_next_voice_and_keeps_the_prompt(tmp_path, monkeypatch):
+    monkeypatch.setattr("tui.app.PERSONA_DEBOUNCE_S", 0.4)  # slow machines: presses stay a run
+    asyncio.run(_next_voice(tmp_path))
+
+
+async def _next_voice(tmp_path: Path):
+    session, resolver = make_session_in(tiny_with_voices(tmp_path))
+    session.start()
+    app = ParleyApp(session=session, personas=PERSONAS, persona="Teacher", model_label="tiny",
+                    persona_resolver=resolver, tty_check=False)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: session.model is not None
+                           and session.snapshot.frame_index > 3 and not session.snapshot.prompting,
+                           what="the first frames")
+            assert session.model.available_voices() == ["TINY0", "TINY1", "TINY2"]
+            assert session.model.persona.voice == "TINY0"
+            switches = session.counters["persona_switches"]
+
+            # v: the next voice in the model's order, the same persona and prompt
+            await pilot.press("v")
+            await wait_for(pilot, lambda: session.model.persona.voice == "TINY1"
+                           and not session.snapshot.prompting, what="the TINY1 prefill")
+            running = session.model.persona
+            assert running.name == "Teacher" and running.prompt == PERSONAS[0].prompt
+            assert dataclasses.replace(running, voice="NATF2") == PERSONAS[0]  # nothing else moved
+            assert session.counters["persona_switches"] == switches + 1
+            await pilot.pause(0.4)
+            assert "TINY1" in strip_text(app) and "Teacher" in strip_text(app)
+            assert app.voice_map["Teacher"] == "TINY1"
+
+            # a quick run of presses switches once, to where the user stopped (wrapping round)
+            await pilot.press("v")
+            await pilot.press("v")
+            await wait_for(pilot, lambda: session.model.persona.voice == "TINY0"
+                           and not session.snapshot.prompting, what="the TINY0 prefill")
+            await pilot.pause(0.6)
+            assert session.counters["persona_switches"] == switches + 2
+            assert session.model.persona.prompt == PERSONAS[0].prompt
+            assert "TINY0" in strip_text(app)
+
+            # ?: the help lists both new keys
+            await pilot.press("question_mark")
+            await pilot.pause(0.1)
+            assert isinstance(app.screen, HelpScreen)
+            rows = {row[0]: row for row in app.screen.rows}
+            assert "Next voice" in rows["v"][1] and "[voice-next]" in rows["v"][2]
+            assert "Detailed timing" in rows["t"][1] and "[detailed-timing]" in rows["t"][2]
+            await pilot.press("escape")
+    finally:
+        session.stop()
+
+
+def test_v_with_a_single_voice_model_only_says_so(engine):
+    asyncio.run(_single_voice(engine))
+
+
+async def _single_voice(engine):
+    session, resolver, _ = make_session(engine, duration_s=30.0)
+    session.start()
+    app = ParleyApp(session=session, personas=PERSONAS, persona="Teacher", model_label="tiny",
+                    persona_resolver=resolver, tty_check=False)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_for(pilot, lambda: session.model is not None
+                           and session.snapshot.frame_index > 3 and not session.snapshot.prompting,
+                           what="the first frames")
+            assert session.model.available_voices() == ["TINY0"]
+            seen = record_notifications(app)
+            switches = session.counters["persona_switches"]
+            before = session.model.persona
+            await pilot.press("v")
+            await pilot.pause(0.5)
+            assert any("only one voice" in m for m in seen), seen
+            assert session.counters["persona_switches"] == switches
+            assert session.model.persona is before and session.persona.voice == "TINY0"
+            assert not session.snapshot.prompting
+            assert app.voice_map["Teacher"] == "NATF2"  # the dashboard shows no change
+    finally:
+        session.stop()
+
+
+def test_t_toggles_detailed_per_stage_timing(engine):
+    asyncio.run(_detailed_timing(engine))
+
+
+async def _detailed_timing(engine):
+    session, resolver, frames = make_session(engine, duration_s=30.0)
+    session.start()
+    app = ParleyApp(session=session, personas=PERSONAS, persona="Teacher", model_label="tiny",
+                    persona_resolver=resolver, tty_check=False)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            bars = app.dashboard.query_one(StageBars)
+            await wait_for(pilot, lambda: session.model is not None
+                           and session.snapshot.frame_index > 3, what="the first frames")
+            await wait_for(pilot, lambda: "sampled 1 frame in 8" in bars.plain,
+                           what="the sampled-split label")
+            assert session.model.profile_stages is False
+            assert "detailed timing" not in bars.plain
+            seen = record_notifications(app)
+
+            await pilot.press("t")
+            await wait_for(pilot, lambda: session.model.profile_stages is True
+                           and session.snapshot.detailed_timing, what="barriers every frame")
+            await wait_for(pilot, lambda: "detailed timing: every frame, costs throughput"
+                           in bars.plain, what="the detailed-timing label")
+            assert "sampled 1 frame" not in bars.plain
+            assert any("Detailed timing on" in m for m in seen), seen
+            mark = frames.last() + 2
+            await wait_for(pilot, lambda: len([r for r in frames.since(mark)
+                                               if r.result is not None]) >= 10,
+                           what="frames with detailed timing")
+            split = [r for r in frames.since(mark) if r.result is not None]
+            assert all("encode" in r.result.timings_ms and "depth" in r.result.timings_ms
+                       for r in split)
+
+            await pilot.press("t")
+            await wait_for(pilot, lambda: session.model.profile_stages is False
+                           and not session.snapshot.detailed_timing, what="barriers off")
+            await wait_for(pilot, lambda: "sampled 1 frame in 8" in bars.plain,
+                           what="the sampled-split label again")
+            assert "detailed timing" not in bars.plain
+            assert any("Detailed timing off" in m and "1 frame in 8" in m for m in seen), seen
+    finally:
+        session.stop()

@@ -106,9 +106,12 @@ def test_every_binding_has_an_id_and_the_required_keys_exist():
     assert all(b.id for b in bindings)
     assert len({b.id for b in bindings}) == len(bindings)
     keys = {k.strip() for b in bindings for k in b.key.split(",")}
-    for key in ("space", "m", "d", "p", "P", "r", "R", "f", "s", "1", "2", "3", "4", "plus",
-                "minus", "question_mark", "q", "ctrl+c"):
+    for key in ("space", "m", "d", "p", "P", "v", "r", "R", "t", "f", "s", "1", "2", "3", "4",
+                "plus", "minus", "question_mark", "q", "ctrl+c"):
         assert key in keys, key
+    for key, bid in (("v", "voice-next"), ("t", "detailed-timing")):  # palette and `?` only
+        binding = next(b for b in bindings if b.key == key)
+        assert binding.id == bid and not binding.show and binding.tooltip
     assert "escape" not in keys  # Esc lags over SSH (TUI.md §6): nothing is bound to it
     ctrl_c = next(b for b in bindings if b.key == "ctrl+c")
     assert ctrl_c.priority
@@ -258,3 +261,35 @@ def test_keymap_overrides():
     assert parse_keymap("mute-mic=M;interrupt=i,f5; bad ;x=") == {"mute-mic": "M",
                                                                   "interrupt": "i,f5"}
     assert parse_keymap("") == {}
+
+
+def test_timing_panel_says_how_the_stage_split_is_measured():
+    from engine.session.telemetry import Snapshot
+    from tui.widgets.session_view import build_views, timing_note
+
+    assert timing_note(Snapshot()) == ""  # a model without the switch (fakes): as before
+    sampled = Snapshot(stage_sample_every=8)
+    assert "sampled 1 frame in 8" in timing_note(sampled)
+    detailed = Snapshot(detailed_timing=True, stage_sample_every=8)
+    assert timing_note(detailed).startswith("detailed timing: every frame, costs throughput")
+    assert build_views(detailed).latency.timing_note == timing_note(detailed)
+    asyncio.run(_timing_note_drawn(build_views(sampled).latency, build_views(detailed).latency))
+
+
+async def _timing_note_drawn(sampled: LatencyView, detailed: LatencyView):
+    app = _MeterApp()
+    async with app.run_test(size=(80, 20)) as pilot:
+        stages = app.query_one(StageBars)
+        await pilot.pause()
+        plain_height = stages.size.height
+        stages.set_view(sampled)
+        await pilot.pause()
+        assert "sampled 1 frame in 8" in stages.plain
+        assert stages.size.height == plain_height + 1  # one more line, laid out
+        stages.set_view(detailed)
+        await pilot.pause()
+        assert "detailed timing: every frame" in stages.plain
+        assert "sampled" not in stages.plain
+        stages.set_view(LatencyView())
+        await pilot.pause()
+        assert stages.size.height == plain_height

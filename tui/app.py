@@ -7,9 +7,9 @@ stream. The UI never waits on the engine and the engine never waits on the UI:
   8 Hz, numbers 4 Hz, slow facts 1 Hz; `+` / `-` and `--low-bandwidth` pick other presets);
 * discrete events (text pieces, state changes, errors) are drained from the session's event
   stream at the text rate, so a burst of pieces costs one redraw;
-* controls (mute, interrupt, persona, reset, pause) are the session's non-blocking commands
-  (it queues them for its engine thread; prefills run on its model thread); saving files runs in
-  a thread worker;
+* controls (mute, interrupt, persona, voice, reset, pause, detailed timing) are the session's
+  non-blocking commands (it queues them for its engine thread; prefills and the timing switch
+  run on its model thread); saving files runs in a thread worker;
 * the model is loaded in a thread worker, so the dashboard is on screen at once and shows the
   loading progress; any failure becomes a banner that says the fix, never a traceback.
 
@@ -18,6 +18,7 @@ stream. The UI never waits on the engine and the engine never waits on the UI:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -239,12 +240,17 @@ class ParleyApp(App[int]):
                 tooltip="Previous persona (reset + prefill)"),
         Binding("o", "pick_persona", "Personas…", id="persona-picker", show=False,
                 tooltip="Choose a persona, with its prompt and voice"),
+        Binding("v", "next_voice", "Next voice", id="voice-next", show=False,
+                tooltip="Next voice of the model, keeping the persona's prompt (reset + prefill)"),
         Binding("r", "reset_stats", "Reset peaks", id="reset-stats", show=False,
                 tooltip="Reset peak holds, p50/p95 statistics and the MLX peak memory"),
         Binding("R", "new_conversation", "New conversation", id="new-conversation", show=False,
                 tooltip="Reset the conversation and prefill the same persona (press twice)"),
         Binding("a", "echo_mode", "Echo mode", id="echo-mode", show=False,
                 tooltip="Cycle echo handling: AEC, headphones (off), mic gate"),
+        Binding("t", "detailed_timing", "Detailed timing", id="detailed-timing", show=False,
+                tooltip="Per-stage timing on every frame on/off (its extra barriers cost "
+                        "throughput)"),
         Binding("z", "pause", "Pause", id="pause", show=False,
                 tooltip="Pause or resume the session"),
         Binding("f", "freeze", "Freeze", id="freeze", show=False,
@@ -316,6 +322,9 @@ class ParleyApp(App[int]):
         self.probe_file = probe_file
         self._rate_timers: list = []
         self._persona_timer = None
+        self.voice_target: str | None = None  # the voice a run of `v` presses has reached
+        self._voice_persona: str | None = None  # ... for this persona
+        self._voice_timer = None
         self._confirm_until = 0.0
         self._last_state: str | None = None
         self._last_vad = False
@@ -637,6 +646,8 @@ class ParleyApp(App[int]):
             view = StatusView(state=state, model=self.model_label, persona=persona,
                               voice=self.voice_map.get(persona or ""),
                               progress=self.loading_text)
+        if self.voice_target and view.persona == self._voice_persona:  # a run of `v` presses
+            view = _replace(view, voice=self.voice_target)
         badges = list(view.badges)
         if self.frozen:
             badges.append("FROZEN")
@@ -903,6 +914,115 @@ class ParleyApp(App[int]):
         except Exception as exc:  # a voice that cannot be used, ...
             self.persona_target = None
             self._show_error(_sentence(exc, f"Switching to {name} failed"))
+        self._refresh_now()
+
+    # -- voices (`v`: next voice, same prompt) -------------------------------------------------
+
+    def _persona_index(self, name: str | None) -> int | None:
+        return next((i for i, p in enumerate(self.personas) if persona_name(p) == name), None)
+
+    def _running_persona(self, link: SessionLink, name: str) -> Any:
+        """The persona `name` as the session runs it (its voice resolved), else the app's entry."""
+        running = link.persona()
+        if running is not None and persona_name(running) == name:
+            return running
+        index = self._persona_index(name)
+        return None if index is None else link.resolve(self.personas[index])
+
+    def action_next_voice(self) -> None:
+        link = self._need_session()
+        if link is None:
+            return
+        voices = link.voices()
+        if voices is None:
+            self.notify("The model is still loading; its voices are not known yet.", timeout=3)
+            return
+        if len(voices) < 2:
+            self.notify("This model offers only one voice, so there is no other voice to switch "
+                        "to." if voices else "This model offers no voices to switch between.",
+                        severity="warning", timeout=4)
+            return
+        name = self.persona_target or self.persona_current
+        persona = self._running_persona(link, name) if name else None
+        if persona is None:
+            self.notify("No persona is active to give another voice.", severity="warning",
+                        timeout=3)
+            return
+        if self._voice_persona != name:
+            self.voice_target = None
+        base = (self.voice_target or persona_voice(persona)).lower()
+        lowered = [v.lower() for v in voices]
+        i = lowered.index(base) if base in lowered else -1
+        self.voice_target = voices[(i + 1) % len(voices)]
+        self._voice_persona = name
+        self._render_status()
+        # debounce like `p`: a quick run of presses switches once, to where the user stopped
+        if self._voice_timer is not None:
+            self._voice_timer.stop()
+        self._voice_timer = self.set_timer(PERSONA_DEBOUNCE_S, self._commit_voice)
+
+    def _commit_voice(self) -> None:
+        self._voice_timer = None
+        voice, name = self.voice_target, self._voice_persona
+        self.voice_target = self._voice_persona = None
+        if voice and name:
+            self.switch_voice(name, voice)
+
+    def switch_voice(self, name: str, voice: str) -> None:
+        """Reset + prefill of persona `name` with `voice`, keeping its prompt and other fields."""
+        link = self._need_session()
+        if link is None:
+            return
+        persona = self._running_persona(link, name)
+        try:
+            new = dataclasses.replace(persona, voice=voice)
+        except TypeError:  # not a dataclass (or no voice field)
+            self.notify(f"Persona {name} cannot take another voice.", severity="warning",
+                        timeout=3)
+            return
+        index = self._persona_index(name)
+        saved = (None if index is None else self.personas[index], self.voice_map.get(name))
+        if index is not None:  # p / P, the picker and the palette keep the chosen voice
+            try:
+                self.personas[index] = dataclasses.replace(self.personas[index], voice=voice)
+            except TypeError:
+                pass
+        self.set_voice(name, voice)
+        try:
+            link.switch_persona(new)
+        except Exception as exc:  # a voice that cannot be used, ...
+            if index is not None and saved[0] is not None:
+                self.personas[index] = saved[0]
+            if saved[1] is None:
+                self.voice_map.pop(name, None)
+            else:
+                self.voice_map[name] = saved[1]
+            self._views_cache = None
+            self._show_error(_sentence(exc, f"Switching {name} to voice {voice} failed"))
+            self._render_status()
+            return
+        self.notify(f"Voice {voice} for {name}: prefilling the same prompt.", timeout=2)
+        self._refresh_now()
+
+    # -- detailed timing (`t`) ---------------------------------------------------------------
+
+    def action_detailed_timing(self) -> None:
+        link = self._need_session()
+        if link is None:
+            return
+        on = not link.detailed_timing()
+        link.set_detailed_timing(on)
+        if link.detailed_timing_supported() is False:
+            self.notify("This model has no detailed-timing switch; its stage timings stay as "
+                        "they are.", severity="warning", timeout=3)
+        elif on:
+            self.notify("Detailed timing on: per-stage barriers on every frame, which costs "
+                        "throughput.", timeout=3)
+        else:
+            every = getattr(link.model(), "stage_sample_every", None)
+            sampled = (f"sampled 1 frame in {every}" if isinstance(every, int) and every > 1
+                       else "measured as the model does by default")
+            self.notify(f"Detailed timing off: the stage split is {sampled}.", timeout=3)
         self._refresh_now()
 
     def action_pick_persona(self) -> None:

@@ -9,15 +9,16 @@
 
 `force_agent_silence=True` returns zeros, text PAD (3) and the SILENCE tokens, like the real model.
 Reported timings are `step_ms` (+ any `stalls[n]` for the n-th step of the model's life), split
-over the stages; with `sleep=True` the call really takes that long (threaded tests), otherwise the
-simulated runner just uses the figure.
+over the stages on every frame (it has no `profile_stages` / `stage_sample_every` switch); with
+`sleep=True` the call really takes that long (threaded tests), otherwise the simulated runner just
+uses the figure. `available_voices()` lists `voices` (names only: the tone ignores them).
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class ToneFrameModel:
         signal: np.ndarray | None = None,
         text_every: int = 4,
         context_frames: int = 3000,
+        voices: Sequence[str] = ("NATF2", "NATM0"),
     ):
         self.step_ms = step_ms
         self.start_s = start_s
@@ -63,6 +65,7 @@ class ToneFrameModel:
         self.signal = None if signal is None else np.asarray(signal, dtype=np.float32)
         self.text_every = text_every
         self.context_frames = context_frames
+        self.voices = tuple(voices)
         self.persona: Any = None
         self.starts = 0
         self.steps = 0  # steps since the last start
@@ -71,6 +74,10 @@ class ToneFrameModel:
         self.forced: list[int] = []  # total step numbers that ran forced
         self.thread_ids: set[int] = set()
         self._phase = 0.0
+
+    def available_voices(self) -> list[str]:
+        """The voice names this model offers (like `DuplexEngine.available_voices`)."""
+        return list(self.voices)
 
     @property
     def prompt_state(self) -> Any:

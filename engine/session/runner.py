@@ -82,6 +82,9 @@ class _RunnerBase:
         self.mlx_memory: tuple[float, float, float] | None = None
         self._mem_t = 0.0
         self._reset_peak = False
+        # model attributes to set on the model thread before its next job (e.g. profile_stages)
+        self._settings: dict[str, Any] = {}
+        self.unsupported_settings: set[str] = set()  # names the model turned out not to have
 
     # -- engine side --------------------------------------------------------------------------------
     def submit(self, frame: InFrame) -> None:
@@ -122,15 +125,40 @@ class _RunnerBase:
     def reset_peak_memory(self) -> None:
         self._reset_peak = True
 
+    def set_model_attr(self, name: str, value: Any) -> None:
+        """Sets `model.<name> = value` on the model thread, between two jobs (or once a factory
+        has built the model). A model without that attribute is left alone (and `name` is added
+        to `unsupported_settings`)."""
+        with self._lock:
+            self._settings[name] = value
+
     @property
     def force_remaining(self) -> int:
         return self._force_remaining
 
     # -- model side ---------------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._ctl) or (bool(self.pending) and not self.failed)
+        return (bool(self._ctl) or (bool(self.pending) and not self.failed)
+                or (bool(self._settings) and self.model is not None))
+
+    def _apply_settings(self) -> None:
+        """Model side: applies the attributes queued by `set_model_attr`."""
+        model = self.model
+        if model is None or not self._settings:
+            return
+        with self._lock:
+            settings, self._settings = self._settings, {}
+        for name, value in settings.items():
+            if not hasattr(model, name):
+                self.unsupported_settings.add(name)
+                continue
+            try:
+                setattr(model, name, value)
+            except Exception:  # noqa: BLE001 - a read-only attribute: leave the model as it is
+                self.unsupported_settings.add(name)
 
     def _exec_next(self) -> Done | None:
+        self._apply_settings()
         with self._lock:
             if self._ctl:
                 cmd = self._ctl.popleft()
@@ -241,6 +269,10 @@ class ModelThread(_RunnerBase):
         r = super().request_start(persona, reason)
         self._notify()
         return r
+
+    def set_model_attr(self, name: str, value: Any) -> None:
+        super().set_model_attr(name, value)
+        self._notify()
 
     def poll(self, now: float) -> list[Done]:
         out = []

@@ -29,7 +29,8 @@ Policies (defaults from AUDIO.md §6.4):
   the model's clock continues (`synth_frames`).
 
 Controls (any thread): `set_mic_muted`, `set_speaker_muted`, `interrupt`, `switch_persona`,
-`reset_conversation`, `set_paused`, `set_echo_mode`, `reset_stats`, `reopen_audio`.
+`reset_conversation`, `set_paused`, `set_echo_mode`, `reset_stats`, `set_detailed_timing`,
+`reopen_audio`.
 
 Simulated mode (`threaded=False`, with `SimulatedBackend`): no threads; the backend's clock calls
 the engine tick, and the model runs through `InlineRunner` with simulated step durations.
@@ -252,6 +253,7 @@ class Session:
         self._paused = False
         self._prompting = False
         self._error: str | None = None
+        self._detailed_timing = False  # requested: per-stage barriers on every frame (TUI.md §2.2)
 
         # echo handling
         mode = self.cfg.echo_mode or getattr(backend, "default_echo_mode", EchoMode.AEC)
@@ -556,6 +558,27 @@ class Session:
             for m in (self._mic_meter, self._clean_meter, self._spk_meter, self._model_meter):
                 m.reset_peaks()
             self._runner.reset_peak_memory()
+
+        self._cmds.append(cmd)
+        self._wake.set()
+
+    @property
+    def detailed_timing(self) -> bool:
+        """Whether detailed per-stage timing was asked for (`snapshot.detailed_timing` says
+        whether the model actually runs with it)."""
+        return self._detailed_timing
+
+    def set_detailed_timing(self, on: bool) -> None:
+        """Detailed per-stage timing on/off (TUI.md §2.2, key `t`): the model's `profile_stages`
+        (evaluation barriers between the stages of every frame, which cost throughput) is set on
+        the model thread between two steps. Off, a model samples the split on one frame in
+        `stage_sample_every`. A model without `profile_stages` is left alone."""
+        on = bool(on)
+        self._detailed_timing = on
+
+        def cmd():
+            self._runner.set_model_attr("profile_stages", on)
+            self._emit(EventKind.CONTROL, control="detailed_timing", value=on)
 
         self._cmds.append(cmd)
         self._wake.set()
@@ -1102,6 +1125,7 @@ class Session:
             portaudio_version=getattr(b, "portaudio_version", ""), resampled=self._in_rate != RATE or self._out_rate != RATE,
             echo_mode=self._aec.mode.value, echo_description=self._aec.describe(),
         )
+        model = self.model
         self._seq += 1
         self._snapshot = Snapshot(
             seq=self._seq,
@@ -1121,7 +1145,9 @@ class Session:
             persona=self.persona_name,
             frame_index=self._frames_done,
             frames_since_prompt=self._frames_since_prompt,
-            context_frames=_context_frames(self.model),
+            context_frames=_context_frames(model),
+            detailed_timing=_flag(model, "profile_stages"),
+            stage_sample_every=_stage_sample_every(model),
             last_prompt_s=self._last_prompt_s,
             mic=self._mic_meter.reading(),
             mic_clean=self._clean_meter.reading(),
@@ -1183,6 +1209,16 @@ def _context_frames(model: Any) -> int | None:
         return int(v) if v else None
     except AttributeError:
         return None
+
+
+def _flag(model: Any, attr: str) -> bool:
+    return model is not None and getattr(model, attr, False) is True
+
+
+def _stage_sample_every(model: Any) -> int | None:
+    """The model's stage-split sampling period (one frame in N), None if it has none."""
+    v = getattr(model, "stage_sample_every", None) if model is not None else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 _HEADPHONE_WORDS = ("headphone", "headset", "airpods", "earbud", "earphone", "buds", "beats")

@@ -233,6 +233,11 @@ class Snapshot:
     text_tokens_per_s: float = 0.0  # non-pad
     all_tokens_per_s: float = 0.0  # one per frame, pad included
     latency: LatencyStats = LatencyStats()
+    # stage timing mode (TUI.md §2.2): per-stage barriers on every frame (key `t`), and otherwise
+    # the model's sampling of the stage split (one frame in N; 0 never; None: the model has no
+    # such setting, e.g. a fake that reports a split for every frame)
+    detailed_timing: bool = False
+    stage_sample_every: int | None = None
     memory: MemoryStats = MemoryStats()
     counters: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
     audio: AudioInfo = AudioInfo()

@@ -36,6 +36,7 @@ class LatencyView:
     stages: Mapping[str, StageView] = field(default_factory=dict)
     window_note: str = "last 10 s"
     detailed: bool = True  # False: only the total is measured every frame
+    timing_note: str = ""  # how the stage split is measured (detailed / sampled), shown last
     mouth_to_ear_p50: float | None = None
     mouth_to_ear_p95: float | None = None
     frames: int = 0
@@ -87,13 +88,16 @@ class StageBars(LineWidget):
         self._shown: tuple | None = None
 
     def set_view(self, view: LatencyView) -> None:
+        grows = bool(view.timing_note) != bool(self.view.timing_note)
         self.view = view
         if view != self._shown:
             self._shown = view
             self.invalidate()
+            if grows:  # the note line came or went: the panel's height changes
+                self.refresh(layout=True)
 
     def line_count(self) -> int:
-        return len(STAGE_LABELS) + 3
+        return len(STAGE_LABELS) + 3 + (1 if self.view.timing_note else 0)
 
     def build(self, width: int):
         view = self.view
@@ -151,6 +155,9 @@ class StageBars(LineWidget):
         else:
             out.append(f"p50 {fmt.ms(view.mouth_to_ear_p50)}  p95 "
                        f"{fmt.ms(view.mouth_to_ear_p95)}", "stage--num")
+        if view.timing_note:
+            out.append("\n" + view.timing_note,
+                       "stage--warn" if view.timing_note.startswith("detailed") else "stage--dim")
         return out.lines
 
 

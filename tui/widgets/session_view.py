@@ -95,10 +95,45 @@ class SessionLink:
     def interrupt(self) -> None:
         self.session.interrupt()
 
+    def persona(self) -> Any:
+        """The persona the session runs (or is switching to)."""
+        return getattr(self.session, "persona", None)
+
+    def resolve(self, persona: Any) -> Any:
+        """The persona as the session runs it (a voice the model lacks replaced by the resolver)."""
+        return self.persona_resolver(persona) if self.persona_resolver is not None else persona
+
     def switch_persona(self, persona: Any) -> None:
-        if self.persona_resolver is not None:
-            persona = self.persona_resolver(persona)
+        persona = self.resolve(persona)
         self.session.switch_persona(persona, name=getattr(persona, "name", None))
+
+    def voices(self) -> list[str] | None:
+        """The voice names the loaded model offers; None while the model is still loading, [] for a
+        model that cannot say."""
+        model = self.model()
+        if model is None:
+            return None
+        fn = getattr(model, "available_voices", None)
+        if fn is None:
+            return []
+        try:
+            return [str(v) for v in fn()]
+        except Exception:  # an unreadable voice folder: no voices to offer
+            return []
+
+    def detailed_timing(self) -> bool:
+        """Whether detailed per-stage timing (barriers on every frame) is switched on."""
+        return bool(getattr(self.session, "detailed_timing", False))
+
+    def set_detailed_timing(self, on: bool) -> None:
+        fn = getattr(self.session, "set_detailed_timing", None)
+        if fn is not None:
+            fn(bool(on))
+
+    def detailed_timing_supported(self) -> bool | None:
+        """Whether the model has the switch (None while it is loading)."""
+        model = self.model()
+        return None if model is None else hasattr(model, "profile_stages")
 
     def reset(self) -> None:
         self.session.reset_conversation()
@@ -171,7 +206,7 @@ def build_views(snap: Any, *, model_label: str = "", voices: Mapping[str, str] |
             continue
         stages[name] = StageView(st.last, st.p50, st.p95, st.max, st.over_budget)
     detailed = any(name in stages and stages[name].last for name in STAGES[:-1])
-    latency = LatencyView(stages=stages, detailed=detailed,
+    latency = LatencyView(stages=stages, detailed=detailed, timing_note=timing_note(snap),
                           mouth_to_ear_p50=snap.latency.p50_ms,
                           mouth_to_ear_p95=snap.latency.p95_ms, frames=snap.frame_index)
 
@@ -207,6 +242,20 @@ def build_views(snap: Any, *, model_label: str = "", voices: Mapping[str, str] |
     return Views(status=status, audio=audio, latency=latency, engine=engine, devices=devices,
                  silent_mic=bool(snap.mic_silent), persona_name=snap.persona or None,
                  message=snap.message or "", model_db=model_level_db(snap))
+
+
+def timing_note(snap: Any) -> str:
+    """How the stage split is measured (TUI.md §2.2), for the frame-timing panel."""
+    if getattr(snap, "detailed_timing", False):
+        return "detailed timing: every frame, costs throughput (t: off)"
+    every = getattr(snap, "stage_sample_every", None)
+    if every == 1:
+        return "stage split: every frame"
+    if every:
+        return f"stage split sampled 1 frame in {every} (t: every frame)"
+    if every == 0:
+        return "stage split off: total only (t: every frame)"
+    return ""
 
 
 def model_level_db(snap: Any) -> float:
