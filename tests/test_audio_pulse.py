@@ -213,8 +213,27 @@ def test_echo_is_reduced_by_30_db_through_the_loopback(pulse):
         pytest.fail("pywebrtc-audio is not installed; it is a dependency of parley: pip install '.[test]'")
     ok, why = _setup("--echo")
     assert ok, why
+    # Real-time audio through PulseAudio: one run in several on a loaded 2-core runner has been
+    # seen to converge late (25.9 dB once, 43-56 dB otherwise), so a run gets one retry; an
+    # echo canceller that does not work fails both.
+    attempts = []
     try:
-        res = _child(
+        for _ in range(2):
+            attempts.append(_echo_run())
+            if attempts[-1]["erle"] >= 30.0:
+                break
+    finally:
+        _setup("--no-echo")
+    res = attempts[-1]
+    assert res["n_far"] >= 40 and res["mic_dbfs"] > -45, res  # the echo really reached the mic
+    assert res["erle"] >= 30.0, attempts
+    assert res["dt_loss"] < 6.0, res  # the user's speech is kept
+    print(f"\necho reduction {res['erle']:.1f} dB (mic {res['mic_dbfs']:.1f} -> {res['clean_dbfs']:.1f} dBFS), double-talk loss {res['dt_loss']:.1f} dB"
+          + (f"; first attempt {attempts[0]['erle']:.1f} dB" if len(attempts) > 1 else ""))
+
+
+def _echo_run() -> dict:
+    return _child(
             """
     import json, subprocess, time, threading
     import numpy as np
@@ -257,12 +276,6 @@ def test_echo_is_reduced_by_30_db_through_the_loopback(pulse):
             {"PULSE_SINK": "vspk", "PULSE_SOURCE": "vmic.monitor"},
             timeout=60,
         )
-    finally:
-        _setup("--no-echo")
-    assert res["n_far"] >= 40 and res["mic_dbfs"] > -45, res  # the echo really reached the mic
-    assert res["erle"] >= 30.0, res
-    assert res["dt_loss"] < 6.0, res  # the user's speech is kept
-    print(f"\necho reduction {res['erle']:.1f} dB (mic {res['mic_dbfs']:.1f} -> {res['clean_dbfs']:.1f} dBFS), double-talk loss {res['dt_loss']:.1f} dB")
 
 
 def test_pass_through_end_to_end_matches_the_injected_audio(pulse, tmp_path):
