@@ -42,7 +42,8 @@ class PreparedPrompt:
 
 class DuplexEngine:
     def __init__(self, model_dir: ModelDir, lm, mimi, tokenizer: TextTokenizer, *,
-                 dtype: str, quantize: int | None, greedy: bool = False, seed: int | None = None):
+                 dtype: str, quantize: int | None, greedy: bool = False, seed: int | None = None,
+                 overlap_encode: bool = False):
         import mlx.core as mx
         from engine.lm import LMGen
 
@@ -63,6 +64,14 @@ class DuplexEngine:
         # Live telemetry samples the stage split on one frame in this many (0: never); the
         # other frames keep one evaluation barrier.
         self.stage_sample_every = 8
+        # Experimental: Mimi's encode of a frame runs on a worker thread (its own MLX stream)
+        # while this thread builds and issues the LM step, which never reads this frame's user
+        # codes (MODEL.md §11.6). On a GPU the frame is bound by issuing work from the CPU, so
+        # the two overlap. Off by default until measured on Metal and CUDA.
+        self.overlap_encode = overlap_encode
+        self._encode_pool = None
+        self._encode_stream = None
+        self._worker_resets = -1  # encoder_resets when the encoder state was last made concrete
         self._frames = 0
         self.persona: Persona | None = None
         self.last_user_codes = np.zeros(self.config.lmgen.mimi_num_codebooks, np.int64)
@@ -194,12 +203,19 @@ class DuplexEngine:
         mx = self.mx
         t0 = time.perf_counter()
         n = self.config.lmgen.audio_tokens_per_stream
-        codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
+        live = self.gen.position >= 2 and self.gen.reference == "nvidia"
+        if not (live and self.overlap_encode):
+            codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
+            if self.overlap_encode:  # the worker may carry on from this state: leave it evaluated
+                mx.eval(codes, *self.mimi.encoder_state_arrays())
+                self._worker_resets = self.mimi.encoder_resets
         self._frames += 1
         every = self.stage_sample_every
         profile = self.profile_stages or (every > 0 and self._frames % every == 0)
-        if self.gen.position >= 2 and self.gen.reference == "nvidia":
+        if live:
             timings: dict[str, float] | None = {} if profile else None
+            if self.overlap_encode:
+                codes = self._encode_worker().submit(self._encode_frame, pcm_in)
             out, pcm, user_codes = self.gen.step_live(codes, self.mimi.decode_step,
                                                       force_agent_silence, timings)
             timings = timings or {}
@@ -222,6 +238,28 @@ class DuplexEngine:
         text_id = int(out[0])
         return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,
                            text=self._display(text_id), timings_ms=timings)
+
+    def _encode_worker(self):
+        if self._encode_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="parley-encode")
+        return self._encode_pool
+
+    def _encode_frame(self, pcm_in) -> tuple[np.ndarray, float]:
+        """On the encode worker: one frame's codes as int64 numpy, and the milliseconds it took.
+        Everything it leaves behind (the encoder's state) is evaluated here, since MLX arrays
+        left lazy on one thread's stream fail on another."""
+        mx = self.mx
+        t0 = time.perf_counter()
+        if self._encode_stream is None:
+            self._encode_stream = mx.new_stream(mx.default_device())
+        with mx.stream(self._encode_stream):
+            if self._worker_resets != self.mimi.encoder_resets:  # reset elsewhere: redo it here
+                self.mimi.reset_encoder()
+                self._worker_resets = self.mimi.encoder_resets
+            codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
+            mx.eval(codes, *self.mimi.encoder_state_arrays())
+        return np.array(codes).astype(np.int64), (time.perf_counter() - t0) * 1000
 
     def _display(self, text_id: int) -> str | None:
         # A model may sample ids its tokenizer lacks (random-weight benchmarks pair a 32000-entry

@@ -399,8 +399,10 @@ class LMGen:
             self._write(k, s + int(self.delays[k]), v)
         clock = time.perf_counter
         t0 = clock()
+        deferred = hasattr(user_codes, "result")  # a Future of (codes, ms) from another thread
         if timings is not None:
-            mx.eval(user_codes)
+            if not deferred:
+                mx.eval(user_codes)
             t1 = clock()
             timings["encode"] = (t1 - t0) * 1000
         model = self.model
@@ -434,9 +436,14 @@ class LMGen:
         codes = mx.where(mx.array(take_host), mx.array(np.where(take_host, host_vals, 0)
                                                       .astype(np.int32)), sampled[1:n + 1])
         pcm = decode(codes)
-        mx.eval(sampled, pcm, user_codes, text_logits, hn, *outs[2:], *self.kv.arrays())
+        mx.eval(sampled, pcm, text_logits, hn, *outs[2:], *self.kv.arrays(),
+                *([] if deferred else [user_codes]))
         if timings is not None:
             timings["decode"] = (clock() - t3) * 1000
+        if deferred:  # the encode ran alongside; its own time is the encode stage
+            user_codes, encode_ms = user_codes.result()
+            if timings is not None:
+                timings["encode"] = encode_ms
         sampled_np = np.array(sampled).astype(np.int64)
         for k in range(K + 1):
             if not forced_s[k]:

@@ -61,6 +61,7 @@ class Mimi:
                 f"{num_codebooks} codebooks.")
         self.cfg = cfg
         self.compile = compile  # streaming frames as compiled functions (see `_step`)
+        self.encoder_resets = 0  # counts reset_encoder() calls (a worker thread watches it)
         self._step_fns: dict = {}
         self.num_codebooks = num_codebooks
         self.n_q_stored = n_q_stored
@@ -126,6 +127,11 @@ class Mimi:
     def reset_encoder(self) -> None:
         for m in self._encoder_modules():
             m.reset()
+        self.encoder_resets += 1
+
+    def encoder_state_arrays(self) -> list[mx.array]:
+        """The encoder's streaming state (to evaluate it together with a frame's codes)."""
+        return [a for m in self._leaves(self._encoder_modules()) for a in m.state_arrays()]
 
     def reset_decoder(self) -> None:
         for m in self._decoder_modules():
