@@ -10,14 +10,13 @@ operation, which shows whether a stage is bound by bandwidth or by launches. Not
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import Counter
-import tempfile
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from engine.mxops import primitive_counts
 
 
 # Primitives that only change an array's view (no kernel on most backends).
@@ -31,12 +30,9 @@ KINDS: dict[str, Counter] = {}
 def count_ops(*outputs, stage: str = "") -> tuple[int, int]:
     """(all primitives, primitives that are not mere views) in the graph of `outputs`; the
     compute primitives by kind are kept in KINDS[stage]."""
-    with tempfile.NamedTemporaryFile("w+", suffix=".dot") as fh:
-        mx.export_to_dot(fh.name, *outputs)
-        text = Path(fh.name).read_text()
-    labels = re.findall(r'label ="([^"]+)", shape=rectangle', text)
-    KINDS[stage] = Counter(lab for lab in labels if lab not in VIEWS)
-    return len(labels), sum(1 for lab in labels if lab not in VIEWS)
+    counts = primitive_counts(*outputs)
+    KINDS[stage] = Counter({k: n for k, n in counts.items() if k not in VIEWS})
+    return sum(counts.values()), sum(KINDS[stage].values())
 
 
 def main() -> None:
