@@ -506,6 +506,18 @@ def record_notifications(app) -> list[str]:
     return seen
 
 
+def _teacher_app(session, resolver) -> ParleyApp:
+    return ParleyApp(session=session, personas=PERSONAS, persona="Teacher", model_label="tiny",
+                     persona_resolver=resolver, tty_check=False)
+
+
+async def _settled(pilot, session) -> None:
+    """Waits for the session's first frames after its prompt."""
+    await wait_for(pilot, lambda: session.model is not None
+                   and session.snapshot.frame_index > 3 and not session.snapshot.prompting,
+                   what="the first frames")
+
+
 def test_v_switches_to_the_next_voice_and_keeps_the_prompt(tmp_path, monkeypatch):
     monkeypatch.setattr("tui.app.PERSONA_DEBOUNCE_S", 0.4)  # slow machines: presses stay a run
     asyncio.run(_next_voice(tmp_path))
@@ -514,13 +526,10 @@ def test_v_switches_to_the_next_voice_and_keeps_the_prompt(tmp_path, monkeypatch
 async def _next_voice(tmp_path: Path):
     session, resolver = make_session_in(tiny_with_voices(tmp_path))
     session.start()
-    app = ParleyApp(session=session, personas=PERSONAS, persona="Teacher", model_label="tiny",
-                    persona_resolver=resolver, tty_check=False)
+    app = _teacher_app(session, resolver)
     try:
         async with app.run_test(size=(120, 40)) as pilot:
-            await wait_for(pilot, lambda: session.model is not None
-                           and session.snapshot.frame_index > 3 and not session.snapshot.prompting,
-                           what="the first frames")
+            await _settled(pilot, session)
             assert session.model.available_voices() == ["TINY0", "TINY1", "TINY2"]
             assert session.model.persona.voice == "TINY0"
             switches = session.counters["persona_switches"]
@@ -566,13 +575,10 @@ def test_v_with_a_single_voice_model_only_says_so(engine):
 async def _single_voice(engine):
     session, resolver, _ = make_session(engine, duration_s=30.0)
     session.start()
-    app = ParleyApp(session=session, personas=PERSONAS, persona="Teacher", model_label="tiny",
-                    persona_resolver=resolver, tty_check=False)
+    app = _teacher_app(session, resolver)
     try:
         async with app.run_test(size=(120, 40)) as pilot:
-            await wait_for(pilot, lambda: session.model is not None
-                           and session.snapshot.frame_index > 3 and not session.snapshot.prompting,
-                           what="the first frames")
+            await _settled(pilot, session)
             assert session.model.available_voices() == ["TINY0"]
             seen = record_notifications(app)
             switches = session.counters["persona_switches"]
@@ -595,8 +601,7 @@ def test_t_toggles_detailed_per_stage_timing(engine):
 async def _detailed_timing(engine):
     session, resolver, frames = make_session(engine, duration_s=30.0)
     session.start()
-    app = ParleyApp(session=session, personas=PERSONAS, persona="Teacher", model_label="tiny",
-                    persona_resolver=resolver, tty_check=False)
+    app = _teacher_app(session, resolver)
     try:
         async with app.run_test(size=(120, 40)) as pilot:
             bars = app.dashboard.query_one(StageBars)
