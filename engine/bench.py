@@ -240,6 +240,7 @@ def bench_command(args) -> int:
         result = run_bench(engine, persona, frames=args.frames, warmup=args.warmup, load_s=load_s,
                            model_label=label, quantize=engine.quantize,
                            dtype=engine.dtype, full_context=args.context == "full")
+        engine.close()
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

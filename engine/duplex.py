@@ -68,10 +68,11 @@ class DuplexEngine:
         # while this thread builds and issues the LM step, which never reads this frame's user
         # codes (MODEL.md §11.6). On a GPU the frame is bound by issuing work from the CPU, so
         # the two overlap. Off by default until measured on Metal and CUDA.
-        self.overlap_encode = overlap_encode
         self._encode_pool = None
         self._encode_stream = None
         self._worker_resets = -1  # encoder_resets when the encoder state was last made concrete
+        self._overlap_encode = False
+        self.overlap_encode = overlap_encode
         self._frames = 0
         self.persona: Persona | None = None
         self.last_user_codes = np.zeros(self.config.lmgen.mimi_num_codebooks, np.int64)
@@ -239,10 +240,29 @@ class DuplexEngine:
         return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,
                            text=self._display(text_id), timings_ms=timings)
 
+    @property
+    def overlap_encode(self) -> bool:
+        return self._overlap_encode
+
+    @overlap_encode.setter
+    def overlap_encode(self, value: bool) -> None:
+        """May change between frames: the encoder's state, built lazily on this thread so far,
+        is made concrete first, since the worker's stream cannot evaluate it."""
+        value = bool(value)
+        if value and not self._overlap_encode:
+            self.mx.eval(*self.mimi.encoder_state_arrays())
+            self._worker_resets = self.mimi.encoder_resets
+        self._overlap_encode = value
+
+    def close(self) -> None:
+        """Drains the encode worker, if one was started (its thread itself lives on; see
+        `_EncodeWorker`)."""
+        if self._encode_pool is not None:
+            self._encode_pool.submit(lambda: None).result()
+
     def _encode_worker(self):
         if self._encode_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._encode_pool = ThreadPoolExecutor(1, thread_name_prefix="parley-encode")
+            self._encode_pool = _EncodeWorker("parley-encode")
         return self._encode_pool
 
     def _encode_frame(self, pcm_in) -> tuple[np.ndarray, float]:
@@ -284,3 +304,31 @@ def _sampling_for(persona: Persona):
         temp=persona.audio_temperature if persona.audio_temperature is not None else AUDIO_DEFAULT.temp,
         top_k=persona.audio_top_k if persona.audio_top_k is not None else AUDIO_DEFAULT.top_k)
     return text, audio
+
+
+class _EncodeWorker:
+    """One daemon thread running submitted calls in order, returning futures. Not a
+    ThreadPoolExecutor: a thread that has used its own MLX stream and then exits (as a pool's
+    thread does at the interpreter's exit) sometimes aborts the process inside MLX (0.32), so
+    this thread never exits; being a daemon, it does not hold the process open either."""
+
+    def __init__(self, name: str):
+        import queue
+        import threading
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to whoever waits on the future
+                    future.set_exception(exc)
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        future = Future()
+        self._jobs.put((future, fn, args))
+        return future
