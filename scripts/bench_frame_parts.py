@@ -3,8 +3,8 @@ H100; see docs/benchmarks.md). For each stage it separates the time Python spend
 MLX graph, the time `mx.async_eval` takes to hand the kernels to the device (MLX's encoding) and
 the time left waiting for the device. Then it compares, in this one process and interleaved frame
 by frame (lent machines differ, so only same-process comparisons are fair), Mimi's compiled and
-eager frames, and whole `DuplexEngine.step` frames over a short or a full attention window, with
-one barrier or one per stage, with or without a synchronisation after the frame. Not a unit test;
+eager frames, whole `DuplexEngine.step` frames with the depth transformer unfused or through the
+fused CUDA kernels of engine/lm/fused.py, and Mimi's encode overlapped on a worker thread or not. Not a unit test;
 the numbers are for deciding what to optimise.
 
     python3 scripts/bench_frame_parts.py [--frames 50] [--quantize 4] [--tiny]
@@ -112,32 +112,57 @@ def main() -> None:
                     ab[mode][stage].append((time.perf_counter() - t) * 1e3)
         mimi.compile = True
         result["mimi_p50_ms"] = {m: {k: p50(v) for k, v in d.items()} for m, d in ab.items()}
-        # Whole frames, 8 variants interleaved frame by frame: attention over ~the prompt or a
-        # full window; one barrier a frame or one per stage; with or without an
-        # mx.synchronize() after the frame (which also waits until MLX has released the frame's
-        # buffers, so the next frame's KV-ring writes can be done in place).
+        # Whole frames over a full attention window, one barrier each: the depth transformer
+        # unfused or through engine/lm/fused.py's kernels (where they run), interleaved frame by
+        # frame; then blocks of frames with Mimi's encode overlapped on a worker thread or not.
         kv = gen.kv
-        clocks = {"prompt": kv.end, "full": kv.end + kv.slots}
+        kv.end += kv.slots
         engine.stage_sample_every = 0
-        variants = [(c, b, y) for c in clocks for b in ("one", "stages") for y in (False, True)]
-        times = {v: [] for v in variants}
+        frames = {}
+        can_fuse = model.depformer.can_fuse(model.dtype)
+        for flag in ((False, True) if can_fuse else (False,)):
+            gen.fused = flag
+            frames[flag] = gen._make_frame()
+        result["fused_available"] = can_fuse
+
+        def use(flag):
+            gen._fused, gen._frame = flag, frames[flag]
+
+        def frame_ms():
+            t = time.perf_counter()
+            engine.step(mic())
+            return (time.perf_counter() - t) * 1e3
+
+        def stats(t):
+            return {"p50_ms": p50(t), "p95_ms": round(float(np.percentile(t, 95)), 3),
+                    "max_ms": round(max(t), 3)}
+
+        for flag in frames:  # warm-up (compiles each frame function)
+            use(flag)
+            for _ in range(3):
+                frame_ms()
+        times = {flag: [] for flag in frames}
         for _ in range(args.frames):
-            for v in variants:
-                context, barriers, sync = v
-                kv.end = clocks[context]
-                engine.profile_stages = barriers == "stages"
-                t = time.perf_counter()
-                engine.step(mic())
-                if sync:
-                    mx.synchronize()
-                times[v].append((time.perf_counter() - t) * 1e3)
-                clocks[context] += 1
-        engine.profile_stages = False
-        result["frames"] = {
-            f"{c} context, {b} barrier(s), {'sync' if y else 'no sync'}": {
-                "p50_ms": p50(t), "p95_ms": round(float(np.percentile(t, 95)), 3),
-                "max_ms": round(max(t), 3)}
-            for (c, b, y), t in times.items()}
+            for flag in frames:
+                use(flag)
+                times[flag].append(frame_ms())
+        result["frames"] = {("fused depth" if f else "unfused depth"): stats(t)
+                            for f, t in times.items()}
+        if can_fuse:
+            use(True)
+            result["depth_fused"] = timed_stage(
+                lambda: gen._frame(hn, mask, vals, gen._next_key()), args.frames)
+        best = max(frames)
+        use(best)
+        blocks = {}
+        for overlap in (False, True, False, True):
+            engine.overlap_encode = overlap
+            for _ in range(3):
+                frame_ms()
+            blocks.setdefault(overlap, []).extend(frame_ms() for _ in range(args.frames))
+        engine.overlap_encode = False
+        engine.close()
+        result["overlap_encode"] = {("on" if o else "off"): stats(t) for o, t in blocks.items()}
         print(json.dumps(result, indent=1))
     finally:
         if scratch is not None:

@@ -88,8 +88,19 @@ PY
     python3 scripts/profile_frame_graph.py --by-kind | tee "$out/profile.txt"
     python3 scripts/bench_frame_parts.py "$@" | tee "$out/parts.json"
     ;;
+  fused)
+    # engine/lm/fused.py's kernels against the unfused MLX operations (numerics, then timings),
+    # then, if PARTS is set, scripts/bench_frame_parts.py. Right after `stage`.
+    install
+    python3 scripts/check_fused_kernels.py ${CHECK_ARGS:-} 2>&1 | tee "$out/fused.txt"
+    # e.g. PYTEST="tests/test_fused.py tests/test_offline.py": the parity tests through the kernels
+    [ -n "${PYTEST:-}" ] && python3 -m pytest -q -p no:cacheprovider $PYTEST 2>&1 | tail -15 \
+      | tee "$out/pytest.txt" || true
+    [ -n "${PARTS:-}" ] && timeout ${PARTS_TIMEOUT:-420} python3 scripts/bench_frame_parts.py "$@" \
+      | tee "$out/parts.json" || true
+    ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|explore|variants" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|explore|variants|fused" >&2
     exit 2
     ;;
 esac

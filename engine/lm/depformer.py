@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import fused
 from .layers import (Embedding, StackedLinear, attention_scale, gated_ffn, merge_heads,
                      rms_norm_f32, split_heads)
 
@@ -67,14 +68,29 @@ class Depformer:
         """Per layer, the frame's depth keys and values so far (None before step 0)."""
         return [None for _ in self.layers]
 
+    def can_fuse(self, dtype: mx.Dtype) -> bool:
+        """Whether `step(..., fused=True)` can run: MLX's CUDA backend, and every linear of a
+        step in a layout engine/lm/fused.py handles."""
+        if not fused.enabled():
+            return False
+        lins = [self.depformer_in.step(0)]
+        for layer in self.layers:
+            lins += [lin.step(0) for lin in (layer.in_proj, layer.out_proj, layer.linear_in,
+                                             layer.linear_out)]
+        return all(fused.supports(lin, dtype) for lin in lins)
+
     def token_embedding(self, k: int, token: mx.array) -> mx.array:
         """Embedding of the token that conditions step k (text for k = 0, audio cb k−1 else)."""
         table = self.text_emb if k == 0 else self.emb[k - 1]
         return table(token)
 
-    def step(self, k: int, hn: mx.array, prev_token: mx.array, cache, rule: str = "kyutai") -> mx.array:
+    def step(self, k: int, hn: mx.array, prev_token: mx.array, cache, rule: str = "kyutai",
+             fused: bool = False) -> mx.array:
         """Depth step k for one frame. hn [B, T, d] (the temporal output), prev_token [B, T] int
-        -> logits [B, T, card]. `cache` is the frame's per-layer list of keys/values so far."""
+        -> logits [B, T, card]. `cache` is the frame's per-layer list of keys/values so far.
+        `fused` (one position, see `can_fuse`) runs each layer as four fused CUDA kernels."""
+        if fused:
+            return self._step_fused(k, hn, prev_token, cache, rule)
         x = self.depformer_in.step(k)(hn) + self.token_embedding(k, prev_token)
         H = self.num_heads
         for i, layer in enumerate(self.layers):
@@ -96,6 +112,28 @@ class Depformer:
             x = x + layer.out_proj.step(k)(merge_heads(a))
             x = x + gated_ffn(rms_norm_f32(x, layer.norm2), layer.linear_in.step(k),
                               layer.linear_out.step(k))
+        return self.heads.step(k)(x)
+
+    def _step_fused(self, k: int, hn: mx.array, prev_token: mx.array, cache, rule: str) -> mx.array:
+        """`step` for one position with engine/lm/fused.py: per layer RMSNorm + QKV; attention
+        over the frame's keys (kept as one array per step, so never concatenated) + out
+        projection + residual; RMSNorm + gated half of the FFN; down projection + residual."""
+        if hn.size != hn.shape[-1]:
+            raise ValueError("the fused depth step runs one position at a time")
+        x = fused.gemv(hn, self.depformer_in.step(k), res=self.token_embedding(k, prev_token))
+        H = self.num_heads
+        first = max(0, k - self.capacity + 2) if rule == "nvidia" else 0  # module docstring
+        for i, layer in enumerate(self.layers):
+            q, kk, v = fused.qkv(x, layer.norm1, layer.in_proj.step(k), H)
+            if cache[i] is None:
+                cache[i] = ([], [])
+            cache[i][0].append(kk)
+            cache[i][1].append(v)
+            keys, values = cache[i][0][first:], cache[i][1][first:]
+            x = fused.attn_gemv(q, keys, values, layer.out_proj.step(k), x, H,
+                                attention_scale(q.shape[-1]))
+            h = fused.gemv_gated(x, layer.norm2, layer.linear_in.step(k))
+            x = fused.gemv(h, layer.linear_out.step(k), res=x)
         return self.heads.step(k)(x)
 
     def teacher_forced(self, hn: mx.array, prev_tokens: mx.array, steps: int | None = None) -> mx.array:

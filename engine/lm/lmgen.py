@@ -104,6 +104,8 @@ class LMGen:
             raise ValueError(f"reference must be 'nvidia' or 'kyutai', got {reference!r}")
         self.kv = model.new_kv(self.reference)
         self.compile = compile
+        # The depth transformer's fused CUDA kernels (engine/lm/fused.py) where they can run.
+        self._fused = model.depformer.can_fuse(model.dtype)
         self._key = None
         self._last = {}  # "hidden" / "text_logits": evaluated MLX arrays, numpy on access
         self.last_audio_logits: mx.array | None = None
@@ -148,6 +150,16 @@ class LMGen:
     @keep_audio_logits.setter
     def keep_audio_logits(self, value: bool) -> None:
         self._keep_audio_logits, self._frame = bool(value), None
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        if value and not self.model.depformer.can_fuse(self.model.dtype):
+            raise ValueError("the fused kernels need MLX's CUDA backend and a supported layout")
+        self._fused, self._frame = bool(value), None
 
     def _last_np(self, name: str) -> np.ndarray | None:
         v = self._last.get(name)
@@ -241,7 +253,7 @@ class LMGen:
         model = self.model
         dep = model.depformer
         K = model.depformer_steps
-        rule, greedy, keep = self.reference, self.greedy, self.keep_audio_logits
+        rule, greedy, keep, use_fused = self.reference, self.greedy, self.keep_audio_logits, self.fused
         tp, ap = self.text_params, self.audio_params
 
         def frame(hn, mask, vals, key):
@@ -255,7 +267,7 @@ class LMGen:
             prev = mx.where(at(mask, 0), at(vals, 0), t)
             cache = dep.new_cache()
             for j in range(K):
-                logits = dep.step(j, hn, prev.reshape(1, 1), cache, rule)[0, 0]
+                logits = dep.step(j, hn, prev.reshape(1, 1), cache, rule, use_fused)[0, 0]
                 a = sample(logits, ap, keys[j + 1], greedy)
                 toks.append(a)
                 logits_all.append(logits)

@@ -1,0 +1,469 @@
+"""Fused CUDA kernels for the LM's one-position step, on MLX's CUDA backend only.
+
+Why: on CUDA a live frame is bound by the host issuing kernels (docs/benchmarks.md, "What bounds
+it now"): every MLX primitive costs 2-15 µs of CPU time to encode however little work it does,
+and a transformer layer at one position is ~18 small kernels (casts, RMSNorm, a quantized
+product, RoPE, casts, residual adds, the gated SiLU). These kernels do one layer in four to six:
+
+* `gemv`        — y = W·x for one position, W affine-quantized the MLX way (4 or 8 bits, groups
+                  of 32-128 along the input) or plain (bf16 / float32); optionally with the RMSNorm
+                  of x in front (`alpha`) and a residual added behind (`res`).
+* `gemv_gated`  — RMSNorm, then the gate and linear halves of `linear_in` together, then
+                  silu(gate) · up: the whole first half of the feed-forward.
+* `qkv`         — RMSNorm, the fused QKV projection and, for the temporal transformer, RoPE on
+                  queries and keys; returns q, k and v separately.
+* `attn_gemv`   — the depth transformer's attention (one query over the frame's few keys, which
+                  come as separate arrays, so nothing is concatenated) followed by the output
+                  projection and the residual.
+
+Numerics follow the unfused MLX code step for step: sums and products in float32, and a rounding
+to the activation dtype wherever the unfused code stores an intermediate (the normalised input,
+the projection, the attention output, the gate), so the fused step reproduces the unfused one to
+within float32 summation order. On the CPU or Metal nothing here runs; `enabled()` says whether it
+can, and PARLEY_FUSED=0 turns them off. `scripts/check_fused_kernels.py` checks every kernel
+against the unfused MLX operations on the device (and compiles every variant with NVRTC
+anywhere); on a CUDA machine the engine's reference-parity tests run through them.
+
+The layout of x in shared memory is transposed (value k of a 16-byte weight load at
+`(k % VPL) * (KV + 1) + k / VPL`) so that the 32 lanes of a warp, which read consecutive weight
+loads, read consecutive floats instead of hitting one bank 32 times.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import mlx.core as mx
+
+from .layers import RMS_EPS, Linear
+
+WARPS = 8  # warps per block; each warp computes RW output rows at a time
+
+_HEADER = r"""
+namespace parley {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+// The value a float takes once stored in T (where the unfused code keeps an intermediate).
+template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Values per 16-byte weight load.
+template <typename T, int BITS> struct Pack {
+  static constexpr int VPL = BITS ? 128 / BITS : 16 / (int)sizeof(T);
+};
+
+// Index of input value k in the transposed shared-memory copy of x.
+template <int VPL, int KV> __device__ __forceinline__ int xs_at(int k) {
+  return (k % VPL) * (KV + 1) + k / VPL;
+}
+
+// sum_j q_j * xv[j] for the packed unsigned integers of one 16-byte load. An integer below 2^23
+// ORed into the mantissa of 2^23 and minus 2^23 is its exact float (cheaper than a conversion).
+template <int BITS> __device__ __forceinline__ float dot_q(const uint4 w, const float* xv) {
+  constexpr int PER = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const float q = __uint_as_float(0x4B000000u | ((words[i] >> (BITS * j)) & MASK)) - 8388608.0f;
+      s = fmaf(q, xv[i * PER + j], s);
+    }
+  }
+  return s;
+}
+
+// The same for unquantized weights (bf16 pairs, or float32).
+template <typename T> __device__ __forceinline__ float dot_plain(const uint4 w, const float* xv);
+template <> __device__ __forceinline__ float dot_plain<float>(const uint4 w, const float* xv) {
+  return fmaf(__uint_as_float(w.x), xv[0], fmaf(__uint_as_float(w.y), xv[1],
+         fmaf(__uint_as_float(w.z), xv[2], __uint_as_float(w.w) * xv[3])));
+}
+template <> __device__ __forceinline__ float dot_plain<__nv_bfloat16>(const uint4 w, const float* xv) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    s = fmaf(__uint_as_float(words[i] << 16), xv[2 * i], s);
+    s = fmaf(__uint_as_float(words[i] & 0xffff0000u), xv[2 * i + 1], s);
+  }
+  return s;
+}
+
+// acc[r] = row rows[r] of W times x (staged in xs), summed over the warp (every lane gets it).
+template <typename T, int BITS, int K, int GROUP, int RW>
+__device__ __forceinline__ void gemv_rows(const float* xs, const void* wp, const T* scales,
+                                          const T* biases, const int* rows, float* acc, int lane) {
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  constexpr int KV = K / VPL;
+  constexpr int ITERS = (KV + 31) / 32;
+  constexpr int G = BITS ? K / GROUP : 1;
+  const uint4* w = reinterpret_cast<const uint4*>(wp);
+#pragma unroll
+  for (int r = 0; r < RW; ++r) acc[r] = 0.f;
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int v = lane + 32 * it;
+    if (KV % 32 == 0 || v < KV) {
+      float xv[VPL];
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) xv[j] = xs[j * (KV + 1) + v];
+      float xsum = 0.f;
+      if constexpr (BITS != 0) {
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) xsum += xv[j];
+      }
+#pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        const uint4 wq = __ldg(w + (size_t)rows[r] * KV + v);
+        if constexpr (BITS != 0) {
+          const size_t g = (size_t)rows[r] * G + (v * VPL) / GROUP;
+          acc[r] += to_f(scales[g]) * dot_q<BITS>(wq, xv) + to_f(biases[g]) * xsum;
+        } else {
+          acc[r] += dot_plain<T>(wq, xv);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RW; ++r) acc[r] = warp_sum(acc[r]);
+}
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float t = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.f;
+    t = warp_sum(t);
+    if (lane == 0) red[0] = t;
+  }
+  __syncthreads();
+  const float total = red[0];
+  __syncthreads();
+  return total;
+}
+
+// xs = x (as float), transposed.
+template <typename T, int VPL, int K>
+__device__ __forceinline__ void stage_plain(const T* x, float* xs) {
+  constexpr int KV = K / VPL;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) xs[xs_at<VPL, KV>(k)] = to_f(x[k]);
+  __syncthreads();
+}
+
+// xs = T(rms_norm(x) * alpha), computed in float32 as `rms_norm_f32` does, transposed.
+template <typename T, int VPL, int K>
+__device__ __forceinline__ void stage_norm(const T* x, const float* alpha, float eps, float* xs,
+                                           float* red) {
+  constexpr int KV = K / VPL;
+  float ss = 0.f;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const float v = to_f(x[k]);
+    ss = fmaf(v, v, ss);
+  }
+  const float r = rsqrtf(block_sum(ss, red) / (float)K + eps);
+  for (int k = threadIdx.x; k < K; k += blockDim.x)
+    xs[xs_at<VPL, KV>(k)] = round_t<T>(to_f(x[k]) * r * alpha[k]);
+  __syncthreads();
+}
+
+}  // namespace parley
+"""
+
+# Kernel bodies. Template constants (from MLX's `template=`): T (activation dtype), BITS (0 for
+# unquantized weights), K (input size), N (rows of W), GROUP, RW (rows per warp), and per kernel
+# the ones named below. Python fills {eps}, {kv_decl} and the like.
+# Shared pieces of the bodies: the staged input (as RMSNorm'd by the block), and RW consecutive
+# rows of W per warp.
+_NORMED = r"""
+  using namespace parley;
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  __shared__ float xs[VPL * (K / VPL + 1)];
+  __shared__ float red[32];
+  stage_norm<T, VPL, K>(x, alpha, {eps}f, xs, red);
+"""
+_ROWS = r"""
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RW;
+  if (row0 >= N) return;
+  int rows[RW];
+#pragma unroll
+  for (int r = 0; r < RW; ++r) rows[r] = row0 + r;
+  float acc[RW];
+  gemv_rows<T, BITS, K, GROUP, RW>(xs, w, scales, biases, rows, acc, lane);
+"""
+
+_GEMV = r"""
+  using namespace parley;
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  __shared__ float xs[VPL * (K / VPL + 1)];
+  {stage}
+""" + _ROWS + r"""
+#pragma unroll
+  for (int r = 0; r < RW; ++r) {
+    if (lane == r) {
+      {epilogue}
+    }
+  }
+"""
+
+_GATED = _NORMED + r"""
+  constexpr int HALF = N / 2;
+  const int lane = threadIdx.x & 31;
+  const int j0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RW;
+  if (j0 >= HALF) return;
+  int rows[2 * RW];
+#pragma unroll
+  for (int r = 0; r < RW; ++r) { rows[r] = j0 + r; rows[RW + r] = HALF + j0 + r; }
+  float acc[2 * RW];
+  gemv_rows<T, BITS, K, GROUP, 2 * RW>(xs, w, scales, biases, rows, acc, lane);
+#pragma unroll
+  for (int r = 0; r < RW; ++r) {
+    if (lane == r) {
+      // Unfused: y = linear_in(h) stored as T; silu(g) = g * sigmoid(g) and the product each in T.
+      const float g = round_t<T>(acc[r]);
+      const float u = round_t<T>(acc[RW + r]);
+      const float sig = round_t<T>(1.f / (1.f + expf(-g)));
+      out[j0 + r] = from_f<T>(round_t<T>(g * sig) * u);
+    }
+  }
+"""
+
+_QKV = _NORMED + _ROWS + r"""
+  constexpr int D = N / 3;
+  if (lane != 0) return;
+#pragma unroll
+  for (int r = 0; r < RW; r += 2) {
+    const int row = row0 + r;
+    // The projection is stored as T; RoPE then runs in float32 and is stored as T again.
+    float a0 = round_t<T>(acc[r]), a1 = round_t<T>(acc[r + 1]);
+    if (ROPE && row < 2 * D) {
+      const int i = (row % HD) / 2;
+      const float freq = expf((float)i * {neg_log_base_2_over_hd}f);
+      const float theta = freq * (float)pos[0];
+      double s, c;
+      sincos((double)theta, &s, &c);
+      const float cf = (float)c, sf = (float)s;
+      const float r0 = a0 * cf - a1 * sf, r1 = a0 * sf + a1 * cf;
+      a0 = r0;
+      a1 = r1;
+    }
+    T* dst = row < D ? q + row : row < 2 * D ? k + (row - D) : v + (row - 2 * D);
+    dst[0] = from_f<T>(a0);
+    dst[1] = from_f<T>(a1);
+  }
+"""
+
+_ATTN = r"""
+  using namespace parley;
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  constexpr int KVV = K / VPL;
+  constexpr int HD = K / H;
+  __shared__ float xs[VPL * (K / VPL + 1)];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const T* ks[NKV] = {{{k_list}}};
+  const T* vs[NKV] = {{{v_list}}};
+  // Attention of one query over the NKV keys so far, head by head (a warp per head); the output
+  // is stored as T (as the unfused attention's is) straight into the staged input of W.
+  for (int h = warp; h < H; h += nwarps) {
+    float s[NKV];
+    float m = -3.0e38f;
+#pragma unroll
+    for (int j = 0; j < NKV; ++j) {
+      float part = 0.f;
+      for (int d = lane; d < HD; d += 32) part = fmaf(to_f(q[h * HD + d]), to_f(ks[j][h * HD + d]), part);
+      s[j] = warp_sum(part) * {scale}f;
+      m = fmaxf(m, s[j]);
+    }
+    float total = 0.f;
+#pragma unroll
+    for (int j = 0; j < NKV; ++j) { s[j] = expf(s[j] - m); total += s[j]; }
+    const float inv = 1.f / total;
+    for (int d = lane; d < HD; d += 32) {
+      float o = 0.f;
+#pragma unroll
+      for (int j = 0; j < NKV; ++j) o = fmaf(s[j], to_f(vs[j][h * HD + d]), o);
+      xs[xs_at<VPL, KVV>(h * HD + d)] = round_t<T>(o * inv);
+    }
+  }
+  __syncthreads();
+  const int row0 = (blockIdx.x * nwarps + warp) * RW;
+  if (row0 >= N) return;
+  int rows[RW];
+#pragma unroll
+  for (int r = 0; r < RW; ++r) rows[r] = row0 + r;
+  float acc[RW];
+  gemv_rows<T, BITS, K, GROUP, RW>(xs, w, scales, biases, rows, acc, lane);
+#pragma unroll
+  for (int r = 0; r < RW; ++r) {
+    if (lane == r) out[row0 + r] = from_f<T>(to_f(res[row0 + r]) + round_t<T>(acc[r]));
+  }
+"""
+
+
+def enabled() -> bool:
+    """Whether the fused kernels can run: MLX's CUDA backend is the default device, and
+    PARLEY_FUSED is not 0."""
+    if os.environ.get("PARLEY_FUSED", "1") == "0":
+        return False
+    try:
+        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+    except AttributeError:
+        return False
+
+
+def supports(lin: Linear, dtype: mx.Dtype) -> bool:
+    """Whether `lin` (with activations of `dtype`) fits the kernels' layout."""
+    if dtype not in (mx.bfloat16, mx.float32):
+        return False
+    n, k = _shape(lin)
+    if lin.quantized:
+        vpl = 128 // lin.bits
+        ok = lin.bits in (4, 8) and lin.group_size % vpl == 0 and k % lin.group_size == 0
+        ok = ok and lin.scales.dtype == dtype
+    else:
+        vpl = 16 // dtype.size
+        ok = lin.weight.dtype == dtype
+    return ok and k % vpl == 0 and k + vpl <= 12 * 1024 and n % 2 == 0
+
+
+def _shape(lin: Linear) -> tuple[int, int]:
+    n = int(lin.weight.shape[-2])
+    k = int(lin.weight.shape[-1]) * (32 // lin.bits if lin.quantized else 1)
+    return n, k
+
+
+def _rows_per_warp(n: int) -> int:
+    return 4 if n % 4 == 0 else 2
+
+
+@functools.cache
+def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
+            scale: float = 0.0, neg_log_base_2_over_hd: float = 0.0):
+    eps = repr(float(RMS_EPS))
+    if kind == "gemv":
+        inputs = ["x"] + (["alpha"] if stage == "norm" else []) + ["w", "scales", "biases"]
+        inputs += ["res"] if epilogue == "res" else []
+        stage_src = ("__shared__ float red[32];\n  stage_norm<T, VPL, K>(x, alpha, %sf, xs, red);" % eps if stage == "norm"
+                     else "stage_plain<T, VPL, K>(x, xs);")
+        epi = ("y[rows[r]] = from_f<T>(to_f(res[rows[r]]) + round_t<T>(acc[r]));"
+               if epilogue == "res" else "y[rows[r]] = from_f<T>(acc[r]);")
+        src = _GEMV.replace("{stage}", stage_src).replace("{epilogue}", epi)
+        outputs = ["y"]
+    elif kind == "gated":
+        inputs, outputs = ["x", "alpha", "w", "scales", "biases"], ["out"]
+        src = _GATED.replace("{eps}", eps)
+    elif kind == "qkv":
+        inputs, outputs = ["x", "alpha", "w", "scales", "biases", "pos"], ["q", "k", "v"]
+        src = (_QKV.replace("{eps}", eps)
+               .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
+    elif kind == "attn":
+        k_names, v_names = [f"k{j}" for j in range(nkv)], [f"v{j}" for j in range(nkv)]
+        inputs, outputs = ["q", *k_names, *v_names, "w", "scales", "biases", "res"], ["out"]
+        src = (_ATTN.replace("{{{k_list}}}", "{" + ", ".join(k_names) + "}")
+               .replace("{{{v_list}}}", "{" + ", ".join(v_names) + "}")
+               .replace("{scale}", repr(float(scale))))
+    else:
+        raise ValueError(kind)
+    name = f"parley_{kind}_{stage}_{epilogue}_{nkv}_{abs(hash((scale, neg_log_base_2_over_hd))) % 10**8}"
+    return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=src,
+                               header=_HEADER)
+
+
+def _weights(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
+    if lin.quantized:
+        return [lin.weight, lin.scales, lin.biases]
+    dummy = mx.zeros((1,), dtype=dtype)  # unused by BITS = 0; the kernel signature wants them
+    return [lin.weight, dummy, dummy]
+
+
+def _template(lin: Linear, dtype: mx.Dtype, rw: int, **extra) -> list:
+    n, k = _shape(lin)
+    t = [("T", dtype), ("BITS", lin.bits if lin.quantized else 0), ("K", k), ("N", n),
+         ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw)]
+    return t + list(extra.items())
+
+
+def _grid(rows: int, rw: int) -> dict:
+    blocks = -(-rows // (rw * WARPS))
+    return {"grid": (blocks * WARPS * 32, 1, 1), "threadgroup": (WARPS * 32, 1, 1)}
+
+
+def gemv(x: mx.array, lin: Linear, alpha: mx.array | None = None,
+         res: mx.array | None = None) -> mx.array:
+    """lin(rms_norm_f32(x, alpha) if alpha is given else x) (+ res): x [..., K] with one
+    position -> [..., N] like x."""
+    n, k = _shape(lin)
+    rw = _rows_per_warp(n)
+    ins = [x.reshape(k)] + ([alpha] if alpha is not None else []) + _weights(lin, x.dtype)
+    if res is not None:
+        ins.append(res.reshape(n))
+    kern = _kernel("gemv", "norm" if alpha is not None else "", "res" if res is not None else "")
+    (y,) = kern(inputs=ins, template=_template(lin, x.dtype, rw), output_shapes=[(n,)],
+                output_dtypes=[x.dtype], **_grid(n, rw))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def gemv_gated(x: mx.array, alpha: mx.array, lin_in: Linear) -> mx.array:
+    """silu(g) · u where [g; u] = lin_in(rms_norm_f32(x, alpha)): x [..., K] -> [..., N/2]."""
+    n, k = _shape(lin_in)
+    half = n // 2
+    rw = _rows_per_warp(half)
+    (out,) = _kernel("gated")(inputs=[x.reshape(k), alpha, *_weights(lin_in, x.dtype)],
+                              template=_template(lin_in, x.dtype, rw), output_shapes=[(half,)],
+                              output_dtypes=[x.dtype], **_grid(half, rw))
+    return out.reshape(*x.shape[:-1], half)
+
+
+def qkv(x: mx.array, alpha: mx.array, lin: Linear, num_heads: int, pos: mx.array | None = None,
+        max_period: float = 10000.0) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v [1, H, 1, hd] of one position: lin(rms_norm_f32(x, alpha)) split in heads, with
+    interleaved RoPE (in float32) on q and k at position `pos` (an int32 [1] array) if given."""
+    n, k = _shape(lin)
+    d = n // 3
+    hd = d // num_heads
+    rw = _rows_per_warp(n)
+    rope = pos is not None
+    c = -math.log(max_period) * 2 / hd
+    kern = _kernel("qkv", neg_log_base_2_over_hd=c if rope else 0.0)
+    pos_in = pos if rope else mx.zeros((1,), dtype=mx.int32)
+    outs = kern(inputs=[x.reshape(k), alpha, *_weights(lin, x.dtype), pos_in],
+                template=_template(lin, x.dtype, rw, HD=hd, ROPE=rope),
+                output_shapes=[(d,)] * 3, output_dtypes=[x.dtype] * 3, **_grid(n, rw))
+    return tuple(o.reshape(1, num_heads, 1, hd) for o in outs)
+
+
+def attn_gemv(q: mx.array, keys: list[mx.array], values: list[mx.array], lin: Linear,
+              res: mx.array, num_heads: int, scale: float) -> mx.array:
+    """res + lin(attention(q, keys, values)) for one query: q, and each of the steps' keys and
+    values so far, holds d values head-major (any shape, e.g. [1, H, 1, hd]) -> like res."""
+    n, k = _shape(lin)
+    rw = _rows_per_warp(n)
+    kern = _kernel("attn", nkv=len(keys), scale=scale)
+    (out,) = kern(inputs=[q.reshape(k), *[a.reshape(k) for a in keys],
+                          *[a.reshape(k) for a in values], *_weights(lin, q.dtype), res.reshape(n)],
+                  template=_template(lin, q.dtype, rw, H=num_heads, NKV=len(keys)),
+                  output_shapes=[(n,)], output_dtypes=[q.dtype], **_grid(n, rw))
+    return out.reshape(res.shape)

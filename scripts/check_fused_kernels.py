@@ -1,0 +1,270 @@
+"""Checks engine/lm/fused.py's CUDA kernels against the unfused MLX operations they replace, and
+times both (not a unit test: it needs MLX's CUDA backend; run on the lent H100 through
+`bash scripts/bench_gpu.sh fused`).
+
+    python3 scripts/check_fused_kernels.py            # on a CUDA machine: numerics + timings
+    python3 scripts/check_fused_kernels.py --nvrtc /path/to/libnvrtc.so.12 --include DIR ...
+                                                      # anywhere: compile every kernel variant
+                                                      # with NVRTC (no GPU) to catch errors early
+
+Numerics: for each kernel and layer shape of the 7B (and the tiny model's), at 4 and 8 bits and
+unquantized (bf16 and float32), the largest difference from the unfused path relative to the
+largest output magnitude. Timings: chains of dependent calls evaluated once, host time (building
+the graph until `mx.async_eval` returns) and wall time per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx.core as mx  # noqa: E402
+
+from engine.lm import fused  # noqa: E402
+from engine.lm.layers import Linear, gated_ffn, merge_heads, rms_norm_f32, split_heads  # noqa: E402
+
+CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint32: "uint32_t",
+              mx.int32: "int32_t"}
+
+
+def make_linear(n: int, k: int, bits: int, dtype, key: int, group: int = 64) -> Linear:
+    w = (mx.random.normal((n, k), key=mx.random.key(key)) / math.sqrt(k)).astype(dtype)
+    if not bits:
+        return Linear(w)
+    q, s, b = mx.quantize(w, group_size=group, bits=bits)
+    return Linear(q, s, b, bits, group)
+
+
+def rel_err(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return float(mx.abs(a - b).max()) / max(float(mx.abs(b).max()), 1e-30)
+
+
+def rope_ref(x: mx.array, pos: int, base: float) -> mx.array:
+    hd = x.shape[-1]
+    return mx.fast.rope(x.astype(mx.float32), hd, traditional=True, base=base, scale=1.0,
+                        offset=pos).astype(x.dtype)
+
+
+def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
+    d, h, heads = dims["d"], dims["hidden"], dims["heads"]
+    key = iter(range(1000))
+    x = mx.random.normal((1, 1, d), key=mx.random.key(next(key))).astype(dtype)
+    alpha = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(next(key)))).astype(mx.float32)
+    res = mx.random.normal((1, 1, d), key=mx.random.key(next(key))).astype(dtype)
+    lines = []
+
+    def report(name, got, want):
+        e = rel_err(got, want)
+        tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
+        lines.append(f"{'ok  ' if e <= tol else 'FAIL'} {name:28s} rel err {e:.2e}")
+
+    lin = make_linear(d, d, bits, dtype, next(key))
+    report(f"gemv {d}x{d}", fused.gemv(x, lin), lin(x))
+    report(f"gemv+norm+res {d}x{d}", fused.gemv(x, lin, alpha=alpha, res=res),
+           res + lin(rms_norm_f32(x, alpha)))
+    lin_in = make_linear(2 * h, d, bits, dtype, next(key))
+    lin_out = make_linear(d, h, bits, dtype, next(key))
+    hmid = fused.gemv_gated(x, alpha, lin_in)
+    y = lin_in(rms_norm_f32(x, alpha))
+    want_mid = (lambda g, u: g * mx.sigmoid(g) * u)(y[..., :h], y[..., h:])
+    report(f"gated {2 * h}x{d}", hmid, want_mid)
+    report(f"ffn (gated + down+res)", fused.gemv(hmid, lin_out, res=res),
+           res + gated_ffn(rms_norm_f32(x, alpha), lin_in, lin_out))
+    inp = make_linear(3 * d, d, bits, dtype, next(key))
+    pos = 2345
+    q, k, v = fused.qkv(x, alpha, inp, heads, mx.array([pos], dtype=mx.int32), 10000.0)
+    q0, k0, v0 = split_heads(inp(rms_norm_f32(x, alpha)), heads)
+    report(f"qkv+rope q {3 * d}x{d}", q, rope_ref(q0, pos, 10000.0))
+    report("qkv+rope k", k, rope_ref(k0, pos, 10000.0))
+    report("qkv v", v, v0)
+    q1, k1, v1 = fused.qkv(x, alpha, inp, heads)
+    report("qkv (no rope) q", q1, q0)
+    # Depth attention: one query over n earlier keys/values, then out_proj + residual.
+    hd = d // heads
+    for n in (1, 3, 8):
+        ks = [mx.random.normal((1, heads, 1, hd), key=mx.random.key(next(key))).astype(dtype)
+              for _ in range(n)]
+        vs = [mx.random.normal((1, heads, 1, hd), key=mx.random.key(next(key))).astype(dtype)
+              for _ in range(n)]
+        K, V = mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+        qq = q0
+        a = mx.fast.scaled_dot_product_attention(qq, K, V, scale=1 / math.sqrt(hd))
+        want = res + lin(merge_heads(a))
+        got = fused.attn_gemv(qq, ks, vs, lin, res, heads, 1 / math.sqrt(hd))
+        report(f"attn+out+res n={n}", got, want)
+    mx.eval(x)
+    return lines
+
+
+def time_chain(fn, x, n: int = 100, reps: int = 3) -> tuple[float, float]:
+    best = (1e9, 1e9)
+    for _ in range(reps):
+        y = x
+        t0 = time.perf_counter()
+        for _ in range(n):
+            y = fn(y)
+        mx.async_eval(y)
+        t2 = time.perf_counter()
+        mx.eval(y)
+        t3 = time.perf_counter()
+        best = min(best, ((t2 - t0) / n * 1e6, (t3 - t0) / n * 1e6))
+    return best
+
+
+def timings(bits: int) -> list[str]:
+    dtype = mx.bfloat16
+    out = []
+    x = mx.random.normal((1, 1, 4096)).astype(dtype)
+    alpha = mx.ones((4096,), dtype=mx.float32)
+    for n, k in ((4096, 4096), (22528, 4096), (4096, 11264), (12288, 4096)):
+        lin = make_linear(n, k, bits, dtype, 7)
+        xx = mx.random.normal((1, 1, k)).astype(dtype)
+        sq = make_linear(k, n, bits, dtype, 8)  # to chain: back to k
+        mx.eval(lin.arrays(), sq.arrays(), xx)
+        f_mlx = lambda y: sq(lin(y))  # noqa: E731
+        f_fused = lambda y: fused.gemv(fused.gemv(y, lin), sq)  # noqa: E731
+        for name, f in (("mlx", f_mlx), ("fused", f_fused)):
+            f(xx)
+            h, w = time_chain(f, xx, 50)
+            mb = sum(a.nbytes for a in lin.arrays() + sq.arrays()) / 1e6
+            out.append(f"{bits}-bit {n}x{k}+back {name:6s}: host {h / 2:6.1f} us/op, wall "
+                       f"{w / 2:6.1f} us/op, {mb / (w * 1e-6) / 1e6:5.2f} TB/s")
+    # A whole unfused vs fused temporal-layer shape (norm, qkv, ffn), chained on x.
+    lin_qkv = make_linear(12288, 4096, bits, dtype, 1)
+    lin_o = make_linear(4096, 4096, bits, dtype, 2)
+    lin_in = make_linear(22528, 4096, bits, dtype, 3)
+    lin_out = make_linear(4096, 11264, bits, dtype, 4)
+    pos = mx.array([100], dtype=mx.int32)
+
+    def unfused(y):
+        qkv = lin_qkv(rms_norm_f32(y, alpha))
+        q, k, v = split_heads(qkv, 32)
+        q = rope_ref(q, 100, 10000.0)
+        y = y + lin_o(merge_heads(q + v))
+        return y + gated_ffn(rms_norm_f32(y, alpha), lin_in, lin_out)
+
+    def fused_layer(y):
+        q, k, v = fused.qkv(y, alpha, lin_qkv, 32, pos)
+        y = fused.gemv((q + v).reshape(1, 1, 4096), lin_o, res=y)
+        return fused.gemv(fused.gemv_gated(y, alpha, lin_in), lin_out, res=y)
+
+    for name, f in (("unfused layer", unfused), ("fused layer", fused_layer),
+                    ("unfused compiled", mx.compile(unfused)), ("fused compiled", mx.compile(fused_layer))):
+        f(x)
+        h, w = time_chain(f, x, 32)
+        out.append(f"{bits}-bit {name:18s}: host {h:7.1f} us/layer, wall {w:7.1f} us/layer")
+    return out
+
+
+def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
+    """Compiles every kernel variant the engine uses with NVRTC, as MLX's `cuda_kernel` would
+    wrap it (signature, template constants), with the CUDA toolkit headers instead of MLX's."""
+    lib = ctypes.CDLL(lib_path)
+    failures = 0
+    variants = []
+    for kind, kw in (("gemv", {}), ("gemv", {"stage": "norm", "epilogue": "res"}),
+                     ("gemv", {"epilogue": "res"}), ("gated", {}),
+                     ("qkv", {"neg_log_base_2_over_hd": -0.14}), ("qkv", {}),
+                     ("attn", {"nkv": 3, "scale": 0.125})):
+        for tname, bits in (("__nv_bfloat16", 4), ("__nv_bfloat16", 8), ("__nv_bfloat16", 0),
+                            ("float", 0)):
+            variants.append((kind, kw, tname, bits))
+    for kind, kw, tname, bits in variants:
+        src = _source(kind, kw, tname, bits)
+        prog = ctypes.c_void_p()
+        lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
+        opts = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [f"-I{d}".encode() for d in includes]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        n = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        status = "ok" if rc == 0 else "FAIL"
+        failures += rc != 0
+        print(f"{status} {kind} {kw} T={tname} BITS={bits}")
+        if rc != 0 or log.value.strip():
+            print(log.value.decode()[:4000])
+    return failures
+
+
+def _source(kind, kw, tname, bits) -> str:
+    """The translation unit MLX would build for one variant (mirrors `cuda_kernel`'s wrapper)."""
+    captured = {}
+    orig = mx.fast.cuda_kernel
+
+    def capture(**kwargs):
+        captured.update(kwargs)
+        return None
+
+    mx.fast.cuda_kernel = capture
+    try:
+        fused._kernel.cache_clear()
+        fused._kernel(kind, **kw)
+    finally:
+        mx.fast.cuda_kernel = orig
+        fused._kernel.cache_clear()
+    consts = {"T": tname, "BITS": bits, "K": 4096 if kind != "attn" else 1024, "N": 12288,
+              "GROUP": 64, "RW": 4, "HD": 128, "ROPE": "true" if "neg" in str(kw) else "false",
+              "H": 16, "NKV": kw.get("nkv", 1)}
+    extra = {"gemv": (), "gated": (), "qkv": ("HD", "ROPE"), "attn": ("H", "NKV")}
+    types = {"x": tname, "alpha": "float", "w": "uint32_t" if bits else tname, "scales": tname,
+             "biases": tname, "res": tname, "pos": "int32_t", "q": tname}
+    params = []
+    for name in captured["input_names"]:
+        params.append(f"const {types.get(name, tname)}* {name}")
+    for name in captured["output_names"]:
+        params.append(f"{tname}* {name}")
+    body = captured["source"]
+    lines = []
+    for c, v in consts.items():
+        if c == "T":
+            lines.append(f"  using T = {v};")
+        elif c in ("T", "BITS", "K", "N", "GROUP", "RW") or c in extra[kind]:
+            typ = "bool" if c == "ROPE" else "int"
+            lines.append(f"  constexpr {typ} {c} = {v};")
+    return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
+            + captured["header"] + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            + "__global__ void kern(" + ", ".join(params) + ") {\n" + "\n".join(lines) + "\n"
+            + body + "\n}\n}\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nvrtc", help="compile-only check with this libnvrtc")
+    ap.add_argument("--include", action="append", default=[])
+    ap.add_argument("--no-timings", action="store_true")
+    args = ap.parse_args()
+    if args.nvrtc:
+        sys.exit(1 if nvrtc_compile_all(args.nvrtc, args.include) else 0)
+    if not fused.enabled():
+        sys.exit("The fused kernels need MLX's CUDA backend (run this on the GPU machine).")
+    seven_b = {"d": 4096, "hidden": 11264, "heads": 32}
+    depth = {"d": 1024, "hidden": 2816, "heads": 16}
+    tiny = {"d": 64, "hidden": 176, "heads": 4}
+    fails = 0
+    for dtype, bits_list in ((mx.bfloat16, (4, 8, 0)), (mx.float32, (0,))):
+        for bits in bits_list:
+            for name, dims in (("7B temporal", seven_b), ("7B depth", depth), ("tiny", tiny)):
+                if bits and dims is tiny:
+                    continue
+                lines = check_numerics(dtype, bits, dims)
+                print(f"== {name} {dtype} bits={bits}")
+                for line in lines:
+                    print("  " + line)
+                fails += sum(line.startswith("FAIL") for line in lines)
+    if not args.no_timings:
+        for bits in (4, 8):
+            for line in timings(bits):
+                print(line)
+    print("numerics:", "all ok" if not fails else f"{fails} FAILED")
+
+
+if __name__ == "__main__":
+    main()

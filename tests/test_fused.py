@@ -1,0 +1,118 @@
+"""engine/lm/fused.py: when the fused CUDA kernels are chosen, and what they are built from.
+
+The kernels themselves need MLX's CUDA backend: on such a machine the tests marked `cuda` here
+run, and so do the reference-parity tests (tests/test_offline.py, tests/test_lm_personaplex.py),
+whose live depth steps then go through the kernels (`bash scripts/bench_gpu.sh fused` with
+PYTEST set; results in docs/benchmarks.md). `scripts/check_fused_kernels.py` compares each kernel
+with the unfused MLX operations there, and compiles every variant with NVRTC anywhere.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.lm import fused
+from engine.lm.layers import Linear
+
+cuda = pytest.mark.skipif(not fused.enabled(), reason="needs MLX's CUDA backend")
+
+
+def _lin(n, k, bits=4, group=64, dtype=mx.bfloat16):
+    w = mx.zeros((n, k), dtype=dtype)
+    if not bits:
+        return Linear(w)
+    q, s, b = mx.quantize(w, group_size=group, bits=bits)
+    return Linear(q, s, b, bits, group)
+
+
+def test_layouts_the_kernels_take():
+    assert fused.supports(_lin(3072, 1024), mx.bfloat16)
+    assert fused.supports(_lin(1024, 2816, bits=8), mx.bfloat16)
+    assert fused.supports(_lin(96, 32, bits=0, dtype=mx.float32), mx.float32)  # tiny, float32
+    assert fused.supports(_lin(4096, 11264, group=32), mx.bfloat16)
+    assert not fused.supports(_lin(1024, 1024), mx.float32)  # scales of another dtype
+    assert not fused.supports(_lin(1024, 1024, bits=0, dtype=mx.float16), mx.float16)
+    assert not fused.supports(_lin(1023, 1024, bits=0), mx.bfloat16)  # odd rows
+    assert not fused.supports(_lin(64, 16384), mx.bfloat16)  # x would not fit shared memory
+
+
+def test_the_cpu_never_takes_the_fused_path(tiny_dir, monkeypatch):
+    from engine.duplex import DuplexEngine
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("a CPU-only check")
+    assert not fused.enabled()
+    engine = DuplexEngine.load(str(tiny_dir), seed=0)
+    assert engine.gen.fused is False
+    with pytest.raises(ValueError, match="CUDA"):
+        engine.gen.fused = True
+
+
+def test_parley_fused_0_turns_them_off(monkeypatch):
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert fused.enabled()
+    monkeypatch.setenv("PARLEY_FUSED", "0")
+    assert not fused.enabled()
+
+
+def test_each_kernel_declares_what_its_wrapper_passes(monkeypatch):
+    """The argument lists of the Python wrappers and the kernels' declared inputs agree (a
+    mismatch would only show on a GPU)."""
+    made = {}
+
+    def fake_cuda_kernel(**kw):
+        def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup):
+            assert len(inputs) == len(kw["input_names"]), kw["name"]
+            assert len(output_shapes) == len(kw["output_names"]) == len(output_dtypes)
+            names = dict(template)
+            for needed in ("T", "BITS", "K", "N", "GROUP", "RW"):
+                assert needed in names
+            made[kw["name"]] = (kw, names)
+            assert grid[0] % threadgroup[0] == 0
+            return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
+        return call
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    fused._kernel.cache_clear()
+    try:
+        x = mx.zeros((1, 1, 1024), dtype=mx.bfloat16)
+        alpha = mx.ones((1024,), dtype=mx.float32)
+        lin = _lin(1024, 1024)
+        assert fused.gemv(x, lin).shape == (1, 1, 1024)
+        assert fused.gemv(x, lin, alpha=alpha, res=x).shape == (1, 1, 1024)
+        assert fused.gemv_gated(x, alpha, _lin(5632, 1024)).shape == (1, 1, 2816)
+        q, k, v = fused.qkv(x, alpha, _lin(3072, 1024), 16, mx.array([3], dtype=mx.int32))
+        assert q.shape == k.shape == v.shape == (1, 16, 1, 64)
+        out = fused.attn_gemv(q, [k, k], [v, v], lin, x, 16, 0.125)
+        assert out.shape == x.shape
+    finally:
+        fused._kernel.cache_clear()
+    kinds = {name.split("_")[1] for name in made}
+    assert kinds == {"gemv", "gated", "qkv", "attn"}
+    qkv_kw, qkv_t = next(v for n, v in made.items() if "_qkv_" in n)
+    assert qkv_t["HD"] == 64 and qkv_t["ROPE"] is True
+    assert qkv_kw["output_names"] == ["q", "k", "v"]
+    attn_kw, attn_t = next(v for n, v in made.items() if "_attn_" in n)
+    assert attn_t["NKV"] == 2 and attn_t["H"] == 16
+    assert attn_kw["input_names"][:5] == ["q", "k0", "k1", "v0", "v1"]
+
+
+@cuda
+def test_on_cuda_the_live_depth_step_is_fused_and_matches_the_unfused_one(tiny_dir):
+    """float32 tiny model: a frame's tokens with the fused depth step equal the unfused ones
+    (greedy), and its logits agree to float32 rounding."""
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    rng = np.random.default_rng(0)
+    pcm = (0.1 * rng.standard_normal((12, 1920))).astype(np.float32)
+    runs = []
+    for flag in (True, False):
+        engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32")
+        assert engine.gen.fused is True
+        engine.gen.fused = flag
+        engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+        runs.append([engine.step(p).tokens.copy() for p in pcm])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
