@@ -109,6 +109,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "prefill_frames": getattr(engine, "last_prefill_frames", 0),
         "context": "full" if full_context else "after prompt",
         "overlap_encode": bool(getattr(engine, "overlap_encode", False)),
+        "fused_depth": bool(getattr(engine.gen, "fused", False)),
         "attended_positions": kv.filled,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "active_memory_gb": mx.get_active_memory() / 1e9,
@@ -232,7 +233,8 @@ def bench_command(args) -> int:
         load_s = time.perf_counter() - t0
         if engine.model_dir.is_tiny_random and not args.shape:
             label += ", random weights"
-        engine.overlap_encode = bool(getattr(args, "overlap_encode", False))
+        if getattr(args, "overlap_encode", None) is not None:
+            engine.overlap_encode = bool(args.overlap_encode)
         voices = engine.available_voices()
         persona = Persona(name="bench", prompt="You are a wise and friendly teacher. Answer "
                           "questions or provide advice in a clear and engaging way.",

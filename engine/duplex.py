@@ -40,10 +40,19 @@ class PreparedPrompt:
         return voice + self.frames.shape[0]
 
 
+def default_overlap_encode() -> bool:
+    """Whether Mimi's encode overlaps the LM step by default: on MLX's CUDA backend only."""
+    import mlx.core as mx
+    try:
+        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+    except AttributeError:
+        return False
+
+
 class DuplexEngine:
     def __init__(self, model_dir: ModelDir, lm, mimi, tokenizer: TextTokenizer, *,
                  dtype: str, quantize: int | None, greedy: bool = False, seed: int | None = None,
-                 overlap_encode: bool = False):
+                 overlap_encode: bool | None = None):
         import mlx.core as mx
         from engine.lm import LMGen
 
@@ -64,15 +73,17 @@ class DuplexEngine:
         # Live telemetry samples the stage split on one frame in this many (0: never); the
         # other frames keep one evaluation barrier.
         self.stage_sample_every = 8
-        # Experimental: Mimi's encode of a frame runs on a worker thread (its own MLX stream)
-        # while this thread builds and issues the LM step, which never reads this frame's user
-        # codes (MODEL.md §11.6). On a GPU the frame is bound by issuing work from the CPU, so
-        # the two overlap. Off by default until measured on Metal and CUDA.
+        # Mimi's encode of a frame runs on a worker thread (its own MLX stream) while this
+        # thread builds and issues the LM step, which never reads this frame's user codes
+        # (MODEL.md §11.6). On CUDA the frame is bound by issuing work from the CPU, so the two
+        # overlap: on by default there (H100: 23.5 -> 16.1 ms a frame, docs/benchmarks.md). Off
+        # on the CPU backend, where the stages compete for the same cores and nothing is
+        # gained, and on Metal until measured there. None = that default.
         self._encode_pool = None
         self._encode_stream = None
         self._worker_resets = -1  # encoder_resets when the encoder state was last made concrete
         self._overlap_encode = False
-        self.overlap_encode = overlap_encode
+        self.overlap_encode = default_overlap_encode() if overlap_encode is None else overlap_encode
         self._frames = 0
         self.persona: Persona | None = None
         self.last_user_codes = np.zeros(self.config.lmgen.mimi_num_codebooks, np.int64)

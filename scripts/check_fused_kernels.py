@@ -63,6 +63,11 @@ def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
     def report(name, got, want):
         e = rel_err(got, want)
         tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
+        if "rope" in name and dtype == mx.float32:
+            # At position 2345 an angle is ~2e3 rad: one float32 ulp of the frequency (the
+            # kernel computes it as the PyTorch reference does, MLX's fast.rope its own way)
+            # moves it by ~1e-4 rad, so the two differ by that much in float32.
+            tol = 5e-4
         lines.append(f"{'ok  ' if e <= tol else 'FAIL'} {name:28s} rel err {e:.2e}")
 
     lin = make_linear(d, d, bits, dtype, next(key))

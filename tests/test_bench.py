@@ -63,3 +63,19 @@ def test_live_frames_sample_the_stage_split(tiny_dir):
         assert all(v > 0 for v in r.timings_ms.values())
     chosen = {id(r) for r in split}
     assert all(set(r.timings_ms) == {"total"} for r in results if id(r) not in chosen)
+
+
+def test_bench_says_how_the_frame_ran_and_overlap_follows_the_flag(tiny_dir, capsys):
+    """The JSON says whether the encode overlapped and whether the depth step was fused; the
+    overlap defaults to on only on CUDA (this CPU: off) and follows --[no-]overlap-encode."""
+    from engine.duplex import default_overlap_encode
+    base = ["bench", "--model", str(tiny_dir), "--frames", "3", "--warmup", "1", "--json"]
+    seen = {}
+    for flag in ([], ["--overlap-encode"], ["--no-overlap-encode"]):
+        assert main(base + flag) == 0
+        data = json.loads(capsys.readouterr().out)
+        seen[tuple(flag)] = data["overlap_encode"]
+        assert data["fused_depth"] is False  # no CUDA here
+    assert seen == {(): default_overlap_encode(), ("--overlap-encode",): True,
+                    ("--no-overlap-encode",): False}
+    assert default_overlap_encode() is False

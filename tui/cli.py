@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
     bench.add_argument("--frames", type=int, default=100, help="frames to time after warm-up")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    bench.add_argument("--overlap-encode", action="store_true",
-                       help="experimental: encode each frame on a worker thread while the LM "
-                       "step is issued")
+    bench.add_argument("--overlap-encode", action=argparse.BooleanOptionalAction, default=None,
+                       help="encode each frame on a worker thread while the LM step is issued "
+                       "(default: on with MLX's CUDA backend, off elsewhere)")
     bench.add_argument("--context", choices=("full", "prompt"), default="full",
                        help="time frames attending over a full attention window (the steady "
                        "state of a long conversation; default) or right after the prompt")
