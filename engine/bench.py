@@ -41,7 +41,10 @@ class BenchResult:
             f"Frame: p50 {tot['p50_ms']:.2f} ms, p95 {tot['p95_ms']:.2f} ms, "
             f"max {tot['max_ms']:.2f} ms (budget 80 ms; attending over "
             f"{d['attended_positions']} positions, context {d['context']})",
-            f"Stages (p50 ms): {split}",
+            f"Stages (p50 ms): {split}" + (
+                f" (encode overlapped with the LM step)" if d.get("overlap_encode") else ""),
+            "Depth transformer: " + ("fused CUDA kernels" if d.get("fused_depth")
+                                     else "MLX operations"),
             f"Generation: {d['frames']} frames, {d['frames_per_s']:.1f} frames-per-sec, "
             f"{d['text_tokens_per_s']:.1f} text tokens-per-sec, real-time factor {d['rtf']:.3f}",
             f"Peak memory: {d['peak_memory_gb']:.3f} GB",

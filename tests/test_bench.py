@@ -45,6 +45,7 @@ def test_bench_summary_lines(tiny_dir, capsys):
     assert main(["bench", "--model", str(tiny_dir), "--frames", "3", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "Peak memory:" in out and "Frame: p50" in out and "real-time factor" in out
+    assert "Depth transformer: MLX operations" in out  # no CUDA here
 
 
 def test_live_frames_sample_the_stage_split(tiny_dir):

@@ -62,6 +62,9 @@ def test_doctor_reports_this_machine_truthfully():
     assert f"default device {mx.default_device()}" in out
     has_gpu = mx.metal.is_available() or mx.cuda.is_available()
     assert ("no GPU backend" in out) == (not has_gpu)
+    cuda = mx.cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
+    assert ("fused CUDA kernels" in out) == cuda and ("encode overlapped" in out) == cuda
+    assert "Frame path" in out
     try:
         import sounddevice as sd
 

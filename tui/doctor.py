@@ -43,10 +43,28 @@ def _mlx_checks() -> list[Check]:
                                    "`pip install --force-reinstall parley`")]
     if info.gpu_backend:
         detail = f"{info.version}, default device {info.default_device} ({info.gpu_backend})"
-        return [Check("MLX", OK, detail)]
+        return [Check("MLX", OK, detail), _frame_path_check()]
     detail = (f"{info.version}, default device {info.default_device}: no GPU backend, so the 7B "
               "model will not run in real time here (use --model tiny, or a Mac with Apple silicon)")
-    return [Check("MLX", WARN, detail)]
+    return [Check("MLX", WARN, detail), _frame_path_check()]
+
+
+def _frame_path_check() -> Check:
+    """How a live frame will run here: the depth transformer's fused CUDA kernels and the
+    overlapped encode are chosen by backend (docs/benchmarks.md)."""
+    import os
+
+    from engine.duplex import default_overlap_encode
+    from engine.lm import fused
+    if fused.enabled():
+        depth = "depth transformer in fused CUDA kernels (PARLEY_FUSED=0 turns them off)"
+    elif os.environ.get("PARLEY_FUSED") == "0":
+        depth = "depth transformer in MLX operations (PARLEY_FUSED=0 is set)"
+    else:
+        depth = "depth transformer in MLX operations"
+    encode = ("Mimi's encode overlapped with the LM step" if default_overlap_encode()
+              else "Mimi's encode before the LM step")
+    return Check("Frame path", INFO, f"{depth}; {encode}")
 
 
 def _audio_checks() -> list[Check]:
