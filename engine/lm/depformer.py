@@ -69,7 +69,7 @@ class Depformer:
         return [None for _ in self.layers]
 
     def can_fuse(self, dtype: mx.Dtype) -> bool:
-        """Whether `step(..., fused=True)` can run: MLX's CUDA backend, and every linear of a
+        """Whether `step(..., use_fused=True)` can run: MLX's CUDA backend, and every linear of a
         step in a layout engine/lm/fused.py handles."""
         if not fused.enabled():
             return False
@@ -85,11 +85,11 @@ class Depformer:
         return table(token)
 
     def step(self, k: int, hn: mx.array, prev_token: mx.array, cache, rule: str = "kyutai",
-             fused: bool = False) -> mx.array:
+             use_fused: bool = False) -> mx.array:
         """Depth step k for one frame. hn [B, T, d] (the temporal output), prev_token [B, T] int
         -> logits [B, T, card]. `cache` is the frame's per-layer list of keys/values so far.
-        `fused` (one position, see `can_fuse`) runs each layer as four fused CUDA kernels."""
-        if fused:
+        `use_fused` (one position, see `can_fuse`) runs each layer as four fused CUDA kernels."""
+        if use_fused:
             return self._step_fused(k, hn, prev_token, cache, rule)
         x = self.depformer_in.step(k)(hn) + self.token_embedding(k, prev_token)
         H = self.num_heads
