@@ -89,6 +89,11 @@ def test_each_kernel_declares_what_its_wrapper_passes(monkeypatch):
         assert out.shape == x.shape
     finally:
         fused._kernel.cache_clear()
+    # MLX caches builds on disk by name: each name carries its source's digest.
+    import hashlib
+    for name, (kw, _) in made.items():
+        assert hashlib.sha1((kw["header"] + kw["source"]).encode()).hexdigest()[:12] in name
+    assert len(made) == 5  # gemv, gemv with norm and residual, gated, qkv, attn
     kinds = {name.split("_")[1] for name in made}
     assert kinds == {"gemv", "gated", "qkv", "attn"}
     qkv_kw, qkv_t = next(v for n, v in made.items() if "_qkv_" in n)

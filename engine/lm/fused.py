@@ -32,6 +32,7 @@ loads, read consecutive floats instead of hitting one bank 32 times.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 
@@ -387,7 +388,10 @@ def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
                .replace("{scale}", repr(float(scale))))
     else:
         raise ValueError(kind)
-    name = f"parley_{kind}_{stage}_{epilogue}_{nkv}_{abs(hash((scale, neg_log_base_2_over_hd))) % 10**8}"
+    # MLX caches compiled kernels on disk by name (MLX_PTX_CACHE_DIR, default under /tmp), so the
+    # name carries a digest of the source: a changed kernel must never load an old build.
+    digest = hashlib.sha1((_HEADER + src).encode()).hexdigest()[:12]
+    name = f"parley_{kind}_{digest}"
     return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=src,
                                header=_HEADER)
 
