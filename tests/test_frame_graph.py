@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from engine.duplex import DuplexEngine
 from engine.mxops import at, primitive_counts, unbatch
@@ -54,3 +55,23 @@ def test_views_instead_of_gathers():
     b = a[None]
     assert primitive_counts(unbatch(b))["Gather"] == 0
     assert np.array_equal(np.array(unbatch(b)), np.array(a))
+
+
+@pytest.mark.parametrize("k, stride, dilation", [(7, 1, 1), (3, 1, 3), (4, 2, 1), (8, 4, 1)])
+def test_streaming_conv_im2col_is_one_view_not_a_concatenation_of_taps(k, stride, dilation):
+    """A streaming conv's window matrix is one strided view (one copy to make it contiguous),
+    not a concatenation of its k taps (k copy kernels on CUDA); its output still equals
+    mx.conv1d over the same padded input."""
+    from engine.mimi.conv import StreamingConv1d
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((6, 5, k)).astype(np.float32)
+    conv = StreamingConv1d(w, stride=stride, dilation=dilation)
+    assert conv.mode == "matmul"
+    x = mx.array(rng.standard_normal((1, 4 * stride, 5)).astype(np.float32))
+    y = conv(x)
+    counts = primitive_counts(y)
+    assert counts["Concatenate"] == 1, counts  # only the carried samples joined to the input
+    assert counts["AsStrided"] == 1, counts
+    padded = mx.concatenate([mx.zeros((1, conv.context, 5)), x], axis=1)
+    want = mx.conv1d(padded, mx.array(w.transpose(0, 2, 1)), stride=stride, dilation=dilation)
+    np.testing.assert_allclose(np.array(y), np.array(want), rtol=1e-5, atol=1e-5)

@@ -118,13 +118,12 @@ class StreamingConv1d:
         k, S, d, C = self.kernel_size, self.stride, self.dilation, self.in_channels
         if k == 1:  # (then S == 1: the stride never exceeds the kernel)
             cols = x
-        elif S == 1:
-            cols = mx.concatenate([x[j * d: j * d + n_out] for j in range(k)], axis=1)
-        else:  # k = m·S, dilation 1: rows of S samples, m consecutive rows per window
-            m = k // S
-            rows = x.reshape(n_out + m - 1, S * C)
-            cols = rows if m == 1 else mx.concatenate(
-                [rows[i: i + n_out] for i in range(m)], axis=1)
+        elif S == k and x.shape[0] == n_out * k:  # non-overlapping windows: a plain reshape
+            cols = x.reshape(n_out, k * C)
+        else:
+            # im2col as one strided view (window i, tap j = row i·S + j·d), made contiguous by
+            # one copy: a concatenation of the k taps would issue k copy kernels.
+            cols = mx.as_strided(x, (n_out, k, C), (S * C, d * C, 1)).reshape(n_out, k * C)
         return cols @ self.weight
 
 
