@@ -3,8 +3,9 @@ H100; see docs/benchmarks.md). For each stage it separates the time Python spend
 MLX graph, the time `mx.async_eval` takes to hand the kernels to the device (MLX's encoding) and
 the time left waiting for the device. Then it compares, in this one process and interleaved frame
 by frame (lent machines differ, so only same-process comparisons are fair), Mimi's compiled and
-eager frames, whole `DuplexEngine.step` frames with the depth transformer unfused or through the
-fused CUDA kernels of engine/lm/fused.py, and Mimi's encode overlapped on a worker thread or not. Not a unit test;
+eager frames, whole `DuplexEngine.step` frames unfused, with the depth transformer through the
+fused CUDA kernels of engine/lm/fused.py, and with the temporal one too (the experimental
+PARLEY_FUSED_TEMPORAL path), and Mimi's encode overlapped on a worker thread or not. Not a unit test;
 the numbers are for deciding what to optimise.
 
     python3 scripts/bench_frame_parts.py [--frames 50] [--quantize 4] [--tiny]
@@ -118,15 +119,27 @@ def main() -> None:
         kv = gen.kv
         kv.end += kv.slots
         engine.stage_sample_every = 0
+        # Variants: (depth fused, temporal fused); the temporal one is the experimental
+        # PARLEY_FUSED_TEMPORAL path.
         frames = {}
         can_fuse = model.depformer.can_fuse(model.dtype)
-        for flag in ((False, True) if can_fuse else (False,)):
-            gen.fused = flag
-            frames[flag] = gen._make_frame()
+        variants = [(False, False)]
+        if can_fuse:
+            variants.append((True, False))
+            if model.temporal.can_fuse(model.dtype):
+                variants.append((True, True))
+        for depth_fused, _ in variants:
+            if depth_fused not in frames:
+                gen.fused = depth_fused
+                frames[depth_fused] = gen._make_frame()
         result["fused_available"] = can_fuse
+        names = {(False, False): "unfused", (True, False): "fused depth",
+                 (True, True): "fused depth + temporal"}
 
-        def use(flag):
-            gen._fused, gen._frame = flag, frames[flag]
+        def use(variant):
+            depth_fused, temporal_fused = variant
+            gen._fused, gen._frame = depth_fused, frames[depth_fused]
+            model.temporal.use_fused = temporal_fused
 
         def frame_ms():
             t = time.perf_counter()
@@ -137,23 +150,21 @@ def main() -> None:
             return {"p50_ms": p50(t), "p95_ms": round(float(np.percentile(t, 95)), 3),
                     "max_ms": round(max(t), 3)}
 
-        for flag in frames:  # warm-up (compiles each frame function)
-            use(flag)
+        for v in variants:  # warm-up (compiles each frame function)
+            use(v)
             for _ in range(3):
                 frame_ms()
-        times = {flag: [] for flag in frames}
+        times = {v: [] for v in variants}
         for _ in range(args.frames):
-            for flag in frames:
-                use(flag)
-                times[flag].append(frame_ms())
-        result["frames"] = {("fused depth" if f else "unfused depth"): stats(t)
-                            for f, t in times.items()}
+            for v in variants:
+                use(v)
+                times[v].append(frame_ms())
+        result["frames"] = {names[v]: stats(t) for v, t in times.items()}
         if can_fuse:
-            use(True)
+            use((True, False))
             result["depth_fused"] = timed_stage(
                 lambda: gen._frame(hn, mask, vals, gen._next_key()), args.frames)
-        best = max(frames)
-        use(best)
+        use(variants[1] if can_fuse else variants[0])  # the defaults
         blocks = {}
         for overlap in (False, True, False, True):
             engine.overlap_encode = overlap

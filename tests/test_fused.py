@@ -57,10 +57,9 @@ def test_parley_fused_0_turns_them_off(monkeypatch):
     assert not fused.enabled()
 
 
-def test_each_kernel_declares_what_its_wrapper_passes(monkeypatch):
-    """The argument lists of the Python wrappers and the kernels' declared inputs agree (a
-    mismatch would only show on a GPU)."""
-    made = {}
+def _fake_cuda_kernels(monkeypatch, made: dict) -> None:
+    """Replaces mx.fast.cuda_kernel with a stand-in that checks each call against the kernel's
+    declaration and returns zeros of the declared output shapes (the kernels need a GPU)."""
 
     def fake_cuda_kernel(**kw):
         def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup):
@@ -76,6 +75,13 @@ def test_each_kernel_declares_what_its_wrapper_passes(monkeypatch):
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
     fused._kernel.cache_clear()
+
+
+def test_each_kernel_declares_what_its_wrapper_passes(monkeypatch):
+    """The argument lists of the Python wrappers and the kernels' declared inputs agree (a
+    mismatch would only show on a GPU)."""
+    made = {}
+    _fake_cuda_kernels(monkeypatch, made)
     try:
         x = mx.zeros((1, 1, 1024), dtype=mx.bfloat16)
         alpha = mx.ones((1024,), dtype=mx.float32)
@@ -121,3 +127,58 @@ def test_on_cuda_the_live_depth_step_is_fused_and_matches_the_unfused_one(tiny_d
         runs.append([engine.step(p).tokens.copy() for p in pcm])
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_fused_temporal_step_is_opt_in_and_cuda_only(tiny_dir, monkeypatch):
+    from engine.duplex import DuplexEngine
+    monkeypatch.setenv("PARLEY_FUSED_TEMPORAL", "1")
+    engine = DuplexEngine.load(str(tiny_dir), seed=0)
+    assert engine.gen.model.temporal.use_fused is fused.enabled()
+    monkeypatch.delenv("PARLEY_FUSED_TEMPORAL")
+    engine = DuplexEngine.load(str(tiny_dir), seed=0)
+    assert engine.gen.model.temporal.use_fused is False
+
+
+@cuda
+def test_on_cuda_the_fused_temporal_step_matches_the_unfused_one(tiny_dir, monkeypatch):
+    """float32 tiny model, greedy: the same frames with PARLEY_FUSED_TEMPORAL=1 as without."""
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    rng = np.random.default_rng(1)
+    pcm = (0.1 * rng.standard_normal((12, 1920))).astype(np.float32)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("PARLEY_FUSED_TEMPORAL", flag)
+        engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32")
+        assert engine.gen.model.temporal.use_fused is (flag == "1")
+        engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+        runs.append([engine.step(p).tokens.copy() for p in pcm])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_fused_steps_fit_the_engine(tiny_dir, monkeypatch):
+    """The fused temporal and depth steps, wired into a real (tiny) model, pass every kernel
+    what it declares and give arrays of the unfused steps' shapes (kernels stood in for)."""
+    from engine.duplex import DuplexEngine
+    made = {}
+    _fake_cuda_kernels(monkeypatch, made)
+    try:
+        gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
+        model = gen.model
+        model.temporal.use_fused = True
+        x = mx.zeros((1, 1, model.cfg.dim), dtype=model.dtype)
+        hn = model.hidden(x, gen.kv, compiled=True)
+        assert hn.shape == x.shape
+        dep = model.depformer
+        cache = dep.new_cache()
+        for k in range(model.depformer_steps):
+            logits = dep.step(k, hn, mx.zeros((1, 1), mx.int32), cache, "nvidia", True)
+            assert logits.shape == (1, 1, model.cfg.card)
+        mx.eval(hn, logits)
+    finally:
+        fused._kernel.cache_clear()
+    kinds = {name.split("_")[1] for name in made}
+    assert kinds == {"gemv", "gated", "qkv", "attn"}
+    rope = [t for n, (kw, t) in made.items() if "_qkv_" in n]
+    assert {t["ROPE"] for t in rope} == {True, False}  # temporal with RoPE, depth without

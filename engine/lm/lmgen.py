@@ -106,6 +106,8 @@ class LMGen:
         self.compile = compile
         # The depth transformer's fused CUDA kernels (engine/lm/fused.py) where they can run.
         self._fused = model.depformer.can_fuse(model.dtype)
+        model.temporal.use_fused = (os.environ.get("PARLEY_FUSED_TEMPORAL") == "1"
+                                    and model.temporal.can_fuse(model.dtype))
         self._key = None
         self._last = {}  # "hidden" / "text_logits": evaluated MLX arrays, numpy on access
         self.last_audio_logits: mx.array | None = None

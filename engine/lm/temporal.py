@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import fused
 from .kv_ring import KVRing
 from .layers import Linear, attention_scale, gated_ffn, merge_heads, rms_norm_f32, split_heads
 
@@ -36,7 +37,18 @@ class Temporal:
         self.num_heads = num_heads
         self.context = context
         self.max_period = float(max_period)
-        self._step_fns = None
+        # Experimental (PARLEY_FUSED_TEMPORAL=1, see `can_fuse`): the one-position step through
+        # engine/lm/fused.py's kernels. Not yet measured end to end on a GPU, so off by default.
+        self.use_fused = False
+        self._step_fns = {}
+
+    def can_fuse(self, dtype: mx.Dtype) -> bool:
+        """Whether the fused step can run: MLX's CUDA backend and every layer's linears in a
+        layout engine/lm/fused.py handles."""
+        if not fused.enabled():
+            return False
+        return all(fused.supports(lin, dtype) for layer in self.layers
+                   for lin in (layer.in_proj, layer.out_proj, layer.linear_in, layer.linear_out))
 
     def arrays(self) -> list[mx.array]:
         out = [self.out_norm]
@@ -55,7 +67,9 @@ class Temporal:
         """The parts of a one-position step between the KV-ring accesses, compiled: `first` (norm1,
         QKV and RoPE of layer 0), `joints[i]` (layer i's out projection, residual and FFN, then
         layer i+1's norm1, QKV and RoPE) and `last` (the last layer's tail and out_norm). One
-        compiled call per layer, rather than two, halves the calls' fixed cost."""
+        compiled call per layer, rather than two, halves the calls' fixed cost. With `use_fused`
+        the pieces are engine/lm/fused.py's kernels: RMSNorm+QKV+RoPE, out projection+residual,
+        RMSNorm+gated FFN half, down projection+residual."""
         H = self.num_heads
 
         def pre(layer, x, offset):
@@ -76,6 +90,16 @@ class Temporal:
             x = x + layer.out_proj(merge_heads(a))
             return x + gated_ffn(rms_norm_f32(x, layer.norm2), layer.linear_in, layer.linear_out)
 
+        if self.use_fused:
+            def pre(layer, x, offset):  # noqa: F811 (the fused variant of the same step)
+                return fused.qkv(x, layer.norm1, layer.in_proj, H, offset.reshape(1),
+                                 self.max_period)
+
+            def post(layer, x, a):  # noqa: F811
+                x = fused.gemv(merge_heads(a), layer.out_proj, res=x)
+                h = fused.gemv_gated(x, layer.norm2, layer.linear_in)
+                return fused.gemv(h, layer.linear_out, res=x)
+
         layers = self.layers
         first = mx.compile(lambda x, offset: pre(layers[0], x, offset))
         joints = []
@@ -90,9 +114,9 @@ class Temporal:
 
     def step_compiled(self, x: mx.array, kv: KVRing) -> mx.array:
         """One position ([1, 1, d]) with the compiled functions; same result as `__call__`."""
-        if self._step_fns is None:
-            self._step_fns = self._make_step_fns()
-        first, joints, last = self._step_fns
+        if self.use_fused not in self._step_fns:
+            self._step_fns[self.use_fused] = self._make_step_fns()
+        first, joints, last = self._step_fns[self.use_fused]
         offset = mx.array(kv.end, dtype=mx.int32)
         q, k, v = first(x, offset)
         scale = attention_scale(q.shape[-1])
