@@ -197,6 +197,7 @@ class DuplexEngine:
         self.mimi.reset()
         self.gen.reset(self.seed)
         self.gen.prefill(prepared.embeddings, prepared.frames, prepared.token_cache)
+        self.gen.warm_up()  # the first live frame would otherwise compile everything
         self.mimi.reset()
         self.persona = persona
         self.last_prefill_frames = prepared.num_steps

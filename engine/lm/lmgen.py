@@ -478,6 +478,26 @@ class LMGen:
     # Batched prefill
     # -------------------------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Traces the live frame's compiled functions (temporal step, text head and depformer
+        chain) on throwaway inputs, and on a GPU evaluates them once so their kernels are
+        compiled too (MLX's CUDA backend JIT-compiles each new kernel, the fused ones included):
+        the first live frame after a prompt then runs at speed instead of stalling the
+        conversation. The state (KV ring, tokens, sampling key) is untouched. On the CPU the
+        outputs are not evaluated: there is nothing to JIT, and it would cost a frame."""
+        if not self.compile:
+            return
+        model = self.model
+        x = mx.zeros((1, 1, self.cfg.dim), dtype=model.dtype)
+        outs = model.temporal.warm_up(x)
+        if self._frame is None:
+            self._frame = self._make_frame()
+        K = model.depformer_steps
+        outs += self._frame(x, mx.zeros((K + 1,), mx.bool_), mx.zeros((K + 1,), mx.int32),
+                            mx.random.key(0))
+        if mx.default_device().type == mx.DeviceType.gpu:
+            mx.eval(outs)
+
     def prefill(self, embeddings: np.ndarray | None, token_frames: np.ndarray,
                 token_cache: np.ndarray | None = None) -> None:
         """Teacher-forced prompt phases in one causal forward (MODEL.md §7.5), from a fresh state.
