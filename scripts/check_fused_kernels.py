@@ -168,6 +168,35 @@ def timings(bits: int) -> list[str]:
     return out
 
 
+def dispatch_costs(n: int = 200) -> list[str]:
+    """What issuing one kernel costs, compiled (one mx.compile'd chain of n dependent calls):
+    a trivial custom kernel against MLX's own RMSNorm on the same [1024] float32 vector."""
+    src = "const int i = threadIdx.x + blockIdx.x * blockDim.x; if (i < 1024) y[i] = x[i] * 0.5f;"
+    kern = mx.fast.cuda_kernel(name="parley_dispatch_probe", input_names=["x"],
+                               output_names=["y"], source=src)
+    w = mx.ones((1024,), dtype=mx.float32)
+
+    def custom(y):
+        for _ in range(n):
+            (y,) = kern(inputs=[y], grid=(1024, 1, 1), threadgroup=(256, 1, 1),
+                        output_shapes=[(1024,)], output_dtypes=[mx.float32])
+        return y
+
+    def builtin(y):
+        for _ in range(n):
+            y = mx.fast.rms_norm(y, w, 1e-6)
+        return y
+
+    out = []
+    x = mx.random.normal((1024,))
+    for name, fn in (("custom kernel", mx.compile(custom)), ("mx.fast.rms_norm", mx.compile(builtin))):
+        mx.eval(fn(x))
+        h, wall = time_chain(fn, x, 1, 5)
+        out.append(f"dispatch, compiled chain of {n}: {name:16s} host {h / n:5.2f} us/kernel, "
+                   f"wall {wall / n:5.2f} us/kernel")
+    return out
+
+
 def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
     """Compiles every kernel variant the engine uses with NVRTC, as MLX's `cuda_kernel` would
     wrap it (signature, template constants), with the CUDA toolkit headers instead of MLX's."""
@@ -265,6 +294,8 @@ def main() -> None:
                     print("  " + line)
                 fails += sum(line.startswith("FAIL") for line in lines)
     if not args.no_timings:
+        for line in dispatch_costs():
+            print(line)
         for bits in (4, 8):
             for line in timings(bits):
                 print(line)
