@@ -166,3 +166,17 @@ def test_out_of_memory_is_one_clear_sentence(monkeypatch, capsys):
     assert cli.main(["doctor"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of memory" in err and "--quantize 4" in err
+
+
+def test_float32_means_full_float32(tiny_dir, tmp_path, monkeypatch):
+    """--dtype float32 turns off MLX's TF32 products (newer MLX enables them by default on
+    M5/NVIDIA hardware) unless the user set MLX_ENABLE_TF32 themselves."""
+    from tui.cli import main
+    monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
+    assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1",
+                 "--dtype", "float32"]) == 0
+    assert os.environ.get("MLX_ENABLE_TF32") == "0"
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")
+    assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1",
+                 "--dtype", "float32"]) == 0
+    assert os.environ["MLX_ENABLE_TF32"] == "1"

@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["tui", *argv]
     args = parser.parse_args(argv)
     command = args.command
+    if getattr(args, "dtype", None) == "float32":
+        # Asking for float32 means full float32: newer MLX otherwise runs float32 products as
+        # TF32 where the hardware has it (Apple M5, NVIDIA). Read by MLX at its first product.
+        os.environ.setdefault("MLX_ENABLE_TF32", "0")
     try:
         return int(_dispatch(command, args) or 0)
     except ParleyError as exc:
