@@ -253,6 +253,19 @@ class DuplexEngine:
                            text=self._display(text_id), timings_ms=timings)
 
     @property
+    def frame_path(self) -> str:
+        """The speed paths a live frame takes beyond plain MLX operations (for the dashboard);
+        empty when none."""
+        parts = []
+        if self.overlap_encode:
+            parts.append("encode overlapped")
+        if self.gen.fused:
+            parts.append("depth fused")
+        if self.gen.model.temporal.use_fused:
+            parts.append("temporal fused")
+        return ", ".join(parts)
+
+    @property
     def overlap_encode(self) -> bool:
         return self._overlap_encode
 

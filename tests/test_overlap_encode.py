@@ -90,3 +90,10 @@ def test_an_engine_with_a_worker_exits_cleanly(tiny_dir, tmp_path):
         r = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True,
                            text=True, timeout=120, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_frame_path_names_the_overlap(tiny_dir):
+    engine = DuplexEngine.load(str(tiny_dir), seed=0)
+    assert engine.frame_path == ""  # this CPU: plain MLX operations
+    engine.overlap_encode = True
+    assert engine.frame_path == "encode overlapped"

@@ -273,6 +273,10 @@ def test_timing_panel_says_how_the_stage_split_is_measured():
     detailed = Snapshot(detailed_timing=True, stage_sample_every=8)
     assert timing_note(detailed).startswith("detailed timing: every frame, costs throughput")
     assert build_views(detailed).latency.timing_note == timing_note(detailed)
+    fast = Snapshot(stage_sample_every=8, frame_path="encode overlapped, depth fused")
+    assert timing_note(fast) == ("stage split sampled 1 frame in 8 (t: every frame) · "
+                                 "encode overlapped, depth fused")
+    assert timing_note(Snapshot(frame_path="depth fused")) == "depth fused"
     asyncio.run(_timing_note_drawn(build_views(sampled).latency, build_views(detailed).latency))
 
 

@@ -1148,6 +1148,7 @@ class Session:
             context_frames=_context_frames(model),
             detailed_timing=_flag(model, "profile_stages"),
             stage_sample_every=_stage_sample_every(model),
+            frame_path=_text(model, "frame_path"),
             last_prompt_s=self._last_prompt_s,
             mic=self._mic_meter.reading(),
             mic_clean=self._clean_meter.reading(),
@@ -1213,6 +1214,11 @@ def _context_frames(model: Any) -> int | None:
 
 def _flag(model: Any, attr: str) -> bool:
     return model is not None and getattr(model, attr, False) is True
+
+
+def _text(model: Any, attr: str) -> str:
+    v = getattr(model, attr, "") if model is not None else ""
+    return v if isinstance(v, str) else ""
 
 
 def _stage_sample_every(model: Any) -> int | None:

@@ -238,6 +238,7 @@ class Snapshot:
     # such setting, e.g. a fake that reports a split for every frame)
     detailed_timing: bool = False
     stage_sample_every: int | None = None
+    frame_path: str = ""  # the model's speed paths, e.g. "encode overlapped, depth fused"
     memory: MemoryStats = MemoryStats()
     counters: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
     audio: AudioInfo = AudioInfo()

@@ -245,7 +245,15 @@ def build_views(snap: Any, *, model_label: str = "", voices: Mapping[str, str] |
 
 
 def timing_note(snap: Any) -> str:
-    """How the stage split is measured (TUI.md §2.2), for the frame-timing panel."""
+    """How the stage split is measured (TUI.md §2.2), and the speed paths the frame takes (an
+    overlapped encode runs alongside the LM step, so the stages then add up to more than the
+    total), for the frame-timing panel."""
+    path = getattr(snap, "frame_path", "") or ""
+    note = _split_note(snap)
+    return f"{note} · {path}" if note and path else note or path
+
+
+def _split_note(snap: Any) -> str:
     if getattr(snap, "detailed_timing", False):
         return "detailed timing: every frame, costs throughput (t: off)"
     every = getattr(snap, "stage_sample_every", None)
