@@ -112,12 +112,16 @@ class Temporal:
         last = mx.compile(lambda x, a: rms_norm_f32(post(layers[-1], x, a), self.out_norm))
         return first, joints, last
 
+    def _compiled_step(self):
+        """(first, joints, last) for the current `use_fused`, made once each."""
+        if self.use_fused not in self._step_fns:
+            self._step_fns[self.use_fused] = self._make_step_fns()
+        return self._step_fns[self.use_fused]
+
     def warm_up(self, x: mx.array) -> list[mx.array]:
         """Traces the compiled one-position step on throwaway inputs (x [1, 1, d]), touching no
         ring, and returns its outputs: evaluating them compiles the step's kernels too."""
-        if self.use_fused not in self._step_fns:
-            self._step_fns[self.use_fused] = self._make_step_fns()
-        first, joints, last = self._step_fns[self.use_fused]
+        first, joints, last = self._compiled_step()
         offset = mx.array(0, dtype=mx.int32)
         q, k, v = first(x, offset)
         a = mx.fast.scaled_dot_product_attention(q, k, v, scale=attention_scale(q.shape[-1]))
@@ -129,9 +133,7 @@ class Temporal:
 
     def step_compiled(self, x: mx.array, kv: KVRing) -> mx.array:
         """One position ([1, 1, d]) with the compiled functions; same result as `__call__`."""
-        if self.use_fused not in self._step_fns:
-            self._step_fns[self.use_fused] = self._make_step_fns()
-        first, joints, last = self._step_fns[self.use_fused]
+        first, joints, last = self._compiled_step()
         offset = mx.array(kv.end, dtype=mx.int32)
         q, k, v = first(x, offset)
         scale = attention_scale(q.shape[-1])
