@@ -166,27 +166,95 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return total;
 }
 
-// xs = x (as float), transposed.
-template <typename T, int VPL, int K>
-__device__ __forceinline__ void stage_plain(const T* x, float* xs) {
-  constexpr int KV = K / VPL;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) xs[xs_at<VPL, KV>(k)] = to_f(x[k]);
-  __syncthreads();
+// A load through L2 only: for values other blocks wrote earlier in the same kernel (L1 is not
+// coherent across blocks).
+__device__ __forceinline__ float ld_cg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float ld_cg(const __nv_bfloat16* p) {
+  const unsigned short u = __ldcg(reinterpret_cast<const unsigned short*>(p));
+  return __uint_as_float(((unsigned int)u) << 16);
+}
+template <bool CG, typename T> __device__ __forceinline__ float ld_x(const T* p) {
+  if constexpr (CG) return ld_cg(p); else return to_f(*p);
 }
 
-// xs = T(rms_norm(x) * alpha), computed in float32 as `rms_norm_f32` does, transposed.
-template <typename T, int VPL, int K>
-__device__ __forceinline__ void stage_norm(const T* x, const float* alpha, float eps, float* xs,
-                                           float* red) {
+// Value j of a 16-byte chunk of T (bf16 pairs or floats), as float.
+template <typename T> __device__ __forceinline__ float chunk_at(const uint4& c, int j);
+template <> __device__ __forceinline__ float chunk_at<float>(const uint4& c, int j) {
+  const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+  return __uint_as_float(w[j]);
+}
+template <> __device__ __forceinline__ float chunk_at<__nv_bfloat16>(const uint4& c, int j) {
+  const uint32_t w[4] = {c.x, c.y, c.z, c.w};
+  const uint32_t v = w[j >> 1];
+  return __uint_as_float((j & 1) ? (v & 0xffff0000u) : (v << 16));
+}
+
+// Stages the block's input x [K] in shared memory as float, transposed (xs_at): with NORM as
+// T(rms_norm(x) * alpha) computed in float32 (as `rms_norm_f32` does), else x itself. Every
+// thread (NT a block) loads its 16-byte chunks of x, and of alpha, at once and keeps them in
+// registers, so staging costs one memory round trip rather than one per K / NT values. CG reads
+// x through L2 only (for values other blocks of the same kernel wrote). x must be 16-byte aligned
+// (MLX's buffers are; a misaligned view takes the plain element loop).
+template <typename T, int VPL, int K, int NT, bool CG, bool NORM>
+__device__ __forceinline__ void stage_x(const T* x, const float* alpha, float eps, float* xs,
+                                        float* red) {
   constexpr int KV = K / VPL;
-  float ss = 0.f;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const float v = to_f(x[k]);
-    ss = fmaf(v, v, ss);
+  constexpr int CH = 16 / (int)sizeof(T);
+  constexpr int NCH = K / CH;
+  constexpr int PER = (NCH + NT - 1) / NT;
+  if (K % CH != 0 || (reinterpret_cast<uintptr_t>(x) & 15u) != 0) {
+    float ss = 0.f;
+    for (int k = threadIdx.x; k < K; k += NT) {
+      const float v = ld_x<CG>(x + k);
+      ss = fmaf(v, v, ss);
+    }
+    const float r = NORM ? rsqrtf(block_sum(ss, red) / (float)K + eps) : 1.f;
+    for (int k = threadIdx.x; k < K; k += NT)
+      xs[xs_at<VPL, KV>(k)] = NORM ? round_t<T>(ld_x<CG>(x + k) * r * alpha[k]) : ld_x<CG>(x + k);
+    __syncthreads();
+    return;
   }
-  const float r = rsqrtf(block_sum(ss, red) / (float)K + eps);
-  for (int k = threadIdx.x; k < K; k += blockDim.x)
-    xs[xs_at<VPL, KV>(k)] = round_t<T>(to_f(x[k]) * r * alpha[k]);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  uint4 buf[PER];
+  float av[NORM ? PER * CH : 1];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int c = threadIdx.x + i * NT;
+    if (NCH % NT == 0 || c < NCH) {
+      if constexpr (CG) buf[i] = __ldcg(xv + c); else buf[i] = xv[c];
+      if constexpr (NORM) {
+#pragma unroll
+        for (int j = 0; j < CH; ++j) av[i * CH + j] = alpha[c * CH + j];
+      }
+    }
+  }
+  float r = 1.f;
+  if constexpr (NORM) {
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int c = threadIdx.x + i * NT;
+      if (NCH % NT == 0 || c < NCH) {
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          const float v = chunk_at<T>(buf[i], j);
+          ss = fmaf(v, v, ss);
+        }
+      }
+    }
+    r = rsqrtf(block_sum(ss, red) / (float)K + eps);
+  }
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int c = threadIdx.x + i * NT;
+    if (NCH % NT == 0 || c < NCH) {
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const float v = chunk_at<T>(buf[i], j);
+        xs[xs_at<VPL, KV>(c * CH + j)] = NORM ? round_t<T>(v * r * av[i * CH + j]) : v;
+      }
+    }
+  }
   __syncthreads();
 }
 
@@ -203,7 +271,7 @@ _NORMED = r"""
   constexpr int VPL = Pack<T, BITS>::VPL;
   __shared__ float xs[VPL * (K / VPL + 1)];
   __shared__ float red[32];
-  stage_norm<T, VPL, K>(x, alpha, {eps}f, xs, red);
+  stage_x<T, VPL, K, NT, false, true>(x, alpha, {eps}f, xs, red);
 """
 _ROWS = r"""
   const int lane = threadIdx.x & 31;
@@ -367,8 +435,9 @@ def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
     if kind == "gemv":
         inputs = ["x"] + (["alpha"] if stage == "norm" else []) + ["w", "scales", "biases"]
         inputs += ["res"] if epilogue == "res" else []
-        stage_src = ("__shared__ float red[32];\n  stage_norm<T, VPL, K>(x, alpha, %sf, xs, red);" % eps if stage == "norm"
-                     else "stage_plain<T, VPL, K>(x, xs);")
+        stage_src = ("__shared__ float red[32];\n  stage_x<T, VPL, K, NT, false, true>(x, alpha, %sf, xs, red);"
+                     % eps if stage == "norm"
+                     else "stage_x<T, VPL, K, NT, false, false>(x, nullptr, 0.f, xs, nullptr);")
         epi = ("y[rows[r]] = from_f<T>(to_f(res[rows[r]]) + round_t<T>(acc[r]));"
                if epilogue == "res" else "y[rows[r]] = from_f<T>(acc[r]);")
         src = _GEMV.replace("{stage}", stage_src).replace("{epilogue}", epi)
@@ -406,7 +475,7 @@ def _weights(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
 def _template(lin: Linear, dtype: mx.Dtype, rw: int, **extra) -> list:
     n, k = _shape(lin)
     t = [("T", dtype), ("BITS", lin.bits if lin.quantized else 0), ("K", k), ("N", n),
-         ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw)]
+         ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw), ("NT", WARPS * 32)]
     return t + list(extra.items())
 
 
