@@ -259,8 +259,9 @@ class DuplexEngine:
         parts = []
         if self.overlap_encode:
             parts.append("encode overlapped")
-        if self.gen.fused:
-            parts.append("depth fused")
+        path = self.gen.depth_path
+        if path != "mlx":
+            parts.append("depth one kernel a step" if path == "kernel" else "depth fused")
         if self.gen.model.temporal.use_fused:
             parts.append("temporal fused")
         return ", ".join(parts)

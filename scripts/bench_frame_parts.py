@@ -119,26 +119,32 @@ def main() -> None:
         kv = gen.kv
         kv.end += kv.slots
         engine.stage_sample_every = 0
-        # Variants: (depth fused, temporal fused); the temporal one is the experimental
+        # Variants: (depth path, temporal fused): the depth transformer through MLX operations,
+        # the per-layer fused kernels or one kernel a step; the temporal one is the experimental
         # PARLEY_FUSED_TEMPORAL path.
         frames = {}
         can_fuse = model.depformer.can_fuse(model.dtype)
-        variants = [(False, False)]
+        variants = [("mlx", False)]
         if can_fuse:
-            variants.append((True, False))
+            variants.append(("fused", False))
+            if model.depformer.can_run_step_kernel(model.dtype):
+                variants.append(("kernel", False))
             if model.temporal.can_fuse(model.dtype):
-                variants.append((True, True))
-        for depth_fused, _ in variants:
-            if depth_fused not in frames:
-                gen.fused = depth_fused
-                frames[depth_fused] = gen._make_frame()
+                variants.append((variants[-1][0], True))
+        for path, _ in variants:
+            if path not in frames:
+                gen.depth_path = path
+                frames[path] = gen._make_frame()
         result["fused_available"] = can_fuse
-        names = {(False, False): "unfused", (True, False): "fused depth",
-                 (True, True): "fused depth + temporal"}
+        default = variants[-2] if variants[-1][1] else variants[-1]
+
+        def name(v):
+            return {"mlx": "unfused", "fused": "fused depth",
+                    "kernel": "depth step kernel"}[v[0]] + (" + fused temporal" if v[1] else "")
 
         def use(variant):
-            depth_fused, temporal_fused = variant
-            gen._fused, gen._frame = depth_fused, frames[depth_fused]
+            path, temporal_fused = variant
+            gen._depth_path, gen._frame = path, frames[path]
             model.temporal.use_fused = temporal_fused
 
         def frame_ms():
@@ -159,12 +165,13 @@ def main() -> None:
             for v in variants:
                 use(v)
                 times[v].append(frame_ms())
-        result["frames"] = {names[v]: stats(t) for v, t in times.items()}
-        if can_fuse:
-            use((True, False))
-            result["depth_fused"] = timed_stage(
-                lambda: gen._frame(hn, mask, vals, gen._next_key()), args.frames)
-        use(variants[1] if can_fuse else variants[0])  # the defaults
+        result["frames"] = {name(v): stats(t) for v, t in times.items()}
+        for v in variants[1:]:
+            if not v[1]:
+                use(v)
+                result["depth " + v[0]] = timed_stage(
+                    lambda: gen._frame(hn, mask, vals, gen._next_key()), args.frames)
+        use(default)  # the defaults
         blocks = {}
         for overlap in (False, True, False, True):
             engine.overlap_encode = overlap

@@ -37,9 +37,9 @@ case "$phase" in
     PYTHONPATH=/root/site-extra python3 scripts/bench_gpu_reference.py 200 \
       | tee /root/reference.json "$out/reference.json"
     python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device())'
-    for bits in 4 8; do
+    for bits in ${BITS:-4 8}; do
       python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize "$bits" \
-        --frames 200 --json "$@" | tee "$out/parley-q$bits.json"
+        --frames ${FRAMES:-200} --json "$@" | tee "$out/parley-q$bits.json"
     done
     python3 - "$out" <<'PY'
 import json, sys, pathlib
@@ -47,12 +47,14 @@ out = pathlib.Path(sys.argv[1])
 ref = json.loads(pathlib.Path("/root/reference.json").read_text())
 print(f"reference LMGen.step: p50 {ref['p50_ms']:.2f} ms, p95 {ref['p95_ms']:.2f} ms, peak {ref['peak_gb']:.1f} GiB ({ref['gpu']}, torch {ref['torch']})")
 for bits in (4, 8):
+    if not (out / f"parley-q{bits}.json").exists():
+        continue
     d = json.loads((out / f"parley-q{bits}.json").read_text())
     st = d["stages"]
     split = ", ".join(f"{k} {st[k]['p50_ms']:.2f}" for k in ("encode", "temporal", "depth", "decode"))
     tot = st["total"]["p50_ms"]
     print(f"parley {bits}-bit full frame: p50 {tot:.2f} ms, p95 {st['total']['p95_ms']:.2f} ms ({split}); "
-          f"peak {d['peak_memory_gb']:.2f} GB; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
+          f"peak {d['peak_memory_gb']:.2f} GB; depth {d.get('depth_path')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
 PY
     ;;
   variants)

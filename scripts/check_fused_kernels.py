@@ -108,6 +108,100 @@ def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
     return lines
 
 
+def make_depformer(dims: dict, bits: int, dtype, steps: int = 8, seed: int = 0):
+    """A random depth transformer of the given widths (StackedLinear weights as the loader makes
+    them, plain embedding tables and heads), for the step kernel's checks."""
+    from engine.lm.depformer import Depformer, DepformerLayer
+    from engine.lm.layers import Embedding, StackedLinear
+    d, h, heads, hin, card = dims["d"], dims["hidden"], dims["heads"], dims["hin"], dims["card"]
+    key = iter(range(seed * 1000, seed * 1000 + 1000))
+
+    def stacked(n, k, b=bits, gain=1.0):
+        w = (gain * mx.random.normal((steps, n, k), key=mx.random.key(next(key))) / math.sqrt(k))
+        w = w.astype(dtype)
+        if not b:
+            return StackedLinear(w)
+        q, s_, b_ = mx.quantize(w, group_size=64, bits=b)
+        return StackedLinear(q, s_, b_, b, 64)
+
+    def norm():
+        return mx.random.uniform(0.5, 1.5, (d,), key=mx.random.key(next(key))).astype(mx.float32)
+
+    def table(rows):
+        return Embedding(mx.random.normal((rows, d), key=mx.random.key(next(key))).astype(dtype))
+
+    layers = [DepformerLayer(norm(), stacked(3 * d, d), stacked(d, d), norm(), stacked(2 * h, d),
+                             stacked(d, h)) for _ in range(dims.get("layers", 6))]
+    return Depformer(layers, stacked(d, hin), table(dims.get("text_card", 4000)),
+                     [table(card + 1) for _ in range(steps - 1)],
+                     stacked(card, d, b=0, gain=5.0), heads, capacity=steps)
+
+
+def check_depth_step_kernel(dtype, bits: int, dims: dict, steps: int = 8) -> list[str]:
+    """engine/lm/depth_kernel.py's whole step against the unfused depth step, step by step:
+    logits and each layer's key and value."""
+    from engine.lm import depth_kernel
+    dep = make_depformer(dims, bits, dtype, steps)
+    hn = mx.random.normal((1, 1, dims["hin"]), key=mx.random.key(99)).astype(dtype)
+    cache, kvs, lines = dep.new_cache(), [], []
+    tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
+    L, D = len(dep.layers), dims["d"]
+    worst_logits = worst_kv = 0.0
+    for k in range(steps):
+        tok = mx.array([(37 * k + 5) % dims["card"] if k else 11], dtype=mx.int32)
+        want = dep.step(k, hn, tok.reshape(1, 1), cache, "kyutai", False)[0, 0]
+        got, kv = dep.step_kernel(k, hn, tok, kvs)
+        kvs.append(kv)
+        kv3 = kv.reshape(L, 2, D)
+        worst_logits = max(worst_logits, rel_err(got, want))
+        for i in range(L):
+            worst_kv = max(worst_kv, rel_err(kv3[i, 0], cache[i][0][0, :, k].reshape(D)),
+                           rel_err(kv3[i, 1], cache[i][1][0, :, k].reshape(D)))
+    failed = depth_kernel.barrier_failed(dep._barrier)
+    for name, e in (("step kernel logits", worst_logits), ("step kernel keys/values", worst_kv)):
+        lines.append(f"{'ok  ' if e <= tol else 'FAIL'} {name:28s} rel err {e:.2e} ({steps} steps)")
+    lines.append(f"{'FAIL' if failed else 'ok  '} step kernel grid barriers "
+                 f"({depth_kernel.sm_count()} blocks){' gave up' if failed else ''}")
+    return lines
+
+
+def time_depth_steps(bits: int, steps: int = 8) -> list[str]:
+    """A frame's depth chain (8 steps, greedy argmax between) through MLX ops, the per-layer fused
+    kernels and the step kernel, compiled; ms per frame."""
+    dims = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
+    dep = make_depformer(dims, bits, mx.bfloat16, steps)
+    hn = mx.random.normal((1, 1, 4096)).astype(mx.bfloat16)
+
+    def chain(path):
+        def frame(hn):
+            tok, cache, kvs, out = mx.array([3], dtype=mx.int32), dep.new_cache(), [], []
+            for k in range(steps):
+                if path == "kernel":
+                    logits, kv = dep.step_kernel(k, hn, tok, kvs)
+                    kvs.append(kv)
+                else:
+                    logits = dep.step(k, hn, tok.reshape(1, 1), cache, "kyutai",
+                                      path == "fused")[0, 0]
+                tok = mx.argmax(logits).astype(mx.int32).reshape(1)
+                out.append(tok)
+            return mx.concatenate(out)
+        return mx.compile(frame)
+
+    lines = []
+    for path in ("mlx", "fused", "kernel"):
+        f = chain(path)
+        mx.eval(f(hn))
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            mx.eval(f(hn))
+            times.append((time.perf_counter() - t0) * 1000)
+        times.sort()
+        lines.append(f"{bits}-bit depth frame ({steps} steps, greedy) {path:6s}: p50 "
+                     f"{times[len(times) // 2]:6.2f} ms, min {times[0]:6.2f} ms")
+    return lines
+
+
 def time_chain(fn, x, n: int = 100, reps: int = 3) -> tuple[float, float]:
     best = (1e9, 1e9)
     for _ in range(reps):
@@ -210,8 +304,10 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
         for tname, bits in (("__nv_bfloat16", 4), ("__nv_bfloat16", 8), ("__nv_bfloat16", 0),
                             ("float", 0)):
             variants.append((kind, kw, tname, bits))
-    for kind, kw, tname, bits in variants:
-        src = _source(kind, kw, tname, bits)
+    sources = [(f"{kind} {kw} T={tname} BITS={bits}", _source(kind, kw, tname, bits))
+               for kind, kw, tname, bits in variants]
+    sources += _depth_kernel_sources()
+    for label, src in sources:
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
         opts = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [f"-I{d}".encode() for d in includes]
@@ -222,10 +318,66 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
         lib.nvrtcGetProgramLog(prog, log)
         status = "ok" if rc == 0 else "FAIL"
         failures += rc != 0
-        print(f"{status} {kind} {kw} T={tname} BITS={bits}")
+        print(f"{status} {label}")
         if rc != 0 or log.value.strip():
             print(log.value.decode()[:4000])
     return failures
+
+
+def _depth_kernel_sources() -> list[tuple[str, str]]:
+    """The step kernel's translation units as MLX would build them (from the real wrapper's
+    call, captured), for the 7B's depth shapes at 4/8 bits and bf16, and the tiny float32 one."""
+    from engine.lm import depth_kernel
+    out = []
+    seven_b = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
+    tiny = {"d": 32, "hidden": 88, "heads": 2, "hin": 64, "card": 64, "layers": 1, "text_card": 70}
+    for dims, bits, dtype in ((seven_b, 4, mx.bfloat16), (seven_b, 8, mx.bfloat16),
+                              (seven_b, 0, mx.bfloat16), (tiny, 0, mx.float32)):
+        dep = make_depformer(dims, bits, dtype, steps=3)
+        for nkv in (0, 2):
+            calls = []
+            orig = mx.fast.cuda_kernel
+
+            def capture(**kw):
+                def call(**ckw):
+                    calls.append((kw, ckw))
+                    return [mx.zeros(sh, dtype=dt) for sh, dt in
+                            zip(ckw["output_shapes"], ckw["output_dtypes"])]
+                return call
+
+            mx.fast.cuda_kernel = capture
+            depth_kernel._kernel.cache_clear()
+            try:
+                hn = mx.zeros((1, 1, dims["hin"]), dtype=dtype)
+                priors = [mx.zeros((len(dep.layers) * 2 * dims["d"],), dtype=dtype)] * nkv
+                dep.step_kernel(nkv, hn, mx.array([1], dtype=mx.int32), priors)
+            finally:
+                mx.fast.cuda_kernel = orig
+                depth_kernel._kernel.cache_clear()
+            kw, ckw = calls[0]
+            out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} NKV={nkv}",
+                        _mlx_like_source(kw, ckw)))
+    return out
+
+
+def _mlx_like_source(kw: dict, ckw: dict) -> str:
+    """The translation unit MLX's `cuda_kernel` builds from a kernel's declaration and one call:
+    a `const` pointer per input (typed by its dtype), a pointer per output, then the template
+    constants, then the body."""
+    params = [f"const {CUDA_TYPES[a.dtype]}* {n}" for n, a in zip(kw["input_names"], ckw["inputs"])]
+    params += [f"{CUDA_TYPES[d]}* {n}" for n, d in zip(kw["output_names"], ckw["output_dtypes"])]
+    lines = []
+    for name, v in ckw["template"]:
+        if isinstance(v, mx.Dtype):
+            lines.append(f"  using {name} = {CUDA_TYPES[v]};")
+        elif isinstance(v, bool):
+            lines.append(f"  constexpr bool {name} = {'true' if v else 'false'};")
+        else:
+            lines.append(f"  constexpr int {name} = {int(v)};")
+    return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
+            + kw["header"] + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            + "__global__ void kern(" + ", ".join(params) + ") {\n" + "\n".join(lines) + "\n"
+            + kw["source"] + "\n}\n}\n")
 
 
 def _source(kind, kw, tname, bits) -> str:
@@ -246,7 +398,7 @@ def _source(kind, kw, tname, bits) -> str:
         fused._kernel.cache_clear()
     consts = {"T": tname, "BITS": bits, "K": 4096 if kind != "attn" else 1024, "N": 12288,
               "GROUP": 64, "RW": 4, "HD": 128, "ROPE": "true" if "neg" in str(kw) else "false",
-              "H": 16, "NKV": kw.get("nkv", 1)}
+              "H": 16, "NKV": kw.get("nkv", 1), "NT": fused.WARPS * 32}
     extra = {"gemv": (), "gated": (), "qkv": ("HD", "ROPE"), "attn": ("H", "NKV")}
     types = {"x": tname, "alpha": "float", "w": "uint32_t" if bits else tname, "scales": tname,
              "biases": tname, "res": tname, "pos": "int32_t", "q": tname}
@@ -260,7 +412,7 @@ def _source(kind, kw, tname, bits) -> str:
     for c, v in consts.items():
         if c == "T":
             lines.append(f"  using T = {v};")
-        elif c in ("T", "BITS", "K", "N", "GROUP", "RW") or c in extra[kind]:
+        elif c in ("T", "BITS", "K", "N", "GROUP", "RW", "NT") or c in extra[kind]:
             typ = "bool" if c == "ROPE" else "int"
             lines.append(f"  constexpr {typ} {c} = {v};")
     return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
@@ -274,6 +426,8 @@ def main() -> None:
     ap.add_argument("--nvrtc", help="compile-only check with this libnvrtc")
     ap.add_argument("--include", action="append", default=[])
     ap.add_argument("--no-timings", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="4-bit and the tiny float32 model only (numerics and timings)")
     args = ap.parse_args()
     if args.nvrtc:
         sys.exit(1 if nvrtc_compile_all(args.nvrtc, args.include) else 0)
@@ -288,17 +442,37 @@ def main() -> None:
             for name, dims in (("7B temporal", seven_b), ("7B depth", depth), ("tiny", tiny)):
                 if bits and dims is tiny:
                     continue
+                if args.quick and (bits != 4 and dims is not tiny or dtype == mx.bfloat16 and dims is tiny):
+                    continue
                 lines = check_numerics(dtype, bits, dims)
                 print(f"== {name} {dtype} bits={bits}")
                 for line in lines:
                     print("  " + line)
                 fails += sum(line.startswith("FAIL") for line in lines)
+    seven_b_depth = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
+    tiny_depth = {"d": 16, "hidden": 44, "heads": 2, "hin": 32, "card": 64, "layers": 2,
+                  "text_card": 70}
+    for dtype, bits, dims, name in ((mx.bfloat16, 4, seven_b_depth, "7B depth"),
+                                    (mx.bfloat16, 8, seven_b_depth, "7B depth"),
+                                    (mx.bfloat16, 0, seven_b_depth, "7B depth"),
+                                    (mx.float32, 0, tiny_depth, "tiny depth")):
+        if args.quick and bits in (8, 0) and dtype == mx.bfloat16:
+            continue
+        lines = check_depth_step_kernel(dtype, bits, dims)
+        print(f"== step kernel, {name} {dtype} bits={bits}")
+        for line in lines:
+            print("  " + line)
+        fails += sum(line.startswith("FAIL") for line in lines)
     if not args.no_timings:
-        for line in dispatch_costs():
-            print(line)
-        for bits in (4, 8):
-            for line in timings(bits):
+        for bits in (4,) if args.quick else (4, 8):
+            for line in time_depth_steps(bits):
+                print(line, flush=True)
+        if not args.quick:
+            for line in dispatch_costs():
                 print(line)
+        for bits in (4,) if args.quick else (4, 8):
+            for line in timings(bits):
+                print(line, flush=True)
     print("numerics:", "all ok" if not fails else f"{fails} FAILED")
 
 

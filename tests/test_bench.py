@@ -77,6 +77,7 @@ def test_bench_says_how_the_frame_ran_and_overlap_follows_the_flag(tiny_dir, cap
         data = json.loads(capsys.readouterr().out)
         seen[tuple(flag)] = data["overlap_encode"]
         assert data["fused_depth"] is False  # no CUDA here
+        assert data["depth_path"] == "mlx"
     assert seen == {(): default_overlap_encode(), ("--overlap-encode",): True,
                     ("--no-overlap-encode",): False}
     assert default_overlap_encode() is False

@@ -15,11 +15,12 @@ on them (§11.1).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from . import fused
+from . import depth_kernel, fused
 from .layers import (Embedding, StackedLinear, attention_scale, gated_ffn, merge_heads,
                      rms_norm_f32, split_heads)
 
@@ -51,6 +52,7 @@ class Depformer:
         self.emb = emb  # emb[k] is the input of step k+1
         self.heads = heads
         self.num_heads = num_heads
+        self._barrier = None  # depth_kernel's grid-barrier state, made on first use
 
     @property
     def num_steps(self) -> int:
@@ -78,6 +80,28 @@ class Depformer:
             lins += [lin.step(0) for lin in (layer.in_proj, layer.out_proj, layer.linear_in,
                                              layer.linear_out)]
         return all(fused.supports(lin, dtype) for lin in lins)
+
+    def can_run_step_kernel(self, dtype: mx.Dtype) -> bool:
+        """Whether `step_kernel` can run: the fused kernels can (`can_fuse`), the layout fits
+        engine/lm/depth_kernel.py, and PARLEY_DEPTH_KERNEL is not 0."""
+        if os.environ.get("PARLEY_DEPTH_KERNEL", "1") == "0" or not self.can_fuse(dtype):
+            return False
+        return depth_kernel.supports(self, dtype)
+
+    def step_kernel(self, k: int, hn: mx.array, token: mx.array,
+                    priors: list[mx.array]) -> tuple[mx.array, mx.array]:
+        """Depth step k for one position as one CUDA kernel (engine/lm/depth_kernel.py): hn (the
+        temporal output, one position), token (the one conditioning step k), `priors` the kv
+        outputs of the earlier steps this one attends to -> (logits [card], kv)."""
+        if hn.size != hn.shape[-1]:
+            raise ValueError("the depth step kernel runs one position at a time")
+        if self._barrier is None:
+            self._barrier = depth_kernel.new_barrier()
+        return depth_kernel.step(self, k, hn, token, priors, self._barrier)
+
+    def step_kernel_failed(self) -> bool:
+        """Whether a step kernel's grid barrier ever gave up (its results were then wrong)."""
+        return self._barrier is not None and depth_kernel.barrier_failed(self._barrier)
 
     def token_embedding(self, k: int, token: mx.array) -> mx.array:
         """Embedding of the token that conditions step k (text for k = 0, audio cb k−1 else)."""

@@ -104,8 +104,9 @@ class LMGen:
             raise ValueError(f"reference must be 'nvidia' or 'kyutai', got {reference!r}")
         self.kv = model.new_kv(self.reference)
         self.compile = compile
-        # The depth transformer's fused CUDA kernels (engine/lm/fused.py) where they can run.
-        self._fused = model.depformer.can_fuse(model.dtype)
+        # The depth transformer's CUDA kernels where they can run: one kernel per step
+        # (engine/lm/depth_kernel.py), else four fused kernels per layer (engine/lm/fused.py).
+        self._depth_path = self._best_depth_path()
         model.temporal.use_fused = (os.environ.get("PARLEY_FUSED_TEMPORAL") == "1"
                                     and model.temporal.can_fuse(model.dtype))
         self._key = None
@@ -153,15 +154,41 @@ class LMGen:
     def keep_audio_logits(self, value: bool) -> None:
         self._keep_audio_logits, self._frame = bool(value), None
 
+    DEPTH_PATHS = ("mlx", "fused", "kernel")
+
+    def _best_depth_path(self) -> str:
+        dep, dtype = self.model.depformer, self.model.dtype
+        if dep.can_run_step_kernel(dtype):
+            return "kernel"
+        return "fused" if dep.can_fuse(dtype) else "mlx"
+
+    @property
+    def depth_path(self) -> str:
+        """How the live depth transformer runs: "mlx" (MLX operations), "fused" (four fused
+        CUDA kernels a layer) or "kernel" (one CUDA kernel a step)."""
+        return self._depth_path
+
+    @depth_path.setter
+    def depth_path(self, value: str) -> None:
+        dep, dtype = self.model.depformer, self.model.dtype
+        if value not in self.DEPTH_PATHS:
+            raise ValueError(f"depth_path must be one of {self.DEPTH_PATHS}, got {value!r}")
+        if value == "fused" and not dep.can_fuse(dtype):
+            raise ValueError("the fused kernels need MLX's CUDA backend and a supported layout")
+        if value == "kernel" and not dep.can_run_step_kernel(dtype):
+            raise ValueError("the depth step kernel needs MLX's CUDA backend and a supported layout")
+        self._depth_path, self._frame = value, None
+
     @property
     def fused(self) -> bool:
-        return self._fused
+        """Whether the depth transformer runs through CUDA kernels of ours (either kind)."""
+        return self._depth_path != "mlx"
 
     @fused.setter
     def fused(self, value: bool) -> None:
         if value and not self.model.depformer.can_fuse(self.model.dtype):
             raise ValueError("the fused kernels need MLX's CUDA backend and a supported layout")
-        self._fused, self._frame = bool(value), None
+        self.depth_path = self._best_depth_path() if value else "mlx"
 
     def _last_np(self, name: str) -> np.ndarray | None:
         v = self._last.get(name)
@@ -255,7 +282,7 @@ class LMGen:
         model = self.model
         dep = model.depformer
         K = model.depformer_steps
-        rule, greedy, keep, use_fused = self.reference, self.greedy, self.keep_audio_logits, self.fused
+        rule, greedy, keep, path = self.reference, self.greedy, self.keep_audio_logits, self.depth_path
         tp, ap = self.text_params, self.audio_params
 
         def frame(hn, mask, vals, key):
@@ -268,8 +295,15 @@ class LMGen:
             toks, logits_all = [t], []
             prev = mx.where(at(mask, 0), at(vals, 0), t)
             cache = dep.new_cache()
+            kvs = []  # with the step kernel: each step's keys and values
             for j in range(K):
-                logits = dep.step(j, hn, prev.reshape(1, 1), cache, rule, use_fused)[0, 0]
+                if path == "kernel":
+                    first = max(0, j - dep.capacity + 2) if rule == "nvidia" else 0  # depformer.py
+                    logits, kv = dep.step_kernel(j, hn, prev, kvs[first:])
+                    kvs.append(kv)
+                else:
+                    logits = dep.step(j, hn, prev.reshape(1, 1), cache, rule,
+                                      path == "fused")[0, 0]
                 a = sample(logits, ap, keys[j + 1], greedy)
                 toks.append(a)
                 logits_all.append(logits)

@@ -1,0 +1,396 @@
+"""One CUDA kernel for a whole depth-transformer step, on MLX's CUDA backend only.
+
+Why: with the per-layer fused kernels (engine/lm/fused.py) a live frame's depth transformer is
+still ~200 kernels (8 steps x 6 layers x 4, plus the input projection and the head), and on CUDA
+each costs MLX ~10 µs of host time to issue however little it computes: the stage was ~5.8 ms of
+issuing for well under 1 ms of GPU work (docs/benchmarks.md). This kernel runs one step — the
+input projection plus the previous token's embedding, every layer (RMSNorm + QKV, attention over
+the frame's keys + out projection + residual, RMSNorm + gated FFN half, down projection +
+residual) and the step's head — in one launch, so a step costs one kernel plus its sampling.
+
+The phases between which every output row needs every input value are separated by a grid-wide
+barrier (1 + 4 per layer). A grid barrier needs every block resident at once: the grid is one
+block per streaming multiprocessor (`sm_count()`), which fits whatever else runs beside it, and a
+barrier that waits past ~2 s gives up and raises a flag in the barrier state instead of hanging
+the GPU (`barrier_failed`). The barrier state is a small uint32 buffer owned by the caller and
+written by the kernel although MLX passes it as an input: kernels using one buffer must not run
+at the same time, which holds for a depth transformer's steps (each depends on the previous one's
+token). Values written in this kernel and read by other blocks are read through L2 (`__ldcg`),
+never from a possibly stale L1 line.
+
+Numerics follow engine/lm/fused.py (and so the unfused MLX code): float32 sums, and a rounding to
+the activation dtype wherever the unfused code stores an intermediate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+
+import mlx.core as mx
+
+from . import fused
+from .layers import RMS_EPS, Embedding, Linear, attention_scale
+
+WARPS = 8  # warps per block (256 threads: room for up to 255 registers a thread)
+_BARRIER_WORDS = 4  # arrived count, generation, failure flag, spare
+_PER_LAYER = 14  # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3)
+
+_BODY = r"""
+  using namespace parley;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gw = blockIdx.x * WARPS + warp;  // this warp's index in the grid
+  constexpr int TW = NB * WARPS;             // warps in the grid
+  constexpr int NT = WARPS * 32;             // threads a block
+  constexpr int HD = D / H;
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  constexpr int VPLH = Pack<T, HBITS>::VPL;
+  unsigned int* bar = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
+  __shared__ float xs[XS];
+  __shared__ float red[32];
+  __shared__ const void* lp[L * 14];
+  __shared__ const T* kvp[NKV + 1];
+  if (threadIdx.x == 0) {
+    {layer_ptrs}
+    {kv_ptrs}
+    kvp[NKV] = kv;
+  }
+  __syncthreads();
+
+  // Input: x = depformer_in(hn) + emb(token) (id -1 embeds as zeros).
+  stage_x<T, VPL, HIN, NT, false, false>(hn, nullptr, 0.f, xs, red);
+  {
+    const int tk = tok[0];
+    for (int t = gw; t < D / RW0; t += TW) {
+      int rows[RW0];
+      float acc[RW0];
+#pragma unroll
+      for (int r = 0; r < RW0; ++r) rows[r] = t * RW0 + r;
+      // Lane r's embedding value, loaded before the product so the two overlap.
+      const float e = (lane < RW0 && tk >= 0) ? to_f(emb[(size_t)tk * D + t * RW0 + lane]) : 0.f;
+      gemv_rows<T, BITS, HIN, GROUP, RW0>(xs, win, win_s, win_b, rows, acc, lane);
+#pragma unroll
+      for (int r = 0; r < RW0; ++r) {
+        if (lane == r) x[rows[r]] = from_f<T>(e + round_t<T>(acc[r]));
+      }
+    }
+  }
+  grid_sync(bar, NB);
+
+  for (int l = 0; l < L; ++l) {
+    const float* n1 = (const float*)lp[l * 14 + 0];
+    const void* wq = lp[l * 14 + 1];
+    const T* sq = (const T*)lp[l * 14 + 2];
+    const T* bq = (const T*)lp[l * 14 + 3];
+    const void* wo = lp[l * 14 + 4];
+    const T* so = (const T*)lp[l * 14 + 5];
+    const T* bo = (const T*)lp[l * 14 + 6];
+    const float* n2 = (const float*)lp[l * 14 + 7];
+    const void* wi = lp[l * 14 + 8];
+    const T* si = (const T*)lp[l * 14 + 9];
+    const T* bi = (const T*)lp[l * 14 + 10];
+    const void* wd = lp[l * 14 + 11];
+    const T* sd = (const T*)lp[l * 14 + 12];
+    const T* bd = (const T*)lp[l * 14 + 13];
+    T* kl = kv + (size_t)l * 2 * D;  // this step's key and value for layer l
+
+    // RMSNorm + QKV: q to scratch, k and v to this step's kv output.
+    stage_x<T, VPL, D, NT, true, true>(x, n1, {eps}f, xs, red);
+    for (int t = gw; t < 3 * D / RWQ; t += TW) {
+      int rows[RWQ];
+      float acc[RWQ];
+#pragma unroll
+      for (int r = 0; r < RWQ; ++r) rows[r] = t * RWQ + r;
+      gemv_rows<T, BITS, D, GROUP, RWQ>(xs, wq, sq, bq, rows, acc, lane);
+#pragma unroll
+      for (int r = 0; r < RWQ; ++r) {
+        if (lane == r) {
+          const int row = rows[r];
+          T* dst = row < D ? q + row : kl + (row - D);
+          dst[0] = from_f<T>(acc[r]);
+        }
+      }
+    }
+    grid_sync(bar, NB);
+
+    // Attention of the query over this frame's keys so far (every block computes all heads, a
+    // warp per head, straight into its staged input), then out projection + residual.
+    for (int h = warp; h < H; h += WARPS) {
+      // Every value this warp needs is loaded at once (lane: dims lane, lane + 32, ...).
+      constexpr int DPL = (HD + 31) / 32;
+      float qv[DPL], kr[NKV + 1][DPL], vr[NKV + 1][DPL];
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) {
+        const int d = lane + 32 * i;
+        const bool in = HD % 32 == 0 || d < HD;
+        qv[i] = in ? ld_cg(q + h * HD + d) : 0.f;
+#pragma unroll
+        for (int j = 0; j <= NKV; ++j) {
+          const T* kj = (j == NKV ? (const T*)kl : kvp[j] + (size_t)l * 2 * D);
+          kr[j][i] = in ? ld_cg(kj + h * HD + d) : 0.f;
+          vr[j][i] = in ? ld_cg(kj + D + h * HD + d) : 0.f;
+        }
+      }
+      float s[NKV + 1];
+      float m = -3.0e38f;
+#pragma unroll
+      for (int j = 0; j <= NKV; ++j) {
+        float part = 0.f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) part = fmaf(qv[i], kr[j][i], part);
+        s[j] = warp_sum(part) * {scale}f;
+        m = fmaxf(m, s[j]);
+      }
+      float total = 0.f;
+#pragma unroll
+      for (int j = 0; j <= NKV; ++j) { s[j] = expf(s[j] - m); total += s[j]; }
+      const float inv = 1.f / total;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) {
+        const int d = lane + 32 * i;
+        if (HD % 32 == 0 || d < HD) {
+          float o = 0.f;
+#pragma unroll
+          for (int j = 0; j <= NKV; ++j) o = fmaf(s[j], vr[j][i], o);
+          xs[xs_at<VPL, D / VPL>(h * HD + d)] = round_t<T>(o * inv);
+        }
+      }
+    }
+    __syncthreads();
+    for (int t = gw; t < D / RWO; t += TW) {
+      int rows[RWO];
+      float acc[RWO];
+#pragma unroll
+      for (int r = 0; r < RWO; ++r) rows[r] = t * RWO + r;
+      const float resv = lane < RWO ? ld_cg(x + t * RWO + lane) : 0.f;  // lane r's residual
+      gemv_rows<T, BITS, D, GROUP, RWO>(xs, wo, so, bo, rows, acc, lane);
+#pragma unroll
+      for (int r = 0; r < RWO; ++r) {
+        if (lane == r) x[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
+      }
+    }
+    grid_sync(bar, NB);
+
+    // RMSNorm + the gated half of the feed-forward.
+    stage_x<T, VPL, D, NT, true, true>(x, n2, {eps}f, xs, red);
+    for (int t = gw; t < HID / RWG; t += TW) {
+      int rows[2 * RWG];
+      float acc[2 * RWG];
+#pragma unroll
+      for (int r = 0; r < RWG; ++r) { rows[r] = t * RWG + r; rows[RWG + r] = HID + t * RWG + r; }
+      gemv_rows<T, BITS, D, GROUP, 2 * RWG>(xs, wi, si, bi, rows, acc, lane);
+#pragma unroll
+      for (int r = 0; r < RWG; ++r) {
+        if (lane == r) {
+          const float g = round_t<T>(acc[r]);
+          const float u = round_t<T>(acc[RWG + r]);
+          const float sig = round_t<T>(1.f / (1.f + expf(-g)));
+          hb[rows[r]] = from_f<T>(round_t<T>(g * sig) * u);
+        }
+      }
+    }
+    grid_sync(bar, NB);
+
+    // Down projection + residual.
+    stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
+    for (int t = gw; t < D / RWD; t += TW) {
+      int rows[RWD];
+      float acc[RWD];
+#pragma unroll
+      for (int r = 0; r < RWD; ++r) rows[r] = t * RWD + r;
+      const float resv = lane < RWD ? ld_cg(x + t * RWD + lane) : 0.f;  // lane r's residual
+      gemv_rows<T, BITS, HID, GROUP, RWD>(xs, wd, sd, bd, rows, acc, lane);
+#pragma unroll
+      for (int r = 0; r < RWD; ++r) {
+        if (lane == r) x[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
+      }
+    }
+    grid_sync(bar, NB);
+  }
+
+  // The step's head: logits over the codebook.
+  stage_x<T, VPLH, D, NT, true, false>(x, nullptr, 0.f, xs, red);
+  for (int t = gw; t < CARD / RWH; t += TW) {
+    int rows[RWH];
+    float acc[RWH];
+#pragma unroll
+    for (int r = 0; r < RWH; ++r) rows[r] = t * RWH + r;
+    gemv_rows<T, HBITS, D, HGROUP, RWH>(xs, hw, hw_s, hw_b, rows, acc, lane);
+#pragma unroll
+    for (int r = 0; r < RWH; ++r) {
+      if (lane == r) logits[rows[r]] = from_f<T>(acc[r]);
+    }
+  }
+"""
+
+_HELPERS = r"""
+namespace parley {
+
+// Grid-wide barrier (every block resident: the grid is at most one block per SM). bar[0] counts
+// arrivals, bar[1] is the generation the last arrival bumps, bar[2] is raised if a wait gives up
+// (~2 s), so a misconfigured grid fails loudly instead of hanging the GPU.
+__device__ __forceinline__ void grid_sync(unsigned int* bar, unsigned int nblocks) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    volatile unsigned int* gen = bar + 1;
+    const unsigned int g = *gen;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == nblocks - 1) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      const long long t0 = clock64();
+      while (*gen == g) {
+        if (clock64() - t0 > 4000000000LL) { atomicExch(bar + 2, 1u); break; }
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+}  // namespace parley
+"""
+
+
+def _layer_names(l: int) -> list[str]:
+    return [f"n1_{l}", f"wq_{l}", f"sq_{l}", f"bq_{l}", f"wo_{l}", f"so_{l}", f"bo_{l}",
+            f"n2_{l}", f"wi_{l}", f"si_{l}", f"bi_{l}", f"wd_{l}", f"sd_{l}", f"bd_{l}"]
+
+
+@functools.cache
+def _kernel(layers: int, nkv: int, scale: float):
+    names = ["hn", "tok", "emb", "win", "win_s", "win_b"]
+    for l in range(layers):
+        names += _layer_names(l)
+    names += ["hw", "hw_s", "hw_b"] + [f"kv{j}" for j in range(nkv)] + ["sync"]
+    layer_ptrs = " ".join(f"lp[{l * _PER_LAYER + i}] = {n};"
+                          for l in range(layers) for i, n in enumerate(_layer_names(l)))
+    kv_ptrs = " ".join(f"kvp[{j}] = kv{j};" for j in range(nkv))
+    src = (_BODY.replace("{layer_ptrs}", layer_ptrs).replace("{kv_ptrs}", kv_ptrs)
+           .replace("{eps}", repr(float(RMS_EPS))).replace("{scale}", repr(float(scale))))
+    header = fused._HEADER + _HELPERS
+    digest = hashlib.sha1((header + src).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"parley_depth_step_{digest}", input_names=names,
+                               output_names=["logits", "kv", "x", "q", "hb"], source=src,
+                               header=header)
+
+
+@functools.cache
+def sm_count() -> int:
+    """Streaming multiprocessors of CUDA device 0 (from the driver), the grid size; 32 if the
+    driver cannot say (a grid that small fits any CUDA GPU MLX supports). PARLEY_DEPTH_BLOCKS
+    overrides it."""
+    if os.environ.get("PARLEY_DEPTH_BLOCKS"):
+        return max(1, int(os.environ["PARLEY_DEPTH_BLOCKS"]))
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        dev, n = ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0):
+            return 32
+        # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
+        if cuda.cuDeviceGetAttribute(ctypes.byref(n), 16, dev) or n.value <= 0:
+            return 32
+        return int(n.value)
+    except OSError:
+        return 32
+
+
+def _rows_per_warp(n: int, warps: int) -> int:
+    """Rows per warp task: the smallest of 1, 2, 4 dividing n that leaves no more tasks than the
+    grid has warps (more rows per warp = more loads in flight per warp)."""
+    for rw in (1, 2, 4):
+        if n % rw == 0 and n // rw <= warps:
+            return rw
+    return 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
+
+
+def _xs_floats(k: int, vpl: int) -> int:
+    return vpl * (k // vpl + 1)
+
+
+def supports(dep, dtype: mx.Dtype) -> bool:
+    """Whether `dep` (a Depformer) fits the kernel: every linear in fused.py's layouts, the
+    layers' linears alike (one BITS/GROUP), plain embedding tables, heads divisible by H."""
+    if dtype not in (mx.bfloat16, mx.float32):
+        return False
+    lins = [dep.depformer_in.step(0)]
+    for layer in dep.layers:
+        lins += [lin.step(0) for lin in (layer.in_proj, layer.out_proj, layer.linear_in,
+                                         layer.linear_out)]
+    if not all(fused.supports(lin, dtype) for lin in lins + [dep.heads.step(0)]):
+        return False
+    if len({(lin.bits, lin.group_size) for lin in lins}) != 1:
+        return False
+    tables: list[Embedding] = [dep.text_emb, *dep.emb]
+    if any(t.scales is not None or t.weight.dtype != dtype for t in tables):
+        return False
+    d = int(dep.layers[0].out_proj.step(0).weight.shape[-2])
+    return d % dep.num_heads == 0 and d // dep.num_heads <= 1024 and dep.num_steps <= 64
+
+
+def _linear_arrays(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
+    return fused._weights(lin, dtype)
+
+
+def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
+         barrier: mx.array) -> tuple[mx.array, mx.array]:
+    """Depth step k for one position: hn [..., HIN] (the temporal output), token (int, one value:
+    the token conditioning step k), `priors` the kv outputs of the earlier steps it attends to ->
+    (logits [card], kv [L·2·D]: this step's keys and values for the later steps)."""
+    dtype = hn.dtype
+    layers = dep.layers
+    L = len(layers)
+    din = dep.depformer_in.step(k)
+    D, HIN = fused._shape(din)
+    HID = fused._shape(layers[0].linear_out.step(k))[1]
+    head = dep.heads.step(k)
+    CARD = fused._shape(head)[0]
+    H = dep.num_heads
+    nb = sm_count()
+    warps = nb * WARPS
+    vpl = 128 // din.bits if din.quantized else 16 // dtype.size
+    vplh = 128 // head.bits if head.quantized else 16 // dtype.size
+    xs = max(_xs_floats(HIN, vpl), _xs_floats(D, vpl), _xs_floats(HID, vpl), _xs_floats(D, vplh))
+    table = dep.text_emb if k == 0 else dep.emb[k - 1]
+    ins = [hn.reshape(HIN), token.reshape(1).astype(mx.int32), table.weight,
+           *_linear_arrays(din, dtype)]
+    for layer in layers:
+        ins += [layer.norm1, *_linear_arrays(layer.in_proj.step(k), dtype),
+                *_linear_arrays(layer.out_proj.step(k), dtype), layer.norm2,
+                *_linear_arrays(layer.linear_in.step(k), dtype),
+                *_linear_arrays(layer.linear_out.step(k), dtype)]
+    ins += [*_linear_arrays(head, dtype), *[p.reshape(-1) for p in priors], barrier]
+    hd = D // H
+    template = [("T", dtype), ("BITS", din.bits if din.quantized else 0),
+                ("GROUP", din.group_size if din.quantized else 64),
+                ("HBITS", head.bits if head.quantized else 0),
+                ("HGROUP", head.group_size if head.quantized else 64),
+                ("HIN", HIN), ("D", D), ("HID", HID), ("CARD", CARD), ("H", H), ("L", L),
+                ("NKV", len(priors)), ("NB", nb), ("WARPS", WARPS), ("XS", xs),
+                ("RW0", _rows_per_warp(D, warps)), ("RWQ", _rows_per_warp(3 * D, warps)),
+                ("RWO", _rows_per_warp(D, warps)), ("RWG", _rows_per_warp(HID, warps)),
+                ("RWD", _rows_per_warp(D, warps)), ("RWH", _rows_per_warp(CARD, warps))]
+    kern = _kernel(L, len(priors), attention_scale(hd))
+    logits, kv, _, _, _ = kern(
+        inputs=ins, template=template,
+        output_shapes=[(CARD,), (L * 2 * D,), (D,), (D,), (HID,)],
+        output_dtypes=[dtype] * 5,
+        grid=(nb * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1))
+    return logits, kv
+
+
+def new_barrier() -> mx.array:
+    """A zeroed barrier state for `step` (evaluated: it is written in place by the kernel)."""
+    b = mx.zeros((_BARRIER_WORDS,), dtype=mx.uint32)
+    mx.eval(b)
+    return b
+
+
+def barrier_failed(barrier: mx.array) -> bool:
+    """Whether a grid barrier gave up waiting (the grid did not fit the GPU at once): the
+    kernel's results are then wrong."""
+    return bool(int(barrier[2].item()) != 0)

@@ -1,0 +1,212 @@
+"""engine/lm/depth_kernel.py: the whole depth step as one CUDA kernel.
+
+The kernel needs MLX's CUDA backend; here (any machine) the wrapper and the engine's wiring are
+checked against the kernel's declaration with a stand-in for `mx.fast.cuda_kernel`. On a CUDA
+machine the tests marked `cuda` compare the kernel's frames with the MLX operations', and
+`scripts/check_fused_kernels.py` compares each step's logits, keys and values with the unfused
+step on the 7B's shapes (and compiles every variant with NVRTC anywhere).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.lm import depth_kernel, fused
+
+cuda = pytest.mark.skipif(not fused.enabled(), reason="needs MLX's CUDA backend")
+
+TYPES = {"n1": mx.float32, "n2": mx.float32, "tok": mx.int32, "sync": mx.uint32}
+
+
+def _stand_in(monkeypatch, calls: list) -> None:
+    """mx.fast.cuda_kernel replaced by a stand-in that checks each call against the kernel's
+    declaration and returns zeros of the declared output shapes."""
+
+    def fake_cuda_kernel(**kw):
+        def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup):
+            assert len(inputs) == len(kw["input_names"]), kw["name"]
+            assert len(output_shapes) == len(kw["output_names"]) == len(output_dtypes)
+            for name, a in zip(kw["input_names"], inputs):
+                want = TYPES.get(name.split("_")[0])
+                if want is not None:
+                    assert a.dtype == want, name
+            calls.append({"kw": kw, "t": dict(template), "inputs": dict(zip(kw["input_names"], inputs)),
+                          "shapes": output_shapes, "grid": grid, "block": threadgroup})
+            return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
+        return call
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    depth_kernel._kernel.cache_clear()
+
+
+@pytest.fixture
+def gen(tiny_dir):
+    from engine.duplex import DuplexEngine
+    return DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
+
+
+def test_rows_per_warp_spread_a_phase_over_the_grid():
+    assert depth_kernel._rows_per_warp(1024, 1056) == 1
+    assert depth_kernel._rows_per_warp(3072, 1056) == 4
+    assert depth_kernel._rows_per_warp(2816, 2112) == 2
+    assert depth_kernel._rows_per_warp(88, 256) == 1
+    assert depth_kernel._rows_per_warp(3, 1) == 1  # odd: one row a task
+
+
+def test_the_tiny_depformer_fits_the_kernel(gen):
+    dep = gen.model.depformer
+    assert depth_kernel.supports(dep, mx.float32)
+    assert not depth_kernel.supports(dep, mx.float16)
+
+
+def test_each_step_passes_its_own_weights_table_and_keys(gen, monkeypatch):
+    calls = []
+    _stand_in(monkeypatch, calls)
+    try:
+        model = gen.model
+        dep = model.depformer
+        hn = mx.zeros((1, 1, model.cfg.dim), dtype=mx.float32)
+        kvs = []
+        for k in range(3):
+            logits, kv = dep.step_kernel(k, hn, mx.array(5, dtype=mx.int32), kvs)
+            assert logits.shape == (model.cfg.card,)
+            kvs.append(kv)
+    finally:
+        depth_kernel._kernel.cache_clear()
+    D, L = model.cfg.depformer_dim, len(dep.layers)
+    assert kvs[0].shape == (L * 2 * D,)
+    for k, c in enumerate(calls):
+        ins, t = c["inputs"], c["t"]
+        assert ins["win"] is dep.depformer_in.step(k).weight  # step k's views, never copies
+        assert ins["wq_0"] is dep.layers[0].in_proj.step(k).weight
+        assert ins["wd_0"] is dep.layers[0].linear_out.step(k).weight
+        assert ins["hw"] is dep.heads.step(k).weight
+        assert ins["emb"] is (dep.text_emb if k == 0 else dep.emb[k - 1]).weight
+        assert ins["sync"] is dep._barrier
+        assert [ins[f"kv{j}"].size for j in range(k)] == [L * 2 * D] * k
+        assert t["NKV"] == k and t["D"] == D and t["L"] == L and t["H"] == dep.num_heads
+        assert t["HIN"] == model.cfg.dim and t["CARD"] == model.cfg.card
+        assert t["HID"] == dep.layers[0].linear_out.step(0).weight.shape[-1]
+        assert c["block"] == (depth_kernel.WARPS * 32, 1, 1)
+        assert c["grid"][0] == depth_kernel.sm_count() * depth_kernel.WARPS * 32
+        assert c["shapes"][:2] == [(model.cfg.card,), (L * 2 * D,)]
+    # One kernel build per number of earlier steps attended, named by a digest of its source
+    # (MLX caches builds on disk by name).
+    import hashlib
+    assert len({c["kw"]["name"] for c in calls}) == 3
+    for c in calls:
+        kw = c["kw"]
+        digest = hashlib.sha1((kw["header"] + kw["source"]).encode()).hexdigest()[:12]
+        assert kw["name"] == f"parley_depth_step_{digest}"
+
+
+def test_the_live_frame_runs_one_kernel_per_depth_step(gen, monkeypatch):
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    calls = []
+    _stand_in(monkeypatch, calls)
+    try:
+        assert gen.model.depformer.can_run_step_kernel(mx.float32)
+        gen.depth_path = "kernel"
+        assert gen.fused is True
+        gen.compile = False
+        frame = gen._make_frame()
+        K = gen.model.depformer_steps
+        hn = mx.zeros((1, 1, gen.cfg.dim), dtype=mx.float32)
+        outs = frame(hn, mx.zeros((K + 1,), mx.bool_), mx.zeros((K + 1,), mx.int32), mx.random.key(0))
+        mx.eval(outs)
+    finally:
+        depth_kernel._kernel.cache_clear()
+    assert outs[0].shape == (K + 1,)
+    assert [c["t"]["NKV"] for c in calls] == list(range(K))
+
+
+def test_nvidias_ring_rule_drops_step_0_from_the_step_that_fills_the_ring(tiny_dir, monkeypatch):
+    """depformer.py: with 16 of 16 steps, step 15 attends to steps 1..15 under NVIDIA's rule."""
+    from engine.duplex import DuplexEngine
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32", depformer_steps=16).gen
+    calls = []
+    _stand_in(monkeypatch, calls)
+    try:
+        gen.depth_path = "kernel"
+        gen.compile = False
+        K = 16
+        frame = gen._make_frame()
+        hn = mx.zeros((1, 1, gen.cfg.dim), dtype=mx.float32)
+        mx.eval(frame(hn, mx.zeros((K + 1,), mx.bool_), mx.zeros((K + 1,), mx.int32),
+                      mx.random.key(0)))
+    finally:
+        depth_kernel._kernel.cache_clear()
+    assert gen.reference == "nvidia"
+    assert [c["t"]["NKV"] for c in calls] == list(range(15)) + [14]
+
+
+def test_parley_depth_kernel_0_falls_back_to_the_per_layer_kernels(gen, monkeypatch):
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    assert gen._best_depth_path() == "kernel"
+    monkeypatch.setenv("PARLEY_DEPTH_KERNEL", "0")
+    assert gen._best_depth_path() == "fused"
+    with pytest.raises(ValueError, match="step kernel"):
+        gen.depth_path = "kernel"
+    monkeypatch.setenv("PARLEY_FUSED", "0")
+    monkeypatch.setattr(fused, "enabled", lambda: False)
+    assert gen._best_depth_path() == "mlx"
+
+
+def test_the_cpu_runs_the_depth_transformer_on_mlx_operations(gen):
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("a CPU-only check")
+    assert gen.depth_path == "mlx" and gen.fused is False
+    with pytest.raises(ValueError):
+        gen.depth_path = "kernel"
+    with pytest.raises(ValueError):
+        gen.depth_path = "sideways"
+
+
+def test_the_barrier_state_starts_clear():
+    b = depth_kernel.new_barrier()
+    assert b.dtype == mx.uint32 and b.size == 4
+    assert depth_kernel.barrier_failed(b) is False
+
+
+@cuda
+def test_on_cuda_the_depth_step_kernel_gives_the_frames_of_the_mlx_operations(tiny_dir):
+    """float32 tiny model, greedy: a session's tokens with one kernel a depth step equal those of
+    the per-layer kernels and of plain MLX operations; no grid barrier gave up."""
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    rng = np.random.default_rng(2)
+    pcm = (0.1 * rng.standard_normal((12, 1920))).astype(np.float32)
+    runs = []
+    for path in ("kernel", "fused", "mlx"):
+        engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32")
+        assert engine.gen.depth_path == "kernel"
+        engine.gen.depth_path = path
+        engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+        runs.append([engine.step(p).tokens.copy() for p in pcm])
+        assert not engine.gen.model.depformer.step_kernel_failed()
+    for a, b, c in zip(*runs):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, c)
+
+
+def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch, capsys):
+    import json
+
+    from engine.bench import BenchResult
+    from tui.cli import main
+    from engine.duplex import DuplexEngine
+    assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["depth_path"] == ("kernel" if fused.enabled() else "mlx")
+    lines = BenchResult({**data, "depth_path": "kernel"}).summary_lines()
+    assert "Depth transformer: one CUDA kernel a step" in lines
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    engine = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
+    engine.overlap_encode = False
+    assert engine.gen.depth_path == "kernel"
+    assert engine.frame_path == "depth one kernel a step"
+    engine.gen.depth_path = "fused"
+    assert engine.frame_path == "depth fused"
