@@ -10,6 +10,7 @@
 #      graphs on), runs `parley bench` on a 7B-shaped random model at 4 and 8 bits, and prints both
 #      engines' figures with the ratio (reference p50 / ours p50). Takes ~5 minutes of device
 #      time (each `parley bench` process loads the 7B and JIT-compiles its prefill, ~1-2 min).
+# Variables for `run`: BITS (default "4 8"), FRAMES (200), EXTRA (extra 4-bit runs, see below).
 # Other second calls: `parts` (scripts/bench_frame_parts.py, DISPATCH=1 adds
 # scripts/bench_mlx_dispatch.py), `explore` (dispatch costs, then 4-bit frames under each of
 # ENVS), `variants` (MLX's CUDA graph settings).
@@ -40,6 +41,12 @@ case "$phase" in
     for bits in ${BITS:-4 8}; do
       python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize "$bits" \
         --frames ${FRAMES:-200} --json "$@" | tee "$out/parley-q$bits.json"
+    done
+    # EXTRA="PARLEY_FUSED_TEMPORAL=1 PARLEY_DEPTH_KERNEL=0": one more 4-bit run per entry, with
+    # that variable set (same machine, so its figures compare with the runs above).
+    for env in ${EXTRA:-}; do
+      env "$env" python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 \
+        --frames ${FRAMES:-200} "$@" | grep -E "Frame|Stages|Depth" | sed "s/^/[$env] /"
     done
     python3 - "$out" <<'PY'
 import json, sys, pathlib

@@ -428,6 +428,8 @@ def main() -> None:
     ap.add_argument("--no-timings", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="4-bit and the tiny float32 model only (numerics and timings)")
+    ap.add_argument("--depth-only", action="store_true",
+                    help="with --quick: only the depth step kernel (numerics, frame timings)")
     args = ap.parse_args()
     if args.nvrtc:
         sys.exit(1 if nvrtc_compile_all(args.nvrtc, args.include) else 0)
@@ -443,6 +445,8 @@ def main() -> None:
                 if bits and dims is tiny:
                     continue
                 if args.quick and (bits != 4 and dims is not tiny or dtype == mx.bfloat16 and dims is tiny):
+                    continue
+                if args.depth_only:
                     continue
                 lines = check_numerics(dtype, bits, dims)
                 print(f"== {name} {dtype} bits={bits}")
@@ -470,7 +474,7 @@ def main() -> None:
         if not args.quick:
             for line in dispatch_costs():
                 print(line)
-        for bits in (4,) if args.quick else (4, 8):
+        for bits in () if args.depth_only else (4,) if args.quick else (4, 8):
             for line in timings(bits):
                 print(line, flush=True)
     print("numerics:", "all ok" if not fails else f"{fails} FAILED")
