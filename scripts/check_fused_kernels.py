@@ -104,8 +104,30 @@ def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
         want = res + lin(merge_heads(a))
         got = fused.attn_gemv(qq, ks, vs, lin, res, heads, 1 / math.sqrt(hd))
         report(f"attn+out+res n={n}", got, want)
+    if bits:
+        # The preloaded variant must equal the plain kernel bit for bit (module docstring).
+        def all_products():
+            return [fused.gemv(x, lin), fused.gemv(x, lin, alpha=alpha, res=res),
+                    fused.gemv_gated(x, alpha, lin_in), fused.gemv(hmid, lin_out, res=res),
+                    *fused.qkv(x, alpha, inp, heads, mx.array([pos], dtype=mx.int32), 10000.0)]
+        plain = all_products()
+        pre = with_preload(all_products)()
+        diff = max(float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max())
+                   for a, b in zip(pre, plain))
+        lines.append(f"{'ok  ' if diff == 0 else 'FAIL'} {'preloaded == plain':28s} max diff {diff:.2e}")
     mx.eval(x)
     return lines
+
+
+def with_preload(fn):
+    """fn, building its fused products with the preloaded variant (PARLEY_GEMV_PRELOAD=1)."""
+    def wrapped(*a):
+        saved, fused.PRELOAD = fused.PRELOAD, True
+        try:
+            return fn(*a)
+        finally:
+            fused.PRELOAD = saved
+    return wrapped
 
 
 def make_depformer(dims: dict, bits: int, dtype, steps: int = 8, seed: int = 0):
@@ -229,7 +251,7 @@ def timings(bits: int) -> list[str]:
         mx.eval(lin.arrays(), sq.arrays(), xx)
         f_mlx = lambda y: sq(lin(y))  # noqa: E731
         f_fused = lambda y: fused.gemv(fused.gemv(y, lin), sq)  # noqa: E731
-        for name, f in (("mlx", f_mlx), ("fused", f_fused)):
+        for name, f in (("mlx", f_mlx), ("fused", f_fused), ("pre", with_preload(f_fused))):
             f(xx)
             h, w = time_chain(f, xx, 50)
             mb = sum(a.nbytes for a in lin.arrays() + sq.arrays()) / 1e6
@@ -255,7 +277,8 @@ def timings(bits: int) -> list[str]:
         return fused.gemv(fused.gemv_gated(y, alpha, lin_in), lin_out, res=y)
 
     for name, f in (("unfused layer", unfused), ("fused layer", fused_layer),
-                    ("unfused compiled", mx.compile(unfused)), ("fused compiled", mx.compile(fused_layer))):
+                    ("unfused compiled", mx.compile(unfused)), ("fused compiled", mx.compile(fused_layer)),
+                    ("preloaded compiled", mx.compile(with_preload(fused_layer)))):
         f(x)
         h, w = time_chain(f, x, 32)
         out.append(f"{bits}-bit {name:18s}: host {h:7.1f} us/layer, wall {w:7.1f} us/layer")
@@ -306,7 +329,7 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
             variants.append((kind, kw, tname, bits))
     sources = [(f"{kind} {kw} T={tname} BITS={bits}", _source(kind, kw, tname, bits))
                for kind, kw, tname, bits in variants]
-    sources += _depth_kernel_sources()
+    sources += _depth_kernel_sources() + _preload_sources()
     for label, src in sources:
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
@@ -357,6 +380,53 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
             kw, ckw = calls[0]
             out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} NKV={nkv}",
                         _mlx_like_source(kw, ckw)))
+    return out
+
+
+def _captured(fn) -> tuple[dict, dict]:
+    """(declaration, call) of the one fused kernel `fn` builds, captured instead of run."""
+    calls = []
+    orig = mx.fast.cuda_kernel
+
+    def capture(**kw):
+        def call(**ckw):
+            calls.append((kw, ckw))
+            return [mx.zeros(sh, dtype=dt) for sh, dt in zip(ckw["output_shapes"], ckw["output_dtypes"])]
+        return call
+
+    mx.fast.cuda_kernel = capture
+    fused._kernel.cache_clear()
+    try:
+        fn()
+    finally:
+        mx.fast.cuda_kernel = orig
+        fused._kernel.cache_clear()
+    return calls[0]
+
+
+def _preload_sources() -> list[tuple[str, str]]:
+    """The preloaded variants (PARLEY_GEMV_PRELOAD=1) as MLX would build them, for the 7B's
+    temporal and depth shapes at 4 and 8 bits."""
+    out = []
+    saved, fused.PRELOAD = fused.PRELOAD, True
+    try:
+        for bits in (4, 8):
+            for d, h in ((4096, 11264), (1024, 2816)):
+                x = mx.zeros((1, 1, d), dtype=mx.bfloat16)
+                alpha = mx.ones((d,), dtype=mx.float32)
+                sq, big = make_linear(d, d, bits, mx.bfloat16, 1), make_linear(2 * h, d, bits, mx.bfloat16, 2)
+                down, qkvl = make_linear(d, h, bits, mx.bfloat16, 3), make_linear(3 * d, d, bits, mx.bfloat16, 4)
+                pos = mx.array([5], dtype=mx.int32)
+                for label, fn in (("gemv", lambda: fused.gemv(x, sq)),
+                                  ("gemv+norm+res", lambda: fused.gemv(x, sq, alpha=alpha, res=x)),
+                                  ("gated", lambda: fused.gemv_gated(x, alpha, big)),
+                                  ("down+res", lambda: fused.gemv(mx.zeros((1, 1, h), mx.bfloat16), down, res=x)),
+                                  ("qkv+rope", lambda: fused.qkv(x, alpha, qkvl, d // 128, pos))):
+                    kw, ckw = _captured(fn)
+                    tag = "pre" if "_pre_" in kw["name"] else "plain (no preload fit)"
+                    out.append((f"preloaded {label} d={d} BITS={bits}: {tag}", _mlx_like_source(kw, ckw)))
+    finally:
+        fused.PRELOAD = saved
     return out
 
 

@@ -182,3 +182,36 @@ def test_the_fused_steps_fit_the_engine(tiny_dir, monkeypatch):
     assert kinds == {"gemv", "gated", "qkv", "attn"}
     rope = [t for n, (kw, t) in made.items() if "_qkv_" in n]
     assert {t["ROPE"] for t in rope} == {True, False}  # temporal with RoPE, depth without
+
+
+def test_preloaded_rows_fit_the_register_budget(monkeypatch):
+    """PARLEY_GEMV_PRELOAD=1: as many rows a warp as keep its weights in 16 16-byte registers a
+    lane; layouts that cannot fit take the plain kernel (0)."""
+    monkeypatch.setattr(fused, "PRELOAD", True)
+    assert fused._pre_rows(_lin(4096, 4096), 4096) == 4  # 4 loads a row
+    assert fused._pre_rows(_lin(22528, 4096), 11264, factor=2) == 2  # gate and up rows
+    assert fused._pre_rows(_lin(4096, 11264), 4096) == 1  # 11 loads a row
+    assert fused._pre_rows(_lin(4096, 11264, bits=8), 4096) == 0  # 22 loads: plain kernel
+    assert fused._pre_rows(_lin(12288, 4096, bits=8), 12288, even=True) == 2
+    assert fused._pre_rows(_lin(1024, 1024, bits=0), 1024) == 0  # unquantized: plain kernel
+    monkeypatch.setattr(fused, "PRELOAD", False)
+    assert fused._pre_rows(_lin(4096, 4096), 4096) == 0
+
+
+def test_each_preloaded_kernel_declares_what_its_wrapper_passes(monkeypatch):
+    made = {}
+    _fake_cuda_kernels(monkeypatch, made)
+    monkeypatch.setattr(fused, "PRELOAD", True)
+    try:
+        x = mx.zeros((1, 1, 1024), dtype=mx.bfloat16)
+        alpha = mx.ones((1024,), dtype=mx.float32)
+        assert fused.gemv(x, _lin(1024, 1024), alpha=alpha, res=x).shape == (1, 1, 1024)
+        assert fused.gemv_gated(x, alpha, _lin(5632, 1024)).shape == (1, 1, 2816)
+        q, k, v = fused.qkv(x, alpha, _lin(3072, 1024), 16, mx.array([3], dtype=mx.int32))
+        assert q.shape == k.shape == v.shape == (1, 16, 1, 64)
+    finally:
+        fused._kernel.cache_clear()
+    assert len(made) == 3 and all("_pre_" in name for name in made)
+    for name, (kw, t) in made.items():
+        assert "Pre<T, BITS, K, GROUP, NR>" in kw["source"]
+        assert t["RW"] in (1, 2, 4)

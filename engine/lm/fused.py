@@ -41,6 +41,9 @@ import mlx.core as mx
 from .layers import RMS_EPS, Linear
 
 WARPS = 8  # warps per block; each warp computes RW output rows at a time
+# Experimental, off by default until measured on a GPU: the quantized products' preloaded variant
+# (see `Pre` in the header). PARLEY_GEMV_PRELOAD=1 turns it on.
+PRELOAD = os.environ.get("PARLEY_GEMV_PRELOAD") == "1"
 
 _HEADER = r"""
 namespace parley {
@@ -258,6 +261,114 @@ __device__ __forceinline__ void stage_x(const T* x, const float* alpha, float ep
   __syncthreads();
 }
 
+// ---- Preloaded products (PARLEY_GEMV_PRELOAD=1, experimental) ----
+// A warp loads all of its rows' weights, scales and biases into registers *before* the block
+// stages x, so the staging hides under the weight loads' latency; x is staged pre-scaled so a
+// packed integer needs no shift: q_j placed at bit b of a word, ORed into 2^23's mantissa and
+// minus 2^23, is q_j * 2^b exactly, and x_j * 2^-b is exact too, so every product (and so the
+// sum, in the same order) equals the plain kernel's bit for bit.
+
+// The scale of value p of a 32-bit word in the pre-scaled x: 2^-(bit position it is read at).
+template <int BITS> __device__ __forceinline__ float pre_scale(int p) {
+  // 4 bits: values 0-4 are read in place (bits 0-19 fit the mantissa), 5-7 after `>> 20`;
+  // 8 bits: values 0-1 in place, 2-3 after `>> 16`.
+  constexpr int SPLIT = BITS == 4 ? 5 : 2;
+  return ldexpf(1.f, -BITS * (p < SPLIT ? p : p - SPLIT));
+}
+
+// The integer `masked` (below 2^23) as a float: ORed into 2^23's mantissa, minus 2^23.
+__device__ __forceinline__ float placed(uint32_t masked) {
+  return __uint_as_float(masked | 0x4B000000u) - 8388608.0f;
+}
+
+// sum_j q_j * 2^b_j * xv[j] for one 16-byte load, xv pre-scaled by 2^-b_j (pre_scale).
+template <int BITS> __device__ __forceinline__ float dot_q_pre(const uint4 w, const float* xv) {
+  constexpr int PER = 32 / BITS;
+  constexpr int SPLIT = BITS == 4 ? 5 : 2;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t a = words[i], h = a >> (BITS * SPLIT);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const uint32_t src = j < SPLIT ? a : h;
+      const int p = j < SPLIT ? j : j - SPLIT;
+      s = fmaf(placed(src & (MASK << (BITS * p))), xv[i * PER + j], s);
+    }
+  }
+  return s;
+}
+
+// After stage_x: xsum[v] = the sum of chunk v's values (in the plain kernel's order), and the
+// staged values scaled for dot_q_pre. Each thread owns whole chunks (columns of xs).
+template <typename T, int BITS, int VPL, int K, int NT>
+__device__ __forceinline__ void prescale_x(float* xs, float* xsum) {
+  constexpr int KV = K / VPL;
+  constexpr int PER = 32 / BITS;
+  for (int v = threadIdx.x; v < KV; v += NT) {
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      float* p = xs + j * (KV + 1) + v;
+      sum += *p;
+      *p *= pre_scale<BITS>(j % PER);
+    }
+    xsum[v] = sum;
+  }
+  __syncthreads();
+}
+
+// R rows' weights, scales and biases (all of K), held in registers.
+template <typename T, int BITS, int K, int GROUP, int R> struct Pre {
+  static constexpr int VPL = Pack<T, BITS>::VPL;
+  static constexpr int KV = K / VPL;
+  static constexpr int ITERS = (KV + 31) / 32;
+  static constexpr int G = K / GROUP;
+  uint4 w[R][ITERS];
+  float s[R][ITERS], b[R][ITERS];
+
+  __device__ __forceinline__ void load(const void* wp, const T* scales, const T* biases,
+                                       const int* rows, int lane) {
+    const uint4* wv = reinterpret_cast<const uint4*>(wp);
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int v = lane + 32 * it;
+      if (KV % 32 == 0 || v < KV) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          w[r][it] = __ldg(wv + (size_t)rows[r] * KV + v);
+          const size_t g = (size_t)rows[r] * G + (v * VPL) / GROUP;
+          s[r][it] = to_f(scales[g]);
+          b[r][it] = to_f(biases[g]);
+        }
+      }
+    }
+  }
+
+  // acc[r] = row r times the staged x, summed over the warp (as gemv_rows).
+  __device__ __forceinline__ void dot(const float* xs, const float* xsum, float* acc,
+                                      int lane) const {
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int v = lane + 32 * it;
+      if (KV % 32 == 0 || v < KV) {
+        float xv[VPL];
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) xv[j] = xs[j * (KV + 1) + v];
+        const float xsm = xsum[v];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += s[r][it] * dot_q_pre<BITS>(w[r][it], xv) + b[r][it] * xsm;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+  }
+};
+
 }  // namespace parley
 """
 
@@ -284,12 +395,7 @@ _ROWS = r"""
   gemv_rows<T, BITS, K, GROUP, RW>(xs, w, scales, biases, rows, acc, lane);
 """
 
-_GEMV = r"""
-  using namespace parley;
-  constexpr int VPL = Pack<T, BITS>::VPL;
-  __shared__ float xs[VPL * (K / VPL + 1)];
-  {stage}
-""" + _ROWS + r"""
+_GEMV_EPI = r"""
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
     if (lane == r) {
@@ -297,17 +403,14 @@ _GEMV = r"""
     }
   }
 """
+_GEMV = r"""
+  using namespace parley;
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  __shared__ float xs[VPL * (K / VPL + 1)];
+  {stage}
+""" + _ROWS + _GEMV_EPI
 
-_GATED = _NORMED + r"""
-  constexpr int HALF = N / 2;
-  const int lane = threadIdx.x & 31;
-  const int j0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RW;
-  if (j0 >= HALF) return;
-  int rows[2 * RW];
-#pragma unroll
-  for (int r = 0; r < RW; ++r) { rows[r] = j0 + r; rows[RW + r] = HALF + j0 + r; }
-  float acc[2 * RW];
-  gemv_rows<T, BITS, K, GROUP, 2 * RW>(xs, w, scales, biases, rows, acc, lane);
+_GATED_EPI = r"""
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
     if (lane == r) {
@@ -319,8 +422,19 @@ _GATED = _NORMED + r"""
     }
   }
 """
+_GATED = _NORMED + r"""
+  constexpr int HALF = N / 2;
+  const int lane = threadIdx.x & 31;
+  const int j0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RW;
+  if (j0 >= HALF) return;
+  int rows[2 * RW];
+#pragma unroll
+  for (int r = 0; r < RW; ++r) { rows[r] = j0 + r; rows[RW + r] = HALF + j0 + r; }
+  float acc[2 * RW];
+  gemv_rows<T, BITS, K, GROUP, 2 * RW>(xs, w, scales, biases, rows, acc, lane);
+""" + _GATED_EPI
 
-_QKV = _NORMED + _ROWS + r"""
+_QKV_EPI = r"""
   constexpr int D = N / 3;
   if (lane != 0) return;
 #pragma unroll
@@ -344,6 +458,43 @@ _QKV = _NORMED + _ROWS + r"""
     dst[1] = from_f<T>(a1);
   }
 """
+_QKV = _NORMED + _ROWS + _QKV_EPI
+
+# The preloaded variants (PARLEY_GEMV_PRELOAD=1): a warp's NR rows are loaded before staging; the
+# epilogues are the plain kernels'.
+_PRE = r"""
+  using namespace parley;
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  constexpr int KV = K / VPL;
+  __shared__ float xs[VPL * (KV + 1)];
+  __shared__ float xsum[KV];
+  __shared__ float red[32];
+  const int lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * (NT / 32) + (threadIdx.x >> 5)) * RW;
+  {rows}
+  Pre<T, BITS, K, GROUP, NR> pre;
+  if (row0 < LIMIT) pre.load(w, scales, biases, rows, lane);
+  {stage}
+  prescale_x<T, BITS, VPL, K, NT>(xs, xsum);
+  if (row0 >= LIMIT) return;
+  float acc[NR];
+  pre.dot(xs, xsum, acc, lane);
+"""
+_PRE_ROWS = r"""constexpr int NR = RW;
+  constexpr int LIMIT = N;
+  int rows[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) rows[r] = row0 + r;"""
+_PRE_GATED_ROWS = r"""constexpr int HALF = N / 2;
+  constexpr int NR = 2 * RW;
+  constexpr int LIMIT = HALF;
+  const int j0 = row0;
+  int rows[NR];
+#pragma unroll
+  for (int r = 0; r < RW; ++r) { rows[r] = row0 + r; rows[RW + r] = HALF + row0 + r; }"""
+_STAGE_NORM = "stage_x<T, VPL, K, NT, false, true>(x, alpha, {eps}f, xs, red);"
+_STAGE_PLAIN = "stage_x<T, VPL, K, NT, false, false>(x, nullptr, 0.f, xs, red);"
+
 
 _ATTN = r"""
   using namespace parley;
@@ -428,11 +579,28 @@ def _rows_per_warp(n: int) -> int:
     return 4 if n % 4 == 0 else 2
 
 
+def _pre_rows(lin: Linear, n: int, factor: int = 1, even: bool = False) -> int:
+    """Rows per warp for the preloaded variant (PARLEY_GEMV_PRELOAD=1, quantized weights only):
+    the most of 4, 2, 1 (even for QKV's RoPE pairs) dividing n whose weights fit 16 16-byte
+    registers a lane (factor 2: the gated kernel loads two rows per output); 0 = plain kernel."""
+    if not (PRELOAD and lin.quantized):
+        return 0
+    k = _shape(lin)[1]
+    iters = -(-(k * lin.bits // 128) // 32)
+    for rw in (4, 2, 1):
+        if (not even or rw % 2 == 0) and n % rw == 0 and rw * iters * factor <= 16:
+            return rw
+    return 0
+
+
 @functools.cache
 def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
-            scale: float = 0.0, neg_log_base_2_over_hd: float = 0.0):
+            scale: float = 0.0, neg_log_base_2_over_hd: float = 0.0, pre: bool = False):
     eps = repr(float(RMS_EPS))
-    if kind == "gemv":
+    if pre and kind in ("gemv", "gated", "qkv"):
+        src = _pre_source(kind, stage, epilogue, neg_log_base_2_over_hd)
+        inputs, outputs = _KERNEL_IO[kind](stage, epilogue)
+    elif kind == "gemv":
         inputs = ["x"] + (["alpha"] if stage == "norm" else []) + ["w", "scales", "biases"]
         inputs += ["res"] if epilogue == "res" else []
         stage_src = ("__shared__ float red[32];\n  stage_x<T, VPL, K, NT, false, true>(x, alpha, %sf, xs, red);"
@@ -460,9 +628,32 @@ def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
     # MLX caches compiled kernels on disk by name (MLX_PTX_CACHE_DIR, default under /tmp), so the
     # name carries a digest of the source: a changed kernel must never load an old build.
     digest = hashlib.sha1((_HEADER + src).encode()).hexdigest()[:12]
-    name = f"parley_{kind}_{digest}"
+    name = f"parley_{kind}{'_pre' if pre else ''}_{digest}"
     return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=src,
                                header=_HEADER)
+
+
+_KERNEL_IO = {
+    "gemv": lambda stage, epi: (["x"] + (["alpha"] if stage == "norm" else [])
+                                + ["w", "scales", "biases"] + (["res"] if epi == "res" else []),
+                                ["y"]),
+    "gated": lambda stage, epi: (["x", "alpha", "w", "scales", "biases"], ["out"]),
+    "qkv": lambda stage, epi: (["x", "alpha", "w", "scales", "biases", "pos"], ["q", "k", "v"]),
+}
+
+
+def _pre_source(kind: str, stage: str, epilogue: str, neg_log_base_2_over_hd: float) -> str:
+    eps = repr(float(RMS_EPS))
+    staging = (_STAGE_NORM if kind != "gemv" or stage == "norm" else _STAGE_PLAIN).replace("{eps}", eps)
+    body = _PRE.replace("{stage}", staging).replace(
+        "{rows}", _PRE_GATED_ROWS if kind == "gated" else _PRE_ROWS)
+    if kind == "gemv":
+        epi = ("y[rows[r]] = from_f<T>(to_f(res[rows[r]]) + round_t<T>(acc[r]));"
+               if epilogue == "res" else "y[rows[r]] = from_f<T>(acc[r]);")
+        return body + _GEMV_EPI.replace("{epilogue}", epi)
+    if kind == "gated":
+        return body + _GATED_EPI
+    return body + _QKV_EPI.replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd)))
 
 
 def _weights(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
@@ -489,11 +680,13 @@ def gemv(x: mx.array, lin: Linear, alpha: mx.array | None = None,
     """lin(rms_norm_f32(x, alpha) if alpha is given else x) (+ res): x [..., K] with one
     position -> [..., N] like x."""
     n, k = _shape(lin)
-    rw = _rows_per_warp(n)
+    pre = _pre_rows(lin, n)
+    rw = pre or _rows_per_warp(n)
     ins = [x.reshape(k)] + ([alpha] if alpha is not None else []) + _weights(lin, x.dtype)
     if res is not None:
         ins.append(res.reshape(n))
-    kern = _kernel("gemv", "norm" if alpha is not None else "", "res" if res is not None else "")
+    kern = _kernel("gemv", "norm" if alpha is not None else "", "res" if res is not None else "",
+                   pre=bool(pre))
     (y,) = kern(inputs=ins, template=_template(lin, x.dtype, rw), output_shapes=[(n,)],
                 output_dtypes=[x.dtype], **_grid(n, rw))
     return y.reshape(*x.shape[:-1], n)
@@ -503,8 +696,9 @@ def gemv_gated(x: mx.array, alpha: mx.array, lin_in: Linear) -> mx.array:
     """silu(g) · u where [g; u] = lin_in(rms_norm_f32(x, alpha)): x [..., K] -> [..., N/2]."""
     n, k = _shape(lin_in)
     half = n // 2
-    rw = _rows_per_warp(half)
-    (out,) = _kernel("gated")(inputs=[x.reshape(k), alpha, *_weights(lin_in, x.dtype)],
+    pre = _pre_rows(lin_in, half, factor=2)
+    rw = pre or _rows_per_warp(half)
+    (out,) = _kernel("gated", pre=bool(pre))(inputs=[x.reshape(k), alpha, *_weights(lin_in, x.dtype)],
                               template=_template(lin_in, x.dtype, rw), output_shapes=[(half,)],
                               output_dtypes=[x.dtype], **_grid(half, rw))
     return out.reshape(*x.shape[:-1], half)
@@ -517,10 +711,11 @@ def qkv(x: mx.array, alpha: mx.array, lin: Linear, num_heads: int, pos: mx.array
     n, k = _shape(lin)
     d = n // 3
     hd = d // num_heads
-    rw = _rows_per_warp(n)
+    pre = _pre_rows(lin, n, even=True)
+    rw = pre or _rows_per_warp(n)
     rope = pos is not None
     c = -math.log(max_period) * 2 / hd
-    kern = _kernel("qkv", neg_log_base_2_over_hd=c if rope else 0.0)
+    kern = _kernel("qkv", neg_log_base_2_over_hd=c if rope else 0.0, pre=bool(pre))
     pos_in = pos if rope else mx.zeros((1,), dtype=mx.int32)
     outs = kern(inputs=[x.reshape(k), alpha, *_weights(lin, x.dtype), pos_in],
                 template=_template(lin, x.dtype, rw, HD=hd, ROPE=rope),
