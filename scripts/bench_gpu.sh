@@ -42,10 +42,10 @@ case "$phase" in
       python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize "$bits" \
         --frames ${FRAMES:-200} --json "$@" | tee "$out/parley-q$bits.json"
     done
-    # EXTRA="PARLEY_FUSED_TEMPORAL=1 PARLEY_DEPTH_KERNEL=0": one more 4-bit run per entry, with
-    # that variable set (same machine, so its figures compare with the runs above).
+    # EXTRA="PARLEY_FUSED_TEMPORAL=1 PARLEY_FUSED_TEMPORAL=1,PARLEY_GEMV_PRELOAD=1": one more
+    # 4-bit run per entry (commas join variables), on the same machine as the runs above.
     for env in ${EXTRA:-}; do
-      env "$env" python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 \
+      env ${env//,/ } python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 \
         --frames ${FRAMES:-200} "$@" | grep -E "Frame|Stages|Depth" | sed "s/^/[$env] /"
     done
     python3 - "$out" <<'PY'
