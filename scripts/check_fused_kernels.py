@@ -224,6 +224,40 @@ def time_depth_steps(bits: int, steps: int = 8) -> list[str]:
     return lines
 
 
+def barrier_cost(nbar: int = 200) -> list[str]:
+    """What one of the step kernel's grid barriers costs on the device: a kernel of the step
+    kernel's grid doing `nbar` barriers and nothing else, against one doing none."""
+    from engine.lm import depth_kernel
+    header = fused._HEADER + depth_kernel._HELPERS
+    src = ("unsigned int* bar = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));\n"
+           "  for (int i = 0; i < NBAR; ++i) parley::grid_sync(bar, NB);\n"
+           "  if (blockIdx.x == 0 && threadIdx.x == 0) y[0] = x[0] + 1.f;")
+    kern = mx.fast.cuda_kernel(name="parley_barrier_probe", input_names=["x", "sync"],
+                               output_names=["y"], source=src, header=header)
+    nb = depth_kernel.sm_count()
+    barrier = depth_kernel.new_barrier()
+    out = []
+    for n in (0, nbar):
+        def chain(y, n=n):
+            for _ in range(20):
+                (y,) = kern(inputs=[y, barrier], template=[("NBAR", n), ("NB", nb)],
+                            grid=(nb * depth_kernel.WARPS * 32, 1, 1),
+                            threadgroup=(depth_kernel.WARPS * 32, 1, 1),
+                            output_shapes=[(1,)], output_dtypes=[mx.float32])
+            return y
+        f = mx.compile(chain)
+        x = mx.zeros((1,))
+        mx.eval(f(x))
+        t0 = time.perf_counter()
+        for _ in range(5):
+            mx.eval(f(x))
+        out.append((time.perf_counter() - t0) / 100 * 1e6)
+    per = (out[1] - out[0]) / nbar
+    failed = depth_kernel.barrier_failed(barrier)
+    return [f"grid barrier ({nb} blocks): {per:.2f} us each (kernel with none: {out[0]:.1f} us)"
+            + (" FAILED" if failed else "")]
+
+
 def time_chain(fn, x, n: int = 100, reps: int = 3) -> tuple[float, float]:
     best = (1e9, 1e9)
     for _ in range(reps):
@@ -329,7 +363,7 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
             variants.append((kind, kw, tname, bits))
     sources = [(f"{kind} {kw} T={tname} BITS={bits}", _source(kind, kw, tname, bits))
                for kind, kw, tname, bits in variants]
-    sources += _depth_kernel_sources() + _preload_sources()
+    sources += _depth_kernel_sources() + _preload_sources() + [_barrier_probe_source()]
     for label, src in sources:
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
@@ -402,6 +436,11 @@ def _captured(fn) -> tuple[dict, dict]:
         mx.fast.cuda_kernel = orig
         fused._kernel.cache_clear()
     return calls[0]
+
+
+def _barrier_probe_source() -> tuple[str, str]:
+    kw, ckw = _captured(lambda: barrier_cost(1))  # only the captured source matters here
+    return "grid barrier probe", _mlx_like_source(kw, ckw)
 
 
 def _preload_sources() -> list[tuple[str, str]]:
@@ -538,6 +577,8 @@ def main() -> None:
             print("  " + line)
         fails += sum(line.startswith("FAIL") for line in lines)
     if not args.no_timings:
+        for line in barrier_cost():
+            print(line, flush=True)
         for bits in (4,) if args.quick else (4, 8):
             for line in time_depth_steps(bits):
                 print(line, flush=True)
