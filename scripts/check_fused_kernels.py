@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
 
-from engine.lm import fused  # noqa: E402
+from engine.lm import depth_kernel, fused  # noqa: E402
 from engine.lm.layers import Linear, gated_ffn, merge_heads, rms_norm_f32, split_heads  # noqa: E402
 
 CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint32: "uint32_t",
@@ -210,8 +210,11 @@ def time_depth_steps(bits: int, steps: int = 8) -> list[str]:
         return mx.compile(frame)
 
     lines = []
-    for path in ("mlx", "fused", "kernel"):
-        f = chain(path)
+    for path in ("mlx", "fused", "kernel", "kernel acqrel"):
+        # "kernel acqrel": the step kernel with acquire/release barriers (PARLEY_DEPTH_BARRIER),
+        # read when the kernel is traced.
+        os.environ["PARLEY_DEPTH_BARRIER"] = "acqrel" if path.endswith("acqrel") else "fences"
+        f = chain(path.split()[0])
         mx.eval(f(hn))
         times = []
         for _ in range(30):
@@ -219,7 +222,8 @@ def time_depth_steps(bits: int, steps: int = 8) -> list[str]:
             mx.eval(f(hn))
             times.append((time.perf_counter() - t0) * 1000)
         times.sort()
-        lines.append(f"{bits}-bit depth frame ({steps} steps, greedy) {path:6s}: p50 "
+        os.environ.pop("PARLEY_DEPTH_BARRIER")
+        lines.append(f"{bits}-bit depth frame ({steps} steps, greedy) {path:13s}: p50 "
                      f"{times[len(times) // 2]:6.2f} ms, min {times[0]:6.2f} ms")
     return lines
 
@@ -230,17 +234,17 @@ def barrier_cost(nbar: int = 200) -> list[str]:
     from engine.lm import depth_kernel
     header = fused._HEADER + depth_kernel._HELPERS
     src = ("unsigned int* bar = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));\n"
-           "  for (int i = 0; i < NBAR; ++i) parley::grid_sync(bar, NB);\n"
+           "  for (int i = 0; i < NBAR; ++i) parley::grid_sync<AR>(bar, NB);\n"
            "  if (blockIdx.x == 0 && threadIdx.x == 0) y[0] = x[0] + 1.f;")
     kern = mx.fast.cuda_kernel(name="parley_barrier_probe", input_names=["x", "sync"],
                                output_names=["y"], source=src, header=header)
     nb = depth_kernel.sm_count()
     barrier = depth_kernel.new_barrier()
-    out = []
-    for n in (0, nbar):
-        def chain(y, n=n):
+
+    def us_per_kernel(n: int, ar: bool) -> float:
+        def chain(y):
             for _ in range(20):
-                (y,) = kern(inputs=[y, barrier], template=[("NBAR", n), ("NB", nb)],
+                (y,) = kern(inputs=[y, barrier], template=[("NBAR", n), ("NB", nb), ("AR", ar)],
                             grid=(nb * depth_kernel.WARPS * 32, 1, 1),
                             threadgroup=(depth_kernel.WARPS * 32, 1, 1),
                             output_shapes=[(1,)], output_dtypes=[mx.float32])
@@ -251,11 +255,15 @@ def barrier_cost(nbar: int = 200) -> list[str]:
         t0 = time.perf_counter()
         for _ in range(5):
             mx.eval(f(x))
-        out.append((time.perf_counter() - t0) / 100 * 1e6)
-    per = (out[1] - out[0]) / nbar
-    failed = depth_kernel.barrier_failed(barrier)
-    return [f"grid barrier ({nb} blocks): {per:.2f} us each (kernel with none: {out[0]:.1f} us)"
-            + (" FAILED" if failed else "")]
+        return (time.perf_counter() - t0) / 100 * 1e6
+
+    lines = []
+    for ar in (False, True):
+        empty, full = us_per_kernel(0, ar), us_per_kernel(nbar, ar)
+        lines.append(f"grid barrier, {'acquire/release' if ar else 'fences'} ({nb} blocks): "
+                     f"{(full - empty) / nbar:.2f} us each (kernel with none: {empty:.1f} us)"
+                     + (" FAILED" if depth_kernel.barrier_failed(barrier) else ""))
+    return lines
 
 
 def time_chain(fn, x, n: int = 100, reps: int = 3) -> tuple[float, float]:
@@ -391,29 +399,18 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
     for dims, bits, dtype in ((seven_b, 4, mx.bfloat16), (seven_b, 8, mx.bfloat16),
                               (seven_b, 0, mx.bfloat16), (tiny, 0, mx.float32)):
         dep = make_depformer(dims, bits, dtype, steps=3)
-        for nkv in (0, 2):
-            calls = []
-            orig = mx.fast.cuda_kernel
-
-            def capture(**kw):
-                def call(**ckw):
-                    calls.append((kw, ckw))
-                    return [mx.zeros(sh, dtype=dt) for sh, dt in
-                            zip(ckw["output_shapes"], ckw["output_dtypes"])]
-                return call
-
-            mx.fast.cuda_kernel = capture
-            depth_kernel._kernel.cache_clear()
+        hn = mx.zeros((1, 1, dims["hin"]), dtype=dtype)
+        kv_size = len(dep.layers) * 2 * dims["d"]
+        variants = [(0, "fences"), (2, "fences")] + ([(2, "acqrel")] if bits == 4 else [])
+        for nkv, barrier in variants:
+            os.environ["PARLEY_DEPTH_BARRIER"] = barrier
             try:
-                hn = mx.zeros((1, 1, dims["hin"]), dtype=dtype)
-                priors = [mx.zeros((len(dep.layers) * 2 * dims["d"],), dtype=dtype)] * nkv
-                dep.step_kernel(nkv, hn, mx.array([1], dtype=mx.int32), priors)
+                kw, ckw = _captured(lambda: dep.step_kernel(
+                    nkv, hn, mx.array([1], dtype=mx.int32), [mx.zeros((kv_size,), dtype=dtype)] * nkv))
             finally:
-                mx.fast.cuda_kernel = orig
-                depth_kernel._kernel.cache_clear()
-            kw, ckw = calls[0]
-            out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} NKV={nkv}",
-                        _mlx_like_source(kw, ckw)))
+                os.environ.pop("PARLEY_DEPTH_BARRIER")
+            out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} NKV={nkv} "
+                        f"barrier={barrier}", _mlx_like_source(kw, ckw)))
     return out
 
 
@@ -430,11 +427,13 @@ def _captured(fn) -> tuple[dict, dict]:
 
     mx.fast.cuda_kernel = capture
     fused._kernel.cache_clear()
+    depth_kernel._kernel.cache_clear()
     try:
         fn()
     finally:
         mx.fast.cuda_kernel = orig
         fused._kernel.cache_clear()
+        depth_kernel._kernel.cache_clear()
     return calls[0]
 
 
@@ -576,6 +575,13 @@ def main() -> None:
         for line in lines:
             print("  " + line)
         fails += sum(line.startswith("FAIL") for line in lines)
+    os.environ["PARLEY_DEPTH_BARRIER"] = "acqrel"  # the experimental barrier, same checks
+    lines = check_depth_step_kernel(mx.bfloat16, 4, seven_b_depth)
+    os.environ.pop("PARLEY_DEPTH_BARRIER")
+    print("== step kernel, 7B depth bfloat16 bits=4, acquire/release barriers")
+    for line in lines:
+        print("  " + line)
+    fails += sum(line.startswith("FAIL") for line in lines)
     if not args.no_timings:
         for line in barrier_cost():
             print(line, flush=True)

@@ -210,3 +210,22 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     assert engine.frame_path == "depth one kernel a step"
     engine.gen.depth_path = "fused"
     assert engine.frame_path == "depth fused"
+
+
+def test_the_barrier_kind_is_a_template_switch(gen, monkeypatch):
+    """PARLEY_DEPTH_BARRIER=acqrel (experimental) builds the kernel with acquire/release
+    barriers; anything else keeps the fence-based ones."""
+    calls = []
+    _stand_in(monkeypatch, calls)
+    hn = mx.zeros((1, 1, gen.cfg.dim), dtype=mx.float32)
+    dep = gen.model.depformer
+    try:
+        for value in ("acqrel", "fences"):
+            monkeypatch.setenv("PARLEY_DEPTH_BARRIER", value)
+            dep.step_kernel(0, hn, mx.array(1, dtype=mx.int32), [])
+        monkeypatch.delenv("PARLEY_DEPTH_BARRIER")
+        dep.step_kernel(0, hn, mx.array(1, dtype=mx.int32), [])
+    finally:
+        depth_kernel._kernel.cache_clear()
+    assert [c["t"]["AR"] for c in calls] == [True, False, False]
+    assert "grid_sync<AR>" in calls[0]["kw"]["source"]

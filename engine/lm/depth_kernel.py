@@ -77,7 +77,7 @@ _BODY = r"""
       }
     }
   }
-  grid_sync(bar, NB);
+  grid_sync<AR>(bar, NB);
 
   for (int l = 0; l < L; ++l) {
     const float* n1 = (const float*)lp[l * 14 + 0];
@@ -113,7 +113,7 @@ _BODY = r"""
         }
       }
     }
-    grid_sync(bar, NB);
+    grid_sync<AR>(bar, NB);
 
     // Attention of the query over this frame's keys so far (every block computes all heads, a
     // warp per head, straight into its staged input), then out projection + residual.
@@ -171,7 +171,7 @@ _BODY = r"""
         if (lane == r) x[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
       }
     }
-    grid_sync(bar, NB);
+    grid_sync<AR>(bar, NB);
 
     // RMSNorm + the gated half of the feed-forward.
     stage_x<T, VPL, D, NT, true, true>(x, n2, {eps}f, xs, red);
@@ -191,7 +191,7 @@ _BODY = r"""
         }
       }
     }
-    grid_sync(bar, NB);
+    grid_sync<AR>(bar, NB);
 
     // Down projection + residual.
     stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
@@ -207,7 +207,7 @@ _BODY = r"""
         if (lane == r) x[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
       }
     }
-    grid_sync(bar, NB);
+    grid_sync<AR>(bar, NB);
   }
 
   // The step's head: logits over the codebook.
@@ -230,24 +230,43 @@ namespace parley {
 
 // Grid-wide barrier (every block resident: the grid is at most one block per SM). bar[0] counts
 // arrivals, bar[1] is the generation the last arrival bumps, bar[2] is raised if a wait gives up
-// (~2 s), so a misconfigured grid fails loudly instead of hanging the GPU.
+// (~2 s), so a misconfigured grid fails loudly instead of hanging the GPU. AR = false orders
+// memory with full fences (__threadfence, as cooperative groups do); AR = true with
+// acquire/release atomics and loads at GPU scope, which order the same things more cheaply
+// (experimental: PARLEY_DEPTH_BARRIER=acqrel, to be measured).
+template <bool AR = false>
 __device__ __forceinline__ void grid_sync(unsigned int* bar, unsigned int nblocks) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    volatile unsigned int* gen = bar + 1;
-    const unsigned int g = *gen;
-    __threadfence();
-    if (atomicAdd(bar, 1u) == nblocks - 1) {
-      atomicExch(bar, 0u);
-      __threadfence();
-      atomicAdd(bar + 1, 1u);
-    } else {
-      const long long t0 = clock64();
-      while (*gen == g) {
-        if (clock64() - t0 > 4000000000LL) { atomicExch(bar + 2, 1u); break; }
+    const long long t0 = clock64();
+    if constexpr (AR) {
+      unsigned int g, old, cur;
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(g) : "l"(bar + 1) : "memory");
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(bar) : "memory");
+      if (old == nblocks - 1) {
+        asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" :: "l"(bar), "r"(0u) : "memory");
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(bar + 1) : "memory");
+      } else {
+        do {
+          asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(cur) : "l"(bar + 1) : "memory");
+          if (clock64() - t0 > 4000000000LL) { atomicExch(bar + 2, 1u); break; }
+        } while (cur == g);
       }
+    } else {
+      volatile unsigned int* gen = bar + 1;
+      const unsigned int g = *gen;
+      __threadfence();
+      if (atomicAdd(bar, 1u) == nblocks - 1) {
+        atomicExch(bar, 0u);
+        __threadfence();
+        atomicAdd(bar + 1, 1u);
+      } else {
+        while (*gen == g) {
+          if (clock64() - t0 > 4000000000LL) { atomicExch(bar + 2, 1u); break; }
+        }
+      }
+      __threadfence();
     }
-    __threadfence();
   }
   __syncthreads();
 }
@@ -371,6 +390,7 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
                 ("HGROUP", head.group_size if head.quantized else 64),
                 ("HIN", HIN), ("D", D), ("HID", HID), ("CARD", CARD), ("H", H), ("L", L),
                 ("NKV", len(priors)), ("NB", nb), ("WARPS", WARPS), ("XS", xs),
+                ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
                 ("RW0", _rows_per_warp(D, warps)), ("RWQ", _rows_per_warp(3 * D, warps)),
                 ("RWO", _rows_per_warp(D, warps)), ("RWG", _rows_per_warp(HID, warps)),
                 ("RWD", _rows_per_warp(D, warps)), ("RWH", _rows_per_warp(CARD, warps))]
