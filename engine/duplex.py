@@ -50,6 +50,8 @@ def default_overlap_encode() -> bool:
 
 
 class DuplexEngine:
+    DEPTH_CHECK_EVERY = 25  # live frames between checks of the depth step kernel (2 s of audio)
+
     def __init__(self, model_dir: ModelDir, lm, mimi, tokenizer: TextTokenizer, *,
                  dtype: str, quantize: int | None, greedy: bool = False, seed: int | None = None,
                  overlap_encode: bool | None = None):
@@ -249,8 +251,13 @@ class DuplexEngine:
         timings["total"] = (time.perf_counter() - t0) * 1000
         self.last_user_codes = user_codes
         text_id = int(out[0])
+        # Every DEPTH_CHECK_EVERY live frames (after the frame, outside its timing): did the
+        # depth step kernel's grid barrier give up? Then it falls back and says so.
+        notice = None
+        if live and self._frames % self.DEPTH_CHECK_EVERY == 1:
+            notice = self.gen.check_depth_kernel()
         return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,
-                           text=self._display(text_id), timings_ms=timings)
+                           text=self._display(text_id), timings_ms=timings, notice=notice)
 
     @property
     def frame_path(self) -> str:

@@ -24,6 +24,7 @@ class FrameResult:
     text_id: int
     text: str | None  # displayable piece (None for PAD/EPAD), "▁" already turned into a space
     timings_ms: dict[str, float] = field(default_factory=dict)  # keys from STAGES
+    notice: str | None = None  # one sentence the session shows as a warning (e.g. a fallback)
 
 
 class FrameModel(Protocol):

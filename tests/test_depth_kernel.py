@@ -229,3 +229,59 @@ def test_the_barrier_kind_is_a_template_switch(gen, monkeypatch):
         depth_kernel._kernel.cache_clear()
     assert [c["t"]["AR"] for c in calls] == [True, False, False]
     assert "grid_sync<AR>" in calls[0]["kw"]["source"]
+
+
+def test_a_failed_grid_barrier_falls_back_to_the_per_layer_kernels(gen, monkeypatch):
+    dep = gen.model.depformer
+    assert gen.check_depth_kernel() is None  # not on the step-kernel path (this CPU)
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    gen._depth_path = "kernel"
+    dep._barrier = depth_kernel.new_barrier()
+    assert gen.check_depth_kernel() is None  # the barrier held
+    dep._barrier = mx.array(np.array([3, 7, 1, 0], dtype=np.uint32))  # a wait gave up
+    msg = gen.check_depth_kernel()
+    assert msg and "per-layer kernels" in msg
+    assert gen.depth_path == "fused" and dep._barrier is None
+    assert gen.check_depth_kernel() is None  # said once
+
+
+def test_the_engine_checks_the_step_kernel_and_passes_the_notice_on(tiny_dir, monkeypatch):
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0)
+    engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+    checks = []
+
+    def check():
+        checks.append(engine._frames)
+        return "switched" if len(checks) == 2 else None
+
+    monkeypatch.setattr(engine.gen, "check_depth_kernel", check)
+    notices = [engine.step(np.zeros(1920, np.float32)).notice for _ in range(60)]
+    assert all(n % engine.DEPTH_CHECK_EVERY == 1 for n in checks) and len(checks) >= 2
+    assert [n for n in notices if n] == ["switched"]
+
+
+def test_a_model_notice_becomes_a_session_warning():
+    import dataclasses
+
+    from engine.audio import signals as S
+    from engine.audio.backends import SimulatedBackend
+    from engine.session import EventKind, Session, SessionConfig
+    from engine.session.fakes import ToneFrameModel
+
+    class NoticingModel(ToneFrameModel):
+        def step(self, *a, **kw):
+            res = super().step(*a, **kw)
+            if self.total_steps == 5:
+                res = dataclasses.replace(res, notice="The depth path changed.")
+            return res
+
+    b = SimulatedBackend(input_signal=S.speech_like(3.0, seed=1, level_dbfs=-25), loop_input=True)
+    s = Session(NoticingModel(step_ms=30.0, start_s=0.2), b, persona="teacher",
+                config=SessionConfig(echo_mode="headphones"), threaded=False)
+    s.start()
+    b.advance(2.0)
+    assert "The depth path changed." in s.snapshot.warnings
+    ev = [e for e in s.events.drain() if e.kind == EventKind.WARNING]
+    assert any(e.data["code"] == "engine_notice" for e in ev)

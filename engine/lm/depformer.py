@@ -103,6 +103,11 @@ class Depformer:
         """Whether a step kernel's grid barrier ever gave up (its results were then wrong)."""
         return self._barrier is not None and depth_kernel.barrier_failed(self._barrier)
 
+    def forget_barrier(self) -> None:
+        """Drops the barrier state (after a failure it may be inconsistent); the next step kernel
+        makes a fresh one."""
+        self._barrier = None
+
     def token_embedding(self, k: int, token: mx.array) -> mx.array:
         """Embedding of the token that conditions step k (text for k = 0, audio cb k−1 else)."""
         table = self.text_emb if k == 0 else self.emb[k - 1]

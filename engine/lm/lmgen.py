@@ -179,6 +179,20 @@ class LMGen:
             raise ValueError("the depth step kernel needs MLX's CUDA backend and a supported layout")
         self._depth_path, self._frame = value, None
 
+    def check_depth_kernel(self) -> str | None:
+        """On the step-kernel path: if a grid barrier gave up (the GPU could not hold the whole
+        grid at once, e.g. shared with other work), switches to the per-layer kernels and
+        returns one sentence saying so; else None. Costs one small read from the device."""
+        dep = self.model.depformer
+        if self._depth_path != "kernel" or not dep.step_kernel_failed():
+            return None
+        dep.forget_barrier()
+        self._depth_path = "fused" if dep.can_fuse(self.model.dtype) else "mlx"
+        self._frame = None
+        return ("The depth transformer's one-kernel-a-step path could not get the whole GPU at "
+                "once and was switched to the per-layer kernels; the last few frames may sound "
+                "wrong.")
+
     @property
     def fused(self) -> bool:
         """Whether the depth transformer runs through CUDA kernels of ours (either kind)."""

@@ -848,6 +848,8 @@ class Session:
         if self._live_since is None:
             self._live_since = now - FRAME_MS / 1000.0
         self._frame_times.append(now)
+        if getattr(res, "notice", None):
+            self._warn("engine_notice", res.notice)
         # timings
         tm = dict(res.timings_ms or {})
         if "total" not in tm:
