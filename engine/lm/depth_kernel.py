@@ -162,18 +162,7 @@ _BODY = r"""
       }
     }
     __syncthreads();
-    for (int t = gw; t < D / RWO; t += TW) {
-      int rows[RWO];
-      float acc[RWO];
-#pragma unroll
-      for (int r = 0; r < RWO; ++r) rows[r] = t * RWO + r;
-      const float resv = lane < RWO ? ld_cg(x + t * RWO + lane) : 0.f;  // lane r's residual
-      gemv_rows<T, BITS, D, GROUP, RWO>(xs, wo, so, bo, rows, acc, lane);
-#pragma unroll
-      for (int r = 0; r < RWO; ++r) {
-        if (lane == r) x[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
-      }
-    }
+    add_rows_to<T, BITS, D, GROUP, RWO, D, TW>(x, xs, wo, so, bo, gw, lane);
     grid_sync<AR>(bar, NB);
 
     // RMSNorm + the gated half of the feed-forward.
@@ -198,18 +187,7 @@ _BODY = r"""
 
     // Down projection + residual.
     stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
-    for (int t = gw; t < D / RWD; t += TW) {
-      int rows[RWD];
-      float acc[RWD];
-#pragma unroll
-      for (int r = 0; r < RWD; ++r) rows[r] = t * RWD + r;
-      const float resv = lane < RWD ? ld_cg(x + t * RWD + lane) : 0.f;  // lane r's residual
-      gemv_rows<T, BITS, HID, GROUP, RWD>(xs, wd, sd, bd, rows, acc, lane);
-#pragma unroll
-      for (int r = 0; r < RWD; ++r) {
-        if (lane == r) x[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
-      }
-    }
+    add_rows_to<T, BITS, HID, GROUP, RWD, D, TW>(x, xs, wd, sd, bd, gw, lane);
     grid_sync<AR>(bar, NB);
   }
 
@@ -230,6 +208,25 @@ _BODY = r"""
 
 _HELPERS = r"""
 namespace parley {
+
+// x[row] += T(W[row] . staged xs) for the rows of every task t of this warp (RW rows a task):
+// a projection added to the residual stream in place (each row read and written by one lane).
+template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
+__device__ __forceinline__ void add_rows_to(T* x, const float* xs, const void* w, const T* s,
+                                            const T* b, int gw, int lane) {
+  for (int t = gw; t < N / RW; t += TW) {
+    int rows[RW];
+    float acc[RW];
+#pragma unroll
+    for (int r = 0; r < RW; ++r) rows[r] = t * RW + r;
+    const float resv = lane < RW ? ld_cg(x + t * RW + lane) : 0.f;  // lane r's residual
+    gemv_rows<T, BITS, K, GROUP, RW>(xs, w, s, b, rows, acc, lane);
+#pragma unroll
+    for (int r = 0; r < RW; ++r) {
+      if (lane == r) x[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
+    }
+  }
+}
 
 // Grid-wide barrier (every block resident: the grid is at most one block per SM). bar[0] counts
 // arrivals, bar[1] is the generation the last arrival bumps, bar[2] is raised if a wait gives up
