@@ -35,7 +35,7 @@ import os
 import mlx.core as mx
 
 from . import fused
-from .layers import RMS_EPS, Embedding, Linear, attention_scale
+from .layers import RMS_EPS, Embedding, attention_scale
 
 WARPS = 8  # warps per block (256 threads: room for up to 255 registers a thread)
 _BARRIER_WORDS = 4  # arrived count, generation, failure flag, spare
@@ -53,7 +53,7 @@ _BODY = r"""
   unsigned int* bar = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
   __shared__ float xs[XS];
   __shared__ float red[32];
-  __shared__ const void* lp[L * 14];
+  __shared__ const void* lp[L * PER_LAYER];
   __shared__ const T* kvp[NKV + 1];
   if (threadIdx.x == 0) {
     {layer_ptrs}
@@ -83,20 +83,21 @@ _BODY = r"""
   grid_sync<AR>(bar, NB);
 
   for (int l = 0; l < L; ++l) {
-    const float* n1 = (const float*)lp[l * 14 + 0];
-    const void* wq = lp[l * 14 + 1];
-    const T* sq = (const T*)lp[l * 14 + 2];
-    const T* bq = (const T*)lp[l * 14 + 3];
-    const void* wo = lp[l * 14 + 4];
-    const T* so = (const T*)lp[l * 14 + 5];
-    const T* bo = (const T*)lp[l * 14 + 6];
-    const float* n2 = (const float*)lp[l * 14 + 7];
-    const void* wi = lp[l * 14 + 8];
-    const T* si = (const T*)lp[l * 14 + 9];
-    const T* bi = (const T*)lp[l * 14 + 10];
-    const void* wd = lp[l * 14 + 11];
-    const T* sd = (const T*)lp[l * 14 + 12];
-    const T* bd = (const T*)lp[l * 14 + 13];
+    const void* const* p = lp + l * PER_LAYER;  // this layer's arrays (see _layer_names)
+    const float* n1 = (const float*)p[0];
+    const void* wq = p[1];
+    const T* sq = (const T*)p[2];
+    const T* bq = (const T*)p[3];
+    const void* wo = p[4];
+    const T* so = (const T*)p[5];
+    const T* bo = (const T*)p[6];
+    const float* n2 = (const float*)p[7];
+    const void* wi = p[8];
+    const T* si = (const T*)p[9];
+    const T* bi = (const T*)p[10];
+    const void* wd = p[11];
+    const T* sd = (const T*)p[12];
+    const T* bd = (const T*)p[13];
     T* kl = kv + (size_t)l * 2 * D;  // this step's key and value for layer l
 
     // RMSNorm + QKV: q to scratch, k and v to this step's kv output.
@@ -351,10 +352,6 @@ def supports(dep, dtype: mx.Dtype) -> bool:
     return d % dep.num_heads == 0 and d // dep.num_heads <= 1024 and dep.num_steps <= 64
 
 
-def _linear_arrays(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
-    return fused._weights(lin, dtype)
-
-
 def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
          barrier: mx.array) -> tuple[mx.array, mx.array]:
     """Depth step k for one position: hn [..., HIN] (the temporal output), token (int, one value:
@@ -376,13 +373,13 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
     xs = max(_xs_floats(HIN, vpl), _xs_floats(D, vpl), _xs_floats(HID, vpl), _xs_floats(D, vplh))
     table = dep.text_emb if k == 0 else dep.emb[k - 1]
     ins = [hn.reshape(HIN), token.reshape(1).astype(mx.int32), table.weight,
-           *_linear_arrays(din, dtype)]
+           *fused._weights(din, dtype)]
     for layer in layers:
-        ins += [layer.norm1, *_linear_arrays(layer.in_proj.step(k), dtype),
-                *_linear_arrays(layer.out_proj.step(k), dtype), layer.norm2,
-                *_linear_arrays(layer.linear_in.step(k), dtype),
-                *_linear_arrays(layer.linear_out.step(k), dtype)]
-    ins += [*_linear_arrays(head, dtype), *[p.reshape(-1) for p in priors], barrier]
+        ins += [layer.norm1, *fused._weights(layer.in_proj.step(k), dtype),
+                *fused._weights(layer.out_proj.step(k), dtype), layer.norm2,
+                *fused._weights(layer.linear_in.step(k), dtype),
+                *fused._weights(layer.linear_out.step(k), dtype)]
+    ins += [*fused._weights(head, dtype), *[p.reshape(-1) for p in priors], barrier]
     hd = D // H
     template = [("T", dtype), ("BITS", din.bits if din.quantized else 0),
                 ("GROUP", din.group_size if din.quantized else 64),
@@ -391,6 +388,7 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
                 ("HIN", HIN), ("D", D), ("HID", HID), ("CARD", CARD), ("H", H), ("L", L),
                 ("NKV", len(priors)), ("NB", nb), ("WARPS", WARPS), ("XS", xs),
                 ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
+                ("PER_LAYER", _PER_LAYER),
                 ("RW0", _rows_per_warp(D, warps)), ("RWQ", _rows_per_warp(3 * D, warps)),
                 ("RWO", _rows_per_warp(D, warps)), ("RWG", _rows_per_warp(HID, warps)),
                 ("RWD", _rows_per_warp(D, warps)), ("RWH", _rows_per_warp(CARD, warps))]
