@@ -560,20 +560,21 @@ def main() -> None:
     depth = {"d": 1024, "hidden": 2816, "heads": 16}
     tiny = {"d": 64, "hidden": 176, "heads": 4}
     fails = 0
+
+    def report(title: str, lines: list[str]) -> int:
+        print("== " + title)
+        for line in lines:
+            print("  " + line)
+        return sum(line.startswith("FAIL") for line in lines)
+
     for dtype, bits_list in ((mx.bfloat16, (4, 8, 0)), (mx.float32, (0,))):
-        for bits in bits_list:
+        for bits in () if args.depth_only else bits_list:
             for name, dims in (("7B temporal", seven_b), ("7B depth", depth), ("tiny", tiny)):
                 if bits and dims is tiny:
                     continue
                 if args.quick and (bits != 4 and dims is not tiny or dtype == mx.bfloat16 and dims is tiny):
                     continue
-                if args.depth_only:
-                    continue
-                lines = check_numerics(dtype, bits, dims)
-                print(f"== {name} {dtype} bits={bits}")
-                for line in lines:
-                    print("  " + line)
-                fails += sum(line.startswith("FAIL") for line in lines)
+                fails += report(f"{name} {dtype} bits={bits}", check_numerics(dtype, bits, dims))
     seven_b_depth = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
     tiny_depth = {"d": 16, "hidden": 44, "heads": 2, "hin": 32, "card": 64, "layers": 2,
                   "text_card": 70}
@@ -583,18 +584,12 @@ def main() -> None:
                                     (mx.float32, 0, tiny_depth, "tiny depth")):
         if args.quick and bits in (8, 0) and dtype == mx.bfloat16:
             continue
-        lines = check_depth_step_kernel(dtype, bits, dims)
-        print(f"== step kernel, {name} {dtype} bits={bits}")
-        for line in lines:
-            print("  " + line)
-        fails += sum(line.startswith("FAIL") for line in lines)
+        fails += report(f"step kernel, {name} {dtype} bits={bits}",
+                        check_depth_step_kernel(dtype, bits, dims))
     os.environ["PARLEY_DEPTH_BARRIER"] = "acqrel"  # the experimental barrier, same checks
     lines = check_depth_step_kernel(mx.bfloat16, 4, seven_b_depth)
     os.environ.pop("PARLEY_DEPTH_BARRIER")
-    print("== step kernel, 7B depth bfloat16 bits=4, acquire/release barriers")
-    for line in lines:
-        print("  " + line)
-    fails += sum(line.startswith("FAIL") for line in lines)
+    fails += report("step kernel, 7B depth bfloat16 bits=4, acquire/release barriers", lines)
     if not args.no_timings:
         for line in barrier_cost():
             print(line, flush=True)
