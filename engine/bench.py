@@ -43,7 +43,8 @@ class BenchResult:
             f"{d['attended_positions']} positions, context {d['context']})",
             f"Stages (p50 ms): {split}" + (
                 f" (encode overlapped with the LM step)" if d.get("overlap_encode") else ""),
-            "Depth transformer: " + _DEPTH_PATHS.get(d.get("depth_path", ""), "MLX operations"),
+            "Depth transformer: " + _DEPTH_PATHS.get(d.get("depth_path", ""), "MLX operations")
+            + "; temporal: " + ("fused CUDA kernels" if d.get("temporal_fused") else "MLX operations"),
             f"Generation: {d['frames']} frames, {d['frames_per_s']:.1f} frames-per-sec, "
             f"{d['text_tokens_per_s']:.1f} text tokens-per-sec, real-time factor {d['rtf']:.3f}",
             f"Peak memory: {d['peak_memory_gb']:.3f} GB",
@@ -117,6 +118,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "overlap_encode": bool(getattr(engine, "overlap_encode", False)),
         "fused_depth": bool(getattr(engine.gen, "fused", False)),
         "depth_path": getattr(engine.gen, "depth_path", "mlx"),
+        "temporal_fused": bool(engine.gen.model.temporal.use_fused),
         "attended_positions": kv.filled,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "active_memory_gb": mx.get_active_memory() / 1e9,

@@ -5,7 +5,7 @@ the time left waiting for the device. Then it compares, in this one process and 
 by frame (lent machines differ, so only same-process comparisons are fair), Mimi's compiled and
 eager frames, whole `DuplexEngine.step` frames unfused, with the depth transformer through the
 fused CUDA kernels of engine/lm/fused.py, and with the temporal one too (the experimental
-PARLEY_FUSED_TEMPORAL path), and Mimi's encode overlapped on a worker thread or not. Not a unit test;
+PARLEY_FUSED_TEMPORAL=0 turns it off), and Mimi's encode overlapped on a worker thread or not. Not a unit test;
 the numbers are for deciding what to optimise.
 
     python3 scripts/bench_frame_parts.py [--frames 50] [--quantize 4] [--tiny]
@@ -57,6 +57,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=50)
     ap.add_argument("--quantize", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
+    ap.add_argument("--temporal", action="store_true",
+                    help="only the temporal stage (MLX operations vs fused kernels) and whole "
+                         "frames with and without the fused temporal step")
     args = ap.parse_args()
     t0 = time.perf_counter()
     if args.tiny:
@@ -83,8 +86,9 @@ def main() -> None:
 
         mimi, gen, model = engine.mimi, engine.gen, engine.gen.model
         codes8 = mx.zeros((8,), mx.int32)
-        result["encode"] = timed_stage(lambda: [mimi.encode_step(mic())], args.frames)
-        result["decode"] = timed_stage(lambda: [mimi.decode_step(codes8)], args.frames)
+        if not args.temporal:
+            result["encode"] = timed_stage(lambda: [mimi.encode_step(mic())], args.frames)
+            result["decode"] = timed_stage(lambda: [mimi.decode_step(codes8)], args.frames)
         row = gen.tokens_at(gen.position - 1)
 
         def temporal():
@@ -92,6 +96,12 @@ def main() -> None:
             return [hn, *gen.kv.arrays()]
 
         result["temporal"] = timed_stage(temporal, args.frames)
+        if args.temporal and model.temporal.can_fuse(model.dtype):
+            saved = model.temporal.use_fused
+            model.temporal.use_fused = not saved
+            result["temporal " + ("fused" if not saved else "unfused")] = timed_stage(
+                temporal, args.frames)
+            model.temporal.use_fused = saved
         hn = temporal()[0]
         mx.eval(hn)
         K = model.depformer_steps
@@ -103,7 +113,7 @@ def main() -> None:
         # Mimi's frames compiled or eager, interleaved frame by frame in this one process
         # (machines differ between calls, so only same-process comparisons are fair).
         ab = {mode: {"encode": [], "decode": []} for mode in ("compiled", "eager")}
-        for _ in range(args.frames):
+        for _ in range(0 if args.temporal else args.frames):
             for mode in ab:
                 mimi.compile = mode == "compiled"
                 for stage, build in (("encode", lambda: mimi.encode_step(mic())),
@@ -112,7 +122,8 @@ def main() -> None:
                     mx.eval(build())
                     ab[mode][stage].append((time.perf_counter() - t) * 1e3)
         mimi.compile = True
-        result["mimi_p50_ms"] = {m: {k: p50(v) for k, v in d.items()} for m, d in ab.items()}
+        if not args.temporal:
+            result["mimi_p50_ms"] = {m: {k: p50(v) for k, v in d.items()} for m, d in ab.items()}
         # Whole frames over a full attention window, one barrier each: the depth transformer
         # unfused or through engine/lm/fused.py's kernels (where they run), interleaved frame by
         # frame; then blocks of frames with Mimi's encode overlapped on a worker thread or not.
@@ -120,12 +131,16 @@ def main() -> None:
         kv.end += kv.slots
         engine.stage_sample_every = 0
         # Variants: (depth path, temporal fused): the depth transformer through MLX operations,
-        # the per-layer fused kernels or one kernel a step; the temporal one is the experimental
-        # PARLEY_FUSED_TEMPORAL path.
+        # the per-layer fused kernels or one kernel a step; the temporal one through MLX operations
+        # or the fused kernels (the default where they run).
         frames = {}
         can_fuse = model.depformer.can_fuse(model.dtype)
         variants = [("mlx", False)]
-        if can_fuse:
+        if can_fuse and args.temporal and model.depformer.can_run_step_kernel(model.dtype):
+            variants = [("kernel", False)]
+            if model.temporal.can_fuse(model.dtype):
+                variants.append(("kernel", True))
+        elif can_fuse:
             variants.append(("fused", False))
             if model.depformer.can_run_step_kernel(model.dtype):
                 variants.append(("kernel", False))
@@ -166,21 +181,22 @@ def main() -> None:
                 use(v)
                 times[v].append(frame_ms())
         result["frames"] = {name(v): stats(t) for v, t in times.items()}
-        for v in variants[1:]:
+        for v in [] if args.temporal else variants[1:]:
             if not v[1]:
                 use(v)
                 result["depth " + v[0]] = timed_stage(
                     lambda: gen._frame(hn, mask, vals, gen._next_key()), args.frames)
         use(default)  # the defaults
         blocks = {}
-        for overlap in (False, True, False, True):
+        for overlap in () if args.temporal else (False, True, False, True):
             engine.overlap_encode = overlap
             for _ in range(3):
                 frame_ms()
             blocks.setdefault(overlap, []).extend(frame_ms() for _ in range(args.frames))
         engine.overlap_encode = False
         engine.close()
-        result["overlap_encode"] = {("on" if o else "off"): stats(t) for o, t in blocks.items()}
+        if not args.temporal:
+            result["overlap_encode"] = {("on" if o else "off"): stats(t) for o, t in blocks.items()}
         print(json.dumps(result, indent=1))
     finally:
         if scratch is not None:

@@ -42,7 +42,7 @@ case "$phase" in
       python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize "$bits" \
         --frames ${FRAMES:-200} --json "$@" | tee "$out/parley-q$bits.json"
     done
-    # EXTRA="PARLEY_FUSED_TEMPORAL=1 PARLEY_FUSED_TEMPORAL=1,PARLEY_GEMV_PRELOAD=1": one more
+    # EXTRA="PARLEY_FUSED_TEMPORAL=0 PARLEY_FUSED_TEMPORAL=0,PARLEY_GEMV_LOADS=16": one more
     # 4-bit run per entry (commas join variables), on the same machine as the runs above.
     for env in ${EXTRA:-}; do
       env ${env//,/ } python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 \
@@ -61,7 +61,7 @@ for bits in (4, 8):
     split = ", ".join(f"{k} {st[k]['p50_ms']:.2f}" for k in ("encode", "temporal", "depth", "decode"))
     tot = st["total"]["p50_ms"]
     print(f"parley {bits}-bit full frame: p50 {tot:.2f} ms, p95 {st['total']['p95_ms']:.2f} ms ({split}); "
-          f"peak {d['peak_memory_gb']:.2f} GB; depth {d.get('depth_path')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
+          f"peak {d['peak_memory_gb']:.2f} GB; depth {d.get('depth_path')}, temporal fused {d.get('temporal_fused')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
 PY
     ;;
   variants)
@@ -97,6 +97,12 @@ PY
     python3 scripts/profile_frame_graph.py --by-kind | tee "$out/profile.txt"
     python3 scripts/bench_frame_parts.py "$@" | tee "$out/parts.json"
     ;;
+  temporal)
+    # The temporal step through MLX operations vs the fused kernels, alone and in whole frames,
+    # in one process (scripts/bench_frame_parts.py --temporal). Right after `stage`.
+    install
+    timeout ${PARTS_TIMEOUT:-540} python3 scripts/bench_frame_parts.py --temporal "$@" | tee "$out/parts.json"
+    ;;
   fused)
     # engine/lm/fused.py's kernels against the unfused MLX operations (numerics, then timings),
     # then, if PARTS is set, scripts/bench_frame_parts.py. Right after `stage`.
@@ -108,8 +114,38 @@ PY
     [ -n "${PARTS:-}" ] && timeout ${PARTS_TIMEOUT:-420} python3 scripts/bench_frame_parts.py "$@" \
       | tee "$out/parts.json" || true
     ;;
+  ncu)
+    # Kernel durations from Nsight Compute (scripts/profile_kernels.py: MLX's product, ours, a
+    # trivial custom kernel), then the same kernels' wall times in chains. Right after `stage`.
+    install
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    PARLEY_UNDER_PROFILER=1 "$ncu" --clock-control none --csv --page raw --print-units base \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active \
+      python3 scripts/profile_kernels.py > "$out/ncu.csv" 2> "$out/ncu.err" || tail -5 "$out/ncu.err"
+    python3 - "$out/ncu.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+agg = collections.OrderedDict()
+for r in rows[1:]:  # the first row holds the units
+    name = r["Kernel Name"][:60]
+    agg.setdefault(name, []).append(r)
+def num(r, k):
+    try:
+        return float(r[k].replace(",", ""))
+    except (KeyError, ValueError):
+        return float("nan")
+for name, rs in agg.items():
+    d = sum(num(r, "gpu__time_duration.sum") for r in rs) / len(rs)
+    b = sum(num(r, "dram__bytes_read.sum") for r in rs) / len(rs)
+    r0 = rs[0]
+    print(f"{len(rs):3d}x {d / 1e3:8.2f} us  dram {b / 1e6:7.2f} MB  {b / d / 1e3 if d else 0:5.2f} TB/s  "
+          f"regs {r0.get('launch__registers_per_thread')} grid {r0.get('launch__grid_size')} "
+          f"block {r0.get('launch__block_size')} warps {num(r0, 'sm__warps_active.avg.pct_of_peak_sustained_active'):.0f}%  {name}")
+PY
+    python3 scripts/profile_kernels.py
+    ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|explore|variants|fused" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|explore|variants|fused|ncu" >&2
     exit 2
     ;;
 esac

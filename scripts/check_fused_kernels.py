@@ -104,30 +104,13 @@ def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
         want = res + lin(merge_heads(a))
         got = fused.attn_gemv(qq, ks, vs, lin, res, heads, 1 / math.sqrt(hd))
         report(f"attn+out+res n={n}", got, want)
-    if bits:
-        # The preloaded variant must equal the plain kernel bit for bit (module docstring).
-        def all_products():
-            return [fused.gemv(x, lin), fused.gemv(x, lin, alpha=alpha, res=res),
-                    fused.gemv_gated(x, alpha, lin_in), fused.gemv(hmid, lin_out, res=res),
-                    *fused.qkv(x, alpha, inp, heads, mx.array([pos], dtype=mx.int32), 10000.0)]
-        plain = all_products()
-        pre = with_preload(all_products)()
-        diff = max(float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max())
-                   for a, b in zip(pre, plain))
-        lines.append(f"{'ok  ' if diff == 0 else 'FAIL'} {'preloaded == plain':28s} max diff {diff:.2e}")
+    # An input at an address that is not 16-byte aligned (a view into a larger buffer) takes
+    # the kernels' one-value-at-a-time path: same results.
+    shifted = mx.concatenate([mx.zeros((1,), dtype=dtype), x.reshape(d)])[1:]
+    report(f"gemv+norm+res, unaligned x", fused.gemv(shifted, lin, alpha=alpha, res=res),
+           res + lin(rms_norm_f32(x, alpha)))
     mx.eval(x)
     return lines
-
-
-def with_preload(fn):
-    """fn, building its fused products with the preloaded variant (PARLEY_GEMV_PRELOAD=1)."""
-    def wrapped(*a):
-        saved, fused.PRELOAD = fused.PRELOAD, True
-        try:
-            return fn(*a)
-        finally:
-            fused.PRELOAD = saved
-    return wrapped
 
 
 def make_depformer(dims: dict, bits: int, dtype, steps: int = 8, seed: int = 0):
@@ -300,12 +283,18 @@ def timings(bits: int) -> list[str]:
                     lin = lins[i % 8]
                     y = lin(xk) + y if kind == "mlx" else fused.gemv(xk, lin, res=y)
                 return y
-            return mx.compile(with_preload(f) if kind == "pre" else f)
+            return mx.compile(f)
 
-        for kind in ("mlx", "fused", "pre"):
+        for kind in ("mlx", "fused", "fused16", "fused512"):
+            # fused16: 16 weight loads a lane in flight instead of fused.WEIGHT_LOADS; fused512:
+            # fewer rows a warp, for at least 512 blocks (both read when the products are traced)
+            saved = fused.WEIGHT_LOADS, fused.MIN_BLOCKS
+            fused.WEIGHT_LOADS = 16 if kind == "fused16" else saved[0]
+            fused.MIN_BLOCKS = 512 if kind == "fused512" else saved[1]
             f = chain(kind)
             y0 = mx.zeros((1, 1, n), dtype=dtype)
             mx.eval(f(y0))
+            fused.WEIGHT_LOADS, fused.MIN_BLOCKS = saved
             t0 = time.perf_counter()
             for _ in range(5):
                 mx.eval(f(y0))
@@ -332,8 +321,7 @@ def timings(bits: int) -> list[str]:
         return fused.gemv(fused.gemv_gated(y, alpha, lin_in), lin_out, res=y)
 
     for name, f in (("unfused layer", unfused), ("fused layer", fused_layer),
-                    ("unfused compiled", mx.compile(unfused)), ("fused compiled", mx.compile(fused_layer)),
-                    ("preloaded compiled", mx.compile(with_preload(fused_layer)))):
+                    ("unfused compiled", mx.compile(unfused)), ("fused compiled", mx.compile(fused_layer))):
         f(x)
         h, w = time_chain(f, x, 32)
         out.append(f"{bits}-bit {name:18s}: host {h:7.1f} us/layer, wall {w:7.1f} us/layer")
@@ -369,22 +357,60 @@ def dispatch_costs(n: int = 200) -> list[str]:
     return out
 
 
+def wall_per_call(fn, x, n: int = 40, reps: int = 5) -> float:
+    """Wall µs per call of a compiled chain of n dependent calls of fn (y = fn(y)), so each waits
+    for the last: what a call costs inside a frame, launch gaps included."""
+    def chain(y):
+        for _ in range(n):
+            y = fn(y)
+        return y
+    f = mx.compile(chain)
+    mx.eval(f(x))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(f(x))
+    return (time.perf_counter() - t0) / (reps * n) * 1e6
+
+
+def ceilings_and_attention(layers: int = 32, ctx: int = 2999) -> list[str]:
+    """The device's copy bandwidth (the floor for streaming weights), and what MLX's attention of
+    one query over a full KV ring costs per temporal layer: `layers` rings of [32, ctx, 128] bf16
+    (1.5 GB together, far more than L2), chained through the query so each waits for the last."""
+    out = []
+    big = mx.random.normal((256 * 1024 * 1024,)).astype(mx.bfloat16)  # 512 MB
+    mx.eval(big)
+    for _ in range(2):
+        mx.eval(big * 1)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        mx.eval(big * 1)
+    s = (time.perf_counter() - t0) / 5
+    out.append(f"copy 512 MB -> 512 MB: {s * 1e3:.2f} ms, {2 * big.nbytes / s / 1e12:.2f} TB/s")
+    del big
+    keys = [mx.random.normal((1, 32, ctx, 128)).astype(mx.bfloat16) for _ in range(layers)]
+    vals = [mx.random.normal((1, 32, ctx, 128)).astype(mx.bfloat16) for _ in range(layers)]
+    mx.eval(keys, vals)
+    q0 = mx.random.normal((1, 32, 1, 128)).astype(mx.bfloat16)
+    attend = iter(range(10 ** 9))  # each call in the chain attends over the next layer's ring
+
+    def one(q):
+        i = next(attend) % layers
+        return mx.fast.scaled_dot_product_attention(q, keys[i], vals[i], scale=128 ** -0.5)
+
+    s = wall_per_call(one, q0, layers) * layers / 1e6
+    gb = 2 * layers * keys[0].nbytes / 1e9
+    out.append(f"attention, 1 query over {ctx} positions x 32 heads, {layers} layers chained: "
+               f"{s / layers * 1e6:.1f} us/layer ({gb:.2f} GB in {s * 1e3:.2f} ms, "
+               f"{gb / s / 1e3:.2f} TB/s)")
+    return out
+
+
 def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
     """Compiles every kernel variant the engine uses with NVRTC, as MLX's `cuda_kernel` would
     wrap it (signature, template constants), with the CUDA toolkit headers instead of MLX's."""
     lib = ctypes.CDLL(lib_path)
     failures = 0
-    variants = []
-    for kind, kw in (("gemv", {}), ("gemv", {"stage": "norm", "epilogue": "res"}),
-                     ("gemv", {"epilogue": "res"}), ("gated", {}),
-                     ("qkv", {"neg_log_base_2_over_hd": -0.14}), ("qkv", {}),
-                     ("attn", {"nkv": 3, "scale": 0.125})):
-        for tname, bits in (("__nv_bfloat16", 4), ("__nv_bfloat16", 8), ("__nv_bfloat16", 0),
-                            ("float", 0)):
-            variants.append((kind, kw, tname, bits))
-    sources = [(f"{kind} {kw} T={tname} BITS={bits}", _source(kind, kw, tname, bits))
-               for kind, kw, tname, bits in variants]
-    sources += _depth_kernel_sources() + _preload_sources() + [_barrier_probe_source()]
+    sources = _product_sources() + _depth_kernel_sources() + [_barrier_probe_source()]
     for label, src in sources:
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
@@ -455,29 +481,31 @@ def _barrier_probe_source() -> tuple[str, str]:
     return "grid barrier probe", _mlx_like_source(kw, ckw)
 
 
-def _preload_sources() -> list[tuple[str, str]]:
-    """The preloaded variants (PARLEY_GEMV_PRELOAD=1) as MLX would build them, for the 7B's
-    temporal and depth shapes at 4 and 8 bits."""
+def _product_sources() -> list[tuple[str, str]]:
+    """Every fused.py kernel as MLX would build it for the engine's calls (captured from the real
+    wrappers): the 7B temporal and depth shapes at 4 and 8 bits and bf16, and a tiny float32."""
     out = []
-    saved, fused.PRELOAD = fused.PRELOAD, True
-    try:
-        for bits in (4, 8):
-            for d, h in ((4096, 11264), (1024, 2816)):
-                x = mx.zeros((1, 1, d), dtype=mx.bfloat16)
-                alpha = mx.ones((d,), dtype=mx.float32)
-                sq, big = make_linear(d, d, bits, mx.bfloat16, 1), make_linear(2 * h, d, bits, mx.bfloat16, 2)
-                down, qkvl = make_linear(d, h, bits, mx.bfloat16, 3), make_linear(3 * d, d, bits, mx.bfloat16, 4)
-                pos = mx.array([5], dtype=mx.int32)
-                for label, fn in (("gemv", lambda: fused.gemv(x, sq)),
-                                  ("gemv+norm+res", lambda: fused.gemv(x, sq, alpha=alpha, res=x)),
-                                  ("gated", lambda: fused.gemv_gated(x, alpha, big)),
-                                  ("down+res", lambda: fused.gemv(mx.zeros((1, 1, h), mx.bfloat16), down, res=x)),
-                                  ("qkv+rope", lambda: fused.qkv(x, alpha, qkvl, d // 128, pos))):
-                    kw, ckw = _captured(fn)
-                    tag = "pre" if "_pre_" in kw["name"] else "plain (no preload fit)"
-                    out.append((f"preloaded {label} d={d} BITS={bits}: {tag}", _mlx_like_source(kw, ckw)))
-    finally:
-        fused.PRELOAD = saved
+    for bits, dtype, shapes in ((4, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16))),
+                                (8, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16))),
+                                (0, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16))),
+                                (0, mx.float32, ((64, 176, 4),))):
+        for d, h, heads in shapes:
+            x = mx.zeros((1, 1, d), dtype=dtype)
+            alpha = mx.ones((d,), dtype=mx.float32)
+            sq, big = make_linear(d, d, bits, dtype, 1), make_linear(2 * h, d, bits, dtype, 2)
+            down, qkvl = make_linear(d, h, bits, dtype, 3), make_linear(3 * d, d, bits, dtype, 4)
+            pos = mx.array([5], dtype=mx.int32)
+            q = mx.zeros((1, heads, 1, d // heads), dtype=dtype)
+            for label, fn in (("gemv", lambda: fused.gemv(x, sq)),
+                              ("gemv+norm+res", lambda: fused.gemv(x, sq, alpha=alpha, res=x)),
+                              ("gated", lambda: fused.gemv_gated(x, alpha, big)),
+                              ("down+res", lambda: fused.gemv(mx.zeros((1, 1, h), dtype), down, res=x)),
+                              ("qkv+rope", lambda: fused.qkv(x, alpha, qkvl, heads, pos)),
+                              ("qkv", lambda: fused.qkv(x, alpha, qkvl, heads)),
+                              ("attn nkv=3", lambda: fused.attn_gemv(q, [q] * 3, [q] * 3, sq, x, heads, 0.125))):
+                kw, ckw = _captured(fn)
+                rw = dict(ckw["template"])["RW"]
+                out.append((f"{label} d={d} {dtype} BITS={bits} RW={rw}", _mlx_like_source(kw, ckw)))
     return out
 
 
@@ -501,47 +529,6 @@ def _mlx_like_source(kw: dict, ckw: dict) -> str:
             + kw["source"] + "\n}\n}\n")
 
 
-def _source(kind, kw, tname, bits) -> str:
-    """The translation unit MLX would build for one variant (mirrors `cuda_kernel`'s wrapper)."""
-    captured = {}
-    orig = mx.fast.cuda_kernel
-
-    def capture(**kwargs):
-        captured.update(kwargs)
-        return None
-
-    mx.fast.cuda_kernel = capture
-    try:
-        fused._kernel.cache_clear()
-        fused._kernel(kind, **kw)
-    finally:
-        mx.fast.cuda_kernel = orig
-        fused._kernel.cache_clear()
-    consts = {"T": tname, "BITS": bits, "K": 4096 if kind != "attn" else 1024, "N": 12288,
-              "GROUP": 64, "RW": 4, "HD": 128, "ROPE": "true" if "neg" in str(kw) else "false",
-              "H": 16, "NKV": kw.get("nkv", 1), "NT": fused.WARPS * 32}
-    extra = {"gemv": (), "gated": (), "qkv": ("HD", "ROPE"), "attn": ("H", "NKV")}
-    types = {"x": tname, "alpha": "float", "w": "uint32_t" if bits else tname, "scales": tname,
-             "biases": tname, "res": tname, "pos": "int32_t", "q": tname}
-    params = []
-    for name in captured["input_names"]:
-        params.append(f"const {types.get(name, tname)}* {name}")
-    for name in captured["output_names"]:
-        params.append(f"{tname}* {name}")
-    body = captured["source"]
-    lines = []
-    for c, v in consts.items():
-        if c == "T":
-            lines.append(f"  using T = {v};")
-        elif c in ("T", "BITS", "K", "N", "GROUP", "RW", "NT") or c in extra[kind]:
-            typ = "bool" if c == "ROPE" else "int"
-            lines.append(f"  constexpr {typ} {c} = {v};")
-    return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
-            + captured["header"] + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-            + "__global__ void kern(" + ", ".join(params) + ") {\n" + "\n".join(lines) + "\n"
-            + body + "\n}\n}\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nvrtc", help="compile-only check with this libnvrtc")
@@ -549,6 +536,9 @@ def main() -> None:
     ap.add_argument("--no-timings", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="4-bit and the tiny float32 model only (numerics and timings)")
+    ap.add_argument("--products", action="store_true",
+                    help="the products only: 4-bit and tiny float32 numerics, attention and "
+                         "product timings (no step kernel)")
     ap.add_argument("--depth-only", action="store_true",
                     help="with --quick: only the depth step kernel (numerics, frame timings)")
     args = ap.parse_args()
@@ -567,6 +557,17 @@ def main() -> None:
             print("  " + line)
         return sum(line.startswith("FAIL") for line in lines)
 
+    if args.products:
+        for bits, dtype, dims, name in ((4, mx.bfloat16, seven_b, "7B temporal"),
+                                        (8, mx.bfloat16, seven_b, "7B temporal"),
+                                        (0, mx.bfloat16, seven_b, "7B temporal"),
+                                        (4, mx.bfloat16, depth, "7B depth"),
+                                        (0, mx.float32, tiny, "tiny")):
+            fails += report(f"{name} {dtype} bits={bits}", check_numerics(dtype, bits, dims))
+        for line in ceilings_and_attention() + timings(4):
+            print(line, flush=True)
+        print("numerics:", "all ok" if not fails else f"{fails} FAILED")
+        return
     for dtype, bits_list in ((mx.bfloat16, (4, 8, 0)), (mx.float32, (0,))):
         for bits in () if args.depth_only else bits_list:
             for name, dims in (("7B temporal", seven_b), ("7B depth", depth), ("tiny", tiny)):
@@ -591,7 +592,7 @@ def main() -> None:
     os.environ.pop("PARLEY_DEPTH_BARRIER")
     fails += report("step kernel, 7B depth bfloat16 bits=4, acquire/release barriers", lines)
     if not args.no_timings:
-        for line in barrier_cost():
+        for line in ceilings_and_attention() + barrier_cost():
             print(line, flush=True)
         for bits in (4,) if args.quick else (4, 8):
             for line in time_depth_steps(bits):

@@ -45,7 +45,7 @@ def test_bench_summary_lines(tiny_dir, capsys):
     assert main(["bench", "--model", str(tiny_dir), "--frames", "3", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "Peak memory:" in out and "Frame: p50" in out and "real-time factor" in out
-    assert "Depth transformer: MLX operations" in out  # no CUDA here
+    assert "Depth transformer: MLX operations; temporal: MLX operations" in out  # no CUDA here
 
 
 def test_live_frames_sample_the_stage_split(tiny_dir):
@@ -78,6 +78,7 @@ def test_bench_says_how_the_frame_ran_and_overlap_follows_the_flag(tiny_dir, cap
         seen[tuple(flag)] = data["overlap_encode"]
         assert data["fused_depth"] is False  # no CUDA here
         assert data["depth_path"] == "mlx"
+        assert data["temporal_fused"] is False
     assert seen == {(): default_overlap_encode(), ("--overlap-encode",): True,
                     ("--no-overlap-encode",): False}
     assert default_overlap_encode() is False

@@ -129,19 +129,20 @@ def test_on_cuda_the_live_depth_step_is_fused_and_matches_the_unfused_one(tiny_d
         np.testing.assert_array_equal(a, b)
 
 
-def test_the_fused_temporal_step_is_opt_in_and_cuda_only(tiny_dir, monkeypatch):
+def test_the_fused_temporal_step_is_the_cuda_default(tiny_dir, monkeypatch):
+    """On where the kernels run (PARLEY_FUSED_TEMPORAL=0 turns it off), never on the CPU."""
     from engine.duplex import DuplexEngine
-    monkeypatch.setenv("PARLEY_FUSED_TEMPORAL", "1")
+    monkeypatch.delenv("PARLEY_FUSED_TEMPORAL", raising=False)
     engine = DuplexEngine.load(str(tiny_dir), seed=0)
     assert engine.gen.model.temporal.use_fused is fused.enabled()
-    monkeypatch.delenv("PARLEY_FUSED_TEMPORAL")
+    monkeypatch.setenv("PARLEY_FUSED_TEMPORAL", "0")
     engine = DuplexEngine.load(str(tiny_dir), seed=0)
     assert engine.gen.model.temporal.use_fused is False
 
 
 @cuda
 def test_on_cuda_the_fused_temporal_step_matches_the_unfused_one(tiny_dir, monkeypatch):
-    """float32 tiny model, greedy: the same frames with PARLEY_FUSED_TEMPORAL=1 as without."""
+    """float32 tiny model, greedy: the same frames with the fused temporal step as without."""
     from engine.duplex import DuplexEngine
     from engine.personas import TEACHER_PROMPT, Persona
     rng = np.random.default_rng(1)
@@ -184,34 +185,38 @@ def test_the_fused_steps_fit_the_engine(tiny_dir, monkeypatch):
     assert {t["ROPE"] for t in rope} == {True, False}  # temporal with RoPE, depth without
 
 
-def test_preloaded_rows_fit_the_register_budget(monkeypatch):
-    """PARLEY_GEMV_PRELOAD=1: as many rows a warp as keep its weights in 16 16-byte registers a
-    lane; layouts that cannot fit take the plain kernel (0)."""
-    monkeypatch.setattr(fused, "PRELOAD", True)
-    assert fused._pre_rows(_lin(4096, 4096), 4096) == 4  # 4 loads a row
-    assert fused._pre_rows(_lin(22528, 4096), 11264, factor=2) == 2  # gate and up rows
-    assert fused._pre_rows(_lin(4096, 11264), 4096) == 1  # 11 loads a row
-    assert fused._pre_rows(_lin(4096, 11264, bits=8), 4096) == 0  # 22 loads: plain kernel
-    assert fused._pre_rows(_lin(12288, 4096, bits=8), 12288, even=True) == 2
-    assert fused._pre_rows(_lin(1024, 1024, bits=0), 1024) == 0  # unquantized: plain kernel
-    monkeypatch.setattr(fused, "PRELOAD", False)
-    assert fused._pre_rows(_lin(4096, 4096), 4096) == 0
+def test_direct_products_split_rows_for_enough_blocks(monkeypatch):
+    """Rows per warp of the direct-read products: as many as leave MIN_BLOCKS blocks of WARPS
+    warps (RoPE's pairs need an even count), fewer when the matrix is small."""
+    monkeypatch.setattr(fused, "MIN_BLOCKS", 256)
+    assert fused._direct_rows(12288, even=True) == 4  # 384 blocks: QKV of the 7B
+    assert fused._direct_rows(4096) == 2  # 256 blocks: out projection, down projection
+    assert fused._direct_rows(11264) == 4  # 352 blocks (the gated kernel takes 2 + 2 rows)
+    assert fused._direct_rows(1024) == 1  # the depth transformer: as many blocks as it gets
+    assert fused._direct_rows(3072, even=True) == 2
+    assert fused._direct_rows(6) == 1 and fused._direct_rows(6, even=True) == 2
+    monkeypatch.setattr(fused, "MIN_BLOCKS", 512)
+    assert fused._direct_rows(12288, even=True) == 2
 
 
-def test_each_preloaded_kernel_declares_what_its_wrapper_passes(monkeypatch):
+def test_each_product_kernel_reads_x_directly_with_its_norm_flag(monkeypatch):
+    """gemv, gated and qkv are the direct-read kernels (no block staging), told by NORM whether
+    to normalise x and by WL how many weight loads to keep in flight."""
     made = {}
     _fake_cuda_kernels(monkeypatch, made)
-    monkeypatch.setattr(fused, "PRELOAD", True)
     try:
         x = mx.zeros((1, 1, 1024), dtype=mx.bfloat16)
         alpha = mx.ones((1024,), dtype=mx.float32)
-        assert fused.gemv(x, _lin(1024, 1024), alpha=alpha, res=x).shape == (1, 1, 1024)
-        assert fused.gemv_gated(x, alpha, _lin(5632, 1024)).shape == (1, 1, 2816)
-        q, k, v = fused.qkv(x, alpha, _lin(3072, 1024), 16, mx.array([3], dtype=mx.int32))
-        assert q.shape == k.shape == v.shape == (1, 16, 1, 64)
+        fused.gemv(x, _lin(1024, 1024))
+        fused.gemv(x, _lin(1024, 1024), alpha=alpha, res=x)
+        fused.gemv_gated(x, alpha, _lin(5632, 1024))
+        fused.qkv(x, alpha, _lin(3072, 1024), 16, mx.array([3], dtype=mx.int32))
     finally:
         fused._kernel.cache_clear()
-    assert len(made) == 3 and all("_pre_" in name for name in made)
+    assert len(made) == 4
+    norms = []
     for name, (kw, t) in made.items():
-        assert "Pre<T, BITS, K, GROUP, NR>" in kw["source"]
-        assert t["RW"] in (1, 2, 4)
+        assert "gemv_direct<" in kw["source"] and "stage_x" not in kw["source"]
+        assert t["WL"] == fused.WEIGHT_LOADS
+        norms.append(t.get("NORM"))
+    assert sorted(map(str, norms)) == ["False", "None", "True", "True"]  # gated: NORM built in

@@ -24,7 +24,13 @@ can, and PARLEY_FUSED=0 turns them off. `scripts/check_fused_kernels.py` checks 
 against the unfused MLX operations on the device (and compiles every variant with NVRTC
 anywhere); on a CUDA machine the engine's reference-parity tests run through them.
 
-The layout of x in shared memory is transposed (value k of a 16-byte weight load at
+The products (`gemv`, `gemv_gated`, `qkv`) read x straight from memory in every warp
+(`gemv_direct`), each warp normalising it itself where an RMSNorm comes first, so a product is
+many small blocks with no block-wide barrier, like MLX's own quantized product; measured on an
+H200 (docs/benchmarks.md, session 5) a 22528x4096 4-bit product streams at 1.7 TB/s, and a
+temporal layer through these kernels beats MLX's operations. The attention kernel, and the depth
+step kernel (engine/lm/depth_kernel.py), stage their input per block instead. There, the
+layout of x in shared memory is transposed (value k of a 16-byte weight load at
 `(k % VPL) * (KV + 1) + k / VPL`) so that the 32 lanes of a warp, which read consecutive weight
 loads, read consecutive floats instead of hitting one bank 32 times.
 """
@@ -41,9 +47,11 @@ import mlx.core as mx
 from .layers import RMS_EPS, Linear
 
 WARPS = 8  # warps per block; each warp computes RW output rows at a time
-# Experimental, off by default until measured on a GPU: the quantized products' preloaded variant
-# (see `Pre` in the header). PARLEY_GEMV_PRELOAD=1 turns it on.
-PRELOAD = os.environ.get("PARLEY_GEMV_PRELOAD") == "1"
+# 16-byte weight loads a lane of the direct-read products issues before using any (registers:
+# 4 each, plus a scale and a bias each when quantized). PARLEY_GEMV_LOADS overrides it, to measure.
+WEIGHT_LOADS = int(os.environ.get("PARLEY_GEMV_LOADS", "8"))
+# The fewest blocks a direct-read product is split into (rows per warp shrink until it is met).
+MIN_BLOCKS = int(os.environ.get("PARLEY_GEMV_BLOCKS", "256"))
 
 _HEADER = r"""
 namespace parley {
@@ -261,130 +269,126 @@ __device__ __forceinline__ void stage_x(const T* x, const float* alpha, float ep
   __syncthreads();
 }
 
-// ---- Preloaded products (PARLEY_GEMV_PRELOAD=1, experimental) ----
-// A warp loads all of its rows' weights, scales and biases into registers *before* the block
-// stages x, so the staging hides under the weight loads' latency; x is staged pre-scaled so a
-// packed integer needs no shift: q_j placed at bit b of a word, ORed into 2^23's mantissa and
-// minus 2^23, is q_j * 2^b exactly, and x_j * 2^-b is exact too, so every product (and so the
-// sum, in the same order) equals the plain kernel's bit for bit.
-
-// The scale of value p of a 32-bit word in the pre-scaled x: 2^-(bit position it is read at).
-template <int BITS> __device__ __forceinline__ float pre_scale(int p) {
-  // 4 bits: values 0-4 are read in place (bits 0-19 fit the mantissa), 5-7 after `>> 20`;
-  // 8 bits: values 0-1 in place, 2-3 after `>> 16`.
-  constexpr int SPLIT = BITS == 4 ? 5 : 2;
-  return ldexpf(1.f, -BITS * (p < SPLIT ? p : p - SPLIT));
-}
-
-// The integer `masked` (below 2^23) as a float: ORed into 2^23's mantissa, minus 2^23.
-__device__ __forceinline__ float placed(uint32_t masked) {
-  return __uint_as_float(masked | 0x4B000000u) - 8388608.0f;
-}
-
-// sum_j q_j * 2^b_j * xv[j] for one 16-byte load, xv pre-scaled by 2^-b_j (pre_scale).
-template <int BITS> __device__ __forceinline__ float dot_q_pre(const uint4 w, const float* xv) {
-  constexpr int PER = 32 / BITS;
-  constexpr int SPLIT = BITS == 4 ? 5 : 2;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  float s = 0.f;
+// Values v*VPL .. v*VPL + VPL - 1 of x as float: 16-byte loads through the read-only path where
+// x is 16-byte aligned (MLX's buffers are; a view may not be), else one value at a time.
+template <typename T, int VPL>
+__device__ __forceinline__ void load_chunk(const T* x, int v, bool aligned, float* xv) {
+  constexpr int CHV = 16 / (int)sizeof(T);
+  if (aligned) {
+    const uint4* p = reinterpret_cast<const uint4*>(x) + v * (VPL / CHV);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t a = words[i], h = a >> (BITS * SPLIT);
+    for (int c = 0; c < VPL / CHV; ++c) {
+      const uint4 u = __ldg(p + c);
 #pragma unroll
-    for (int j = 0; j < PER; ++j) {
-      const uint32_t src = j < SPLIT ? a : h;
-      const int p = j < SPLIT ? j : j - SPLIT;
-      s = fmaf(placed(src & (MASK << (BITS * p))), xv[i * PER + j], s);
+      for (int j = 0; j < CHV; ++j) xv[c * CHV + j] = chunk_at<T>(u, j);
     }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) xv[j] = to_f(x[v * VPL + j]);
   }
-  return s;
 }
 
-// After stage_x: xsum[v] = the sum of chunk v's values (in the plain kernel's order), and the
-// staged values scaled for dot_q_pre. Each thread owns whole chunks (columns of xs).
-template <typename T, int BITS, int VPL, int K, int NT>
-__device__ __forceinline__ void prescale_x(float* xs, float* xsum) {
+// acc[r] = row rows[r] of W times x — with NORM, times T(rms_norm(x) * alpha), as stage_x makes
+// it — summed over the warp (every lane gets it). Unlike gemv_rows, x is read straight from
+// memory (L1 serves the block's other warps) instead of being staged by the whole block, so a
+// block has no barrier and a grid can be many small blocks, as MLX's own quantized product is;
+// each lane takes the same 16-byte weight loads as gemv_rows (chunk v = lane + 32 * it) and sums
+// them in the same order. The weights are loaded WL 16-byte loads a lane at a time, the first
+// batch before the norm's pass over x so that the two overlap.
+template <typename T, int BITS, int K, int GROUP, int RW, bool NORM, int WL>
+__device__ __forceinline__ void gemv_direct(const T* x, const float* alpha, float eps,
+                                            const void* wp, const T* scales, const T* biases,
+                                            const int* rows, float* acc, int lane) {
+  constexpr int VPL = Pack<T, BITS>::VPL;
   constexpr int KV = K / VPL;
-  constexpr int PER = 32 / BITS;
-  for (int v = threadIdx.x; v < KV; v += NT) {
-    float sum = 0.f;
+  constexpr int ITERS = (KV + 31) / 32;
+  constexpr int CH = RW * ITERS <= WL ? ITERS : (WL / RW > 0 ? WL / RW : 1);
+  constexpr int G = BITS ? K / GROUP : 1;
+  const uint4* w = reinterpret_cast<const uint4*>(wp);
+  const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) {
-      float* p = xs + j * (KV + 1) + v;
-      sum += *p;
-      *p *= pre_scale<BITS>(j % PER);
+  for (int r = 0; r < RW; ++r) acc[r] = 0.f;
+  float rn = 1.f;
+#pragma unroll
+  for (int c0 = 0; c0 < ITERS; c0 += CH) {
+    uint4 wq[RW][CH];
+    float sc[RW][CH], bs[RW][CH];
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int v = lane + 32 * (c0 + i);
+      if (c0 + i < ITERS && (KV % 32 == 0 || v < KV)) {
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+          wq[r][i] = __ldg(w + (size_t)rows[r] * KV + v);
+          if constexpr (BITS != 0) {
+            const size_t g = (size_t)rows[r] * G + (v * VPL) / GROUP;
+            sc[r][i] = to_f(scales[g]);
+            bs[r][i] = to_f(biases[g]);
+          }
+        }
+      }
     }
-    xsum[v] = sum;
-  }
-  __syncthreads();
-}
-
-// R rows' weights, scales and biases (all of K), held in registers.
-template <typename T, int BITS, int K, int GROUP, int R> struct Pre {
-  static constexpr int VPL = Pack<T, BITS>::VPL;
-  static constexpr int KV = K / VPL;
-  static constexpr int ITERS = (KV + 31) / 32;
-  static constexpr int G = K / GROUP;
-  uint4 w[R][ITERS];
-  float s[R][ITERS], b[R][ITERS];
-
-  __device__ __forceinline__ void load(const void* wp, const T* scales, const T* biases,
-                                       const int* rows, int lane) {
-    const uint4* wv = reinterpret_cast<const uint4*>(wp);
+    if constexpr (NORM) {
+      if (c0 == 0) {
+        float ss = 0.f;
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int v = lane + 32 * it;
-      if (KV % 32 == 0 || v < KV) {
+        for (int it = 0; it < ITERS; ++it) {
+          const int v = lane + 32 * it;
+          if (KV % 32 == 0 || v < KV) {
+            float xv[VPL];
+            load_chunk<T, VPL>(x, v, aligned, xv);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          w[r][it] = __ldg(wv + (size_t)rows[r] * KV + v);
-          const size_t g = (size_t)rows[r] * G + (v * VPL) / GROUP;
-          s[r][it] = to_f(scales[g]);
-          b[r][it] = to_f(biases[g]);
+            for (int j = 0; j < VPL; ++j) ss = fmaf(xv[j], xv[j], ss);
+          }
+        }
+        rn = rsqrtf(warp_sum(ss) / (float)K + eps);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int v = lane + 32 * (c0 + i);
+      if (c0 + i < ITERS && (KV % 32 == 0 || v < KV)) {
+        float xv[VPL];
+        load_chunk<T, VPL>(x, v, aligned, xv);
+        if constexpr (NORM) {
+          const float4* a4 = reinterpret_cast<const float4*>(alpha + v * VPL);
+#pragma unroll
+          for (int j = 0; j < VPL / 4; ++j) {
+            const float4 a = __ldg(a4 + j);
+            xv[4 * j] = round_t<T>(xv[4 * j] * rn * a.x);
+            xv[4 * j + 1] = round_t<T>(xv[4 * j + 1] * rn * a.y);
+            xv[4 * j + 2] = round_t<T>(xv[4 * j + 2] * rn * a.z);
+            xv[4 * j + 3] = round_t<T>(xv[4 * j + 3] * rn * a.w);
+          }
+        }
+        if constexpr (BITS != 0) {
+          float xsum = 0.f;
+#pragma unroll
+          for (int j = 0; j < VPL; ++j) xsum += xv[j];
+#pragma unroll
+          for (int r = 0; r < RW; ++r)
+            acc[r] += sc[r][i] * dot_q<BITS>(wq[r][i], xv) + bs[r][i] * xsum;
+        } else {
+#pragma unroll
+          for (int r = 0; r < RW; ++r) acc[r] += dot_plain<T>(wq[r][i], xv);
         }
       }
     }
   }
-
-  // acc[r] = row r times the staged x, summed over the warp (as gemv_rows).
-  __device__ __forceinline__ void dot(const float* xs, const float* xsum, float* acc,
-                                      int lane) const {
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = 0.f;
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int v = lane + 32 * it;
-      if (KV % 32 == 0 || v < KV) {
-        float xv[VPL];
-#pragma unroll
-        for (int j = 0; j < VPL; ++j) xv[j] = xs[j * (KV + 1) + v];
-        const float xsm = xsum[v];
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] += s[r][it] * dot_q_pre<BITS>(w[r][it], xv) + b[r][it] * xsm;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
-  }
-};
+  for (int r = 0; r < RW; ++r) acc[r] = warp_sum(acc[r]);
+}
 
 }  // namespace parley
 """
 
 # Kernel bodies. Template constants (from MLX's `template=`): T (activation dtype), BITS (0 for
-# unquantized weights), K (input size), N (rows of W), GROUP, RW (rows per warp), and per kernel
-# the ones named below. Python fills {eps}, {kv_decl} and the like.
-# Shared pieces of the bodies: the staged input (as RMSNorm'd by the block), and RW consecutive
-# rows of W per warp.
-_NORMED = r"""
-  using namespace parley;
-  constexpr int VPL = Pack<T, BITS>::VPL;
-  __shared__ float xs[VPL * (K / VPL + 1)];
-  __shared__ float red[32];
-  stage_x<T, VPL, K, NT, false, true>(x, alpha, {eps}f, xs, red);
-"""
+# unquantized weights), K (input size), N (rows of W), GROUP, RW (rows per warp), NORM (RMSNorm of
+# x in front), WL (16-byte weight loads a lane keeps in flight), and per kernel the ones named
+# below. Python fills {eps} and the like. The products read x directly (gemv_direct): a warp
+# computes RW rows (the gated kernel: RW gate rows and their RW up rows) and no block stages x.
 _ROWS = r"""
+  using namespace parley;
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RW;
   if (row0 >= N) return;
@@ -392,7 +396,8 @@ _ROWS = r"""
 #pragma unroll
   for (int r = 0; r < RW; ++r) rows[r] = row0 + r;
   float acc[RW];
-  gemv_rows<T, BITS, K, GROUP, RW>(xs, w, scales, biases, rows, acc, lane);
+  gemv_direct<T, BITS, K, GROUP, RW, NORM, WL>(x, {alpha}, {eps}f, w, scales, biases, rows, acc,
+                                               lane);
 """
 
 _GEMV_EPI = r"""
@@ -403,14 +408,20 @@ _GEMV_EPI = r"""
     }
   }
 """
-_GEMV = r"""
-  using namespace parley;
-  constexpr int VPL = Pack<T, BITS>::VPL;
-  __shared__ float xs[VPL * (K / VPL + 1)];
-  {stage}
-""" + _ROWS + _GEMV_EPI
+_GEMV = _ROWS + _GEMV_EPI
 
-_GATED_EPI = r"""
+_GATED = r"""
+  using namespace parley;
+  constexpr int HALF = N / 2;
+  const int lane = threadIdx.x & 31;
+  const int j0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RW;
+  if (j0 >= HALF) return;
+  int rows[2 * RW];
+#pragma unroll
+  for (int r = 0; r < RW; ++r) { rows[r] = j0 + r; rows[RW + r] = HALF + j0 + r; }
+  float acc[2 * RW];
+  gemv_direct<T, BITS, K, GROUP, 2 * RW, true, WL>(x, alpha, {eps}f, w, scales, biases, rows, acc,
+                                                   lane);
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
     if (lane == r) {
@@ -422,17 +433,6 @@ _GATED_EPI = r"""
     }
   }
 """
-_GATED = _NORMED + r"""
-  constexpr int HALF = N / 2;
-  const int lane = threadIdx.x & 31;
-  const int j0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * RW;
-  if (j0 >= HALF) return;
-  int rows[2 * RW];
-#pragma unroll
-  for (int r = 0; r < RW; ++r) { rows[r] = j0 + r; rows[RW + r] = HALF + j0 + r; }
-  float acc[2 * RW];
-  gemv_rows<T, BITS, K, GROUP, 2 * RW>(xs, w, scales, biases, rows, acc, lane);
-""" + _GATED_EPI
 
 _QKV_EPI = r"""
   constexpr int D = N / 3;
@@ -458,43 +458,7 @@ _QKV_EPI = r"""
     dst[1] = from_f<T>(a1);
   }
 """
-_QKV = _NORMED + _ROWS + _QKV_EPI
-
-# The preloaded variants (PARLEY_GEMV_PRELOAD=1): a warp's NR rows are loaded before staging; the
-# epilogues are the plain kernels'.
-_PRE = r"""
-  using namespace parley;
-  constexpr int VPL = Pack<T, BITS>::VPL;
-  constexpr int KV = K / VPL;
-  __shared__ float xs[VPL * (KV + 1)];
-  __shared__ float xsum[KV];
-  __shared__ float red[32];
-  const int lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * (NT / 32) + (threadIdx.x >> 5)) * RW;
-  {rows}
-  Pre<T, BITS, K, GROUP, NR> pre;
-  if (row0 < LIMIT) pre.load(w, scales, biases, rows, lane);
-  {stage}
-  prescale_x<T, BITS, VPL, K, NT>(xs, xsum);
-  if (row0 >= LIMIT) return;
-  float acc[NR];
-  pre.dot(xs, xsum, acc, lane);
-"""
-_PRE_ROWS = r"""constexpr int NR = RW;
-  constexpr int LIMIT = N;
-  int rows[NR];
-#pragma unroll
-  for (int r = 0; r < NR; ++r) rows[r] = row0 + r;"""
-_PRE_GATED_ROWS = r"""constexpr int HALF = N / 2;
-  constexpr int NR = 2 * RW;
-  constexpr int LIMIT = HALF;
-  const int j0 = row0;
-  int rows[NR];
-#pragma unroll
-  for (int r = 0; r < RW; ++r) { rows[r] = row0 + r; rows[RW + r] = HALF + row0 + r; }"""
-_STAGE_NORM = "stage_x<T, VPL, K, NT, false, true>(x, alpha, {eps}f, xs, red);"
-_STAGE_PLAIN = "stage_x<T, VPL, K, NT, false, false>(x, nullptr, 0.f, xs, red);"
-
+_QKV = _ROWS + _QKV_EPI
 
 _ATTN = r"""
   using namespace parley;
@@ -576,46 +540,40 @@ def _shape(lin: Linear) -> tuple[int, int]:
 
 
 def _rows_per_warp(n: int) -> int:
+    """Rows per warp of the attention kernel, which stages its input per block."""
     return 4 if n % 4 == 0 else 2
 
 
-def _pre_rows(lin: Linear, n: int, factor: int = 1, even: bool = False) -> int:
-    """Rows per warp for the preloaded variant (PARLEY_GEMV_PRELOAD=1, quantized weights only):
-    the most of 4, 2, 1 (even for QKV's RoPE pairs) dividing n whose weights fit 16 16-byte
-    registers a lane (factor 2: the gated kernel loads two rows per output); 0 = plain kernel."""
-    if not (PRELOAD and lin.quantized):
-        return 0
-    k = _shape(lin)[1]
-    iters = -(-(k * lin.bits // 128) // 32)
-    for rw in (4, 2, 1):
-        if (not even or rw % 2 == 0) and n % rw == 0 and rw * iters * factor <= 16:
+def _direct_rows(n: int, even: bool = False) -> int:
+    """Rows per warp of the direct-read products: the most of 4, 2, 1 (even for RoPE's pairs)
+    dividing n that still leaves MIN_BLOCKS blocks (256: two a multiprocessor on an H100/H200):
+    more rows a warp read x fewer times, more blocks keep more weight loads in flight."""
+    choices = (4, 2) if even else (4, 2, 1)
+    fits = [rw for rw in choices if n % rw == 0]
+    for rw in fits:
+        if n // (rw * WARPS) >= MIN_BLOCKS:
             return rw
-    return 0
+    return fits[-1]
 
 
 @functools.cache
 def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
-            scale: float = 0.0, neg_log_base_2_over_hd: float = 0.0, pre: bool = False):
+            scale: float = 0.0, neg_log_base_2_over_hd: float = 0.0):
     eps = repr(float(RMS_EPS))
-    if pre and kind in ("gemv", "gated", "qkv"):
-        src = _pre_source(kind, stage, epilogue, neg_log_base_2_over_hd)
-        inputs, outputs = _KERNEL_IO[kind](stage, epilogue)
-    elif kind == "gemv":
+    if kind == "gemv":
         inputs = ["x"] + (["alpha"] if stage == "norm" else []) + ["w", "scales", "biases"]
         inputs += ["res"] if epilogue == "res" else []
-        stage_src = ("__shared__ float red[32];\n  stage_x<T, VPL, K, NT, false, true>(x, alpha, %sf, xs, red);"
-                     % eps if stage == "norm"
-                     else "stage_x<T, VPL, K, NT, false, false>(x, nullptr, 0.f, xs, nullptr);")
         epi = ("y[rows[r]] = from_f<T>(to_f(res[rows[r]]) + round_t<T>(acc[r]));"
                if epilogue == "res" else "y[rows[r]] = from_f<T>(acc[r]);")
-        src = _GEMV.replace("{stage}", stage_src).replace("{epilogue}", epi)
+        src = (_GEMV.replace("{alpha}", "alpha" if stage == "norm" else "nullptr")
+               .replace("{eps}", eps).replace("{epilogue}", epi))
         outputs = ["y"]
     elif kind == "gated":
         inputs, outputs = ["x", "alpha", "w", "scales", "biases"], ["out"]
         src = _GATED.replace("{eps}", eps)
     elif kind == "qkv":
         inputs, outputs = ["x", "alpha", "w", "scales", "biases", "pos"], ["q", "k", "v"]
-        src = (_QKV.replace("{eps}", eps)
+        src = (_QKV.replace("{alpha}", "alpha").replace("{eps}", eps)
                .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
     elif kind == "attn":
         k_names, v_names = [f"k{j}" for j in range(nkv)], [f"v{j}" for j in range(nkv)]
@@ -628,32 +586,8 @@ def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
     # MLX caches compiled kernels on disk by name (MLX_PTX_CACHE_DIR, default under /tmp), so the
     # name carries a digest of the source: a changed kernel must never load an old build.
     digest = hashlib.sha1((_HEADER + src).encode()).hexdigest()[:12]
-    name = f"parley_{kind}{'_pre' if pre else ''}_{digest}"
-    return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=src,
-                               header=_HEADER)
-
-
-_KERNEL_IO = {
-    "gemv": lambda stage, epi: (["x"] + (["alpha"] if stage == "norm" else [])
-                                + ["w", "scales", "biases"] + (["res"] if epi == "res" else []),
-                                ["y"]),
-    "gated": lambda stage, epi: (["x", "alpha", "w", "scales", "biases"], ["out"]),
-    "qkv": lambda stage, epi: (["x", "alpha", "w", "scales", "biases", "pos"], ["q", "k", "v"]),
-}
-
-
-def _pre_source(kind: str, stage: str, epilogue: str, neg_log_base_2_over_hd: float) -> str:
-    eps = repr(float(RMS_EPS))
-    staging = (_STAGE_NORM if kind != "gemv" or stage == "norm" else _STAGE_PLAIN).replace("{eps}", eps)
-    body = _PRE.replace("{stage}", staging).replace(
-        "{rows}", _PRE_GATED_ROWS if kind == "gated" else _PRE_ROWS)
-    if kind == "gemv":
-        epi = ("y[rows[r]] = from_f<T>(to_f(res[rows[r]]) + round_t<T>(acc[r]));"
-               if epilogue == "res" else "y[rows[r]] = from_f<T>(acc[r]);")
-        return body + _GEMV_EPI.replace("{epilogue}", epi)
-    if kind == "gated":
-        return body + _GATED_EPI
-    return body + _QKV_EPI.replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd)))
+    return mx.fast.cuda_kernel(name=f"parley_{kind}_{digest}", input_names=inputs,
+                               output_names=outputs, source=src, header=_HEADER)
 
 
 def _weights(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
@@ -666,7 +600,8 @@ def _weights(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
 def _template(lin: Linear, dtype: mx.Dtype, rw: int, **extra) -> list:
     n, k = _shape(lin)
     t = [("T", dtype), ("BITS", lin.bits if lin.quantized else 0), ("K", k), ("N", n),
-         ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw), ("NT", WARPS * 32)]
+         ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw), ("NT", WARPS * 32),
+         ("WL", WEIGHT_LOADS)]
     return t + list(extra.items())
 
 
@@ -680,15 +615,13 @@ def gemv(x: mx.array, lin: Linear, alpha: mx.array | None = None,
     """lin(rms_norm_f32(x, alpha) if alpha is given else x) (+ res): x [..., K] with one
     position -> [..., N] like x."""
     n, k = _shape(lin)
-    pre = _pre_rows(lin, n)
-    rw = pre or _rows_per_warp(n)
+    rw = _direct_rows(n)
     ins = [x.reshape(k)] + ([alpha] if alpha is not None else []) + _weights(lin, x.dtype)
     if res is not None:
         ins.append(res.reshape(n))
-    kern = _kernel("gemv", "norm" if alpha is not None else "", "res" if res is not None else "",
-                   pre=bool(pre))
-    (y,) = kern(inputs=ins, template=_template(lin, x.dtype, rw), output_shapes=[(n,)],
-                output_dtypes=[x.dtype], **_grid(n, rw))
+    kern = _kernel("gemv", "norm" if alpha is not None else "", "res" if res is not None else "")
+    (y,) = kern(inputs=ins, template=_template(lin, x.dtype, rw, NORM=alpha is not None),
+                output_shapes=[(n,)], output_dtypes=[x.dtype], **_grid(n, rw))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -696,9 +629,10 @@ def gemv_gated(x: mx.array, alpha: mx.array, lin_in: Linear) -> mx.array:
     """silu(g) · u where [g; u] = lin_in(rms_norm_f32(x, alpha)): x [..., K] -> [..., N/2]."""
     n, k = _shape(lin_in)
     half = n // 2
-    pre = _pre_rows(lin_in, half, factor=2)
-    rw = pre or _rows_per_warp(half)
-    (out,) = _kernel("gated", pre=bool(pre))(inputs=[x.reshape(k), alpha, *_weights(lin_in, x.dtype)],
+    # A warp computes RW gate rows and their RW up rows: at most 2 + 2, the shape at which the
+    # plain product streams fastest (H200: 4 rows a warp 1.7 TB/s, 8 rows 0.9 TB/s).
+    rw = min(_direct_rows(half), 2 if half % 2 == 0 else 1)
+    (out,) = _kernel("gated")(inputs=[x.reshape(k), alpha, *_weights(lin_in, x.dtype)],
                               template=_template(lin_in, x.dtype, rw), output_shapes=[(half,)],
                               output_dtypes=[x.dtype], **_grid(half, rw))
     return out.reshape(*x.shape[:-1], half)
@@ -711,14 +645,13 @@ def qkv(x: mx.array, alpha: mx.array, lin: Linear, num_heads: int, pos: mx.array
     n, k = _shape(lin)
     d = n // 3
     hd = d // num_heads
-    pre = _pre_rows(lin, n, even=True)
-    rw = pre or _rows_per_warp(n)
+    rw = _direct_rows(n, even=True)
     rope = pos is not None
     c = -math.log(max_period) * 2 / hd
-    kern = _kernel("qkv", neg_log_base_2_over_hd=c if rope else 0.0, pre=bool(pre))
+    kern = _kernel("qkv", neg_log_base_2_over_hd=c if rope else 0.0)
     pos_in = pos if rope else mx.zeros((1,), dtype=mx.int32)
     outs = kern(inputs=[x.reshape(k), alpha, *_weights(lin, x.dtype), pos_in],
-                template=_template(lin, x.dtype, rw, HD=hd, ROPE=rope),
+                template=_template(lin, x.dtype, rw, NORM=True, HD=hd, ROPE=rope),
                 output_shapes=[(d,)] * 3, output_dtypes=[x.dtype] * 3, **_grid(n, rw))
     return tuple(o.reshape(1, num_heads, 1, hd) for o in outs)
 

@@ -107,7 +107,7 @@ class LMGen:
         # The depth transformer's CUDA kernels where they can run: one kernel per step
         # (engine/lm/depth_kernel.py), else four fused kernels per layer (engine/lm/fused.py).
         self._depth_path = self._best_depth_path()
-        model.temporal.use_fused = (os.environ.get("PARLEY_FUSED_TEMPORAL") == "1"
+        model.temporal.use_fused = (os.environ.get("PARLEY_FUSED_TEMPORAL", "1") != "0"
                                     and model.temporal.can_fuse(model.dtype))
         self._key = None
         self._last = {}  # "hidden" / "text_logits": evaluated MLX arrays, numpy on access
