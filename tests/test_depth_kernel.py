@@ -201,15 +201,15 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["depth_path"] == ("kernel" if fused.enabled() else "mlx")
-    lines = BenchResult({**data, "depth_path": "kernel"}).summary_lines()
-    assert "Depth transformer: one CUDA kernel a step" in lines
+    lines = BenchResult({**data, "depth_path": "kernel", "temporal_fused": True}).summary_lines()
+    assert "Depth transformer: one CUDA kernel a step; temporal: fused CUDA kernels" in lines
     monkeypatch.setattr(fused, "enabled", lambda: True)
     engine = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
     engine.overlap_encode = False
     assert engine.gen.depth_path == "kernel"
-    assert engine.frame_path == "depth one kernel a step"
+    assert engine.frame_path == "depth one kernel a step, temporal fused"
     engine.gen.depth_path = "fused"
-    assert engine.frame_path == "depth fused"
+    assert engine.frame_path == "depth fused, temporal fused"
 
 
 def test_the_barrier_kind_is_a_template_switch(gen, monkeypatch):
