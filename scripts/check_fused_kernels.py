@@ -357,6 +357,37 @@ def dispatch_costs(n: int = 200) -> list[str]:
     return out
 
 
+def check_ring_attention(dtype, heads: int, hd: int, slots: int) -> list[str]:
+    """fused.ring_attention against the ring written with MLX and scaled_dot_product_attention
+    over its filled slots: for a ring still filling, one just full and one wrapped around; the
+    ring must hold the new key and value at its slot afterwards and nothing else changed."""
+    lines = []
+    scale = 1 / math.sqrt(hd)
+    counters = mx.zeros((heads,), dtype=mx.uint32)
+    for pos in (0, 5, slots - 2, slots - 1, slots + 7, 3 * slots + 1):
+        key = mx.random.key(pos + 17)
+        k1, k2, k3, k4, k5 = mx.random.split(key, 5)
+        keys = mx.random.normal((1, heads, slots, hd), key=k1).astype(dtype)
+        values = mx.random.normal((1, heads, slots, hd), key=k2).astype(dtype)
+        q, k, v = (mx.random.normal((1, heads, 1, hd), key=kk).astype(dtype) for kk in (k3, k4, k5))
+        slot, n = pos % slots, (pos + 1 if pos + 1 < slots else slots)
+        want_k = mx.concatenate([keys[:, :, :slot], k, keys[:, :, slot + 1:]], axis=2)
+        want_v = mx.concatenate([values[:, :, :slot], v, values[:, :, slot + 1:]], axis=2)
+        want = mx.fast.scaled_dot_product_attention(q, want_k[:, :, :n], want_v[:, :, :n], scale=scale)
+        mx.eval(keys, values, want, want_k, want_v, counters)
+        got = fused.ring_attention(q, k, v, keys, values, mx.array([slot, n], dtype=mx.int32),
+                                   counters, scale)
+        mx.eval(got)
+        e = rel_err(got, want)
+        tol = 2e-2 if dtype == mx.bfloat16 else 1e-5
+        ring_ok = bool(mx.array_equal(keys, want_k).item() and mx.array_equal(values, want_v).item())
+        left = int(mx.max(counters).item())
+        ok = e <= tol and ring_ok and left == 0
+        lines.append(f"{'ok  ' if ok else 'FAIL'} ring attention pos={pos:5d} (slot {slot}, n {n}): "
+                     f"rel err {e:.2e}, ring {'written' if ring_ok else 'WRONG'}, counters {left}")
+    return lines
+
+
 def wall_per_call(fn, x, n: int = 40, reps: int = 5) -> float:
     """Wall µs per call of a compiled chain of n dependent calls of fn (y = fn(y)), so each waits
     for the last: what a call costs inside a frame, launch gaps included."""
@@ -397,11 +428,19 @@ def ceilings_and_attention(layers: int = 32, ctx: int = 2999) -> list[str]:
         i = next(attend) % layers
         return mx.fast.scaled_dot_product_attention(q, keys[i], vals[i], scale=128 ** -0.5)
 
-    s = wall_per_call(one, q0, layers) * layers / 1e6
+    meta = mx.array([ctx // 2, ctx], dtype=mx.int32)  # a full ring
+    counters = mx.zeros((32,), dtype=mx.uint32)
+
+    def fused_one(q):  # the same through fused.ring_attention (its write included)
+        i = next(attend) % layers
+        return fused.ring_attention(q, q, q, keys[i], vals[i], meta, counters, 128 ** -0.5)
+
     gb = 2 * layers * keys[0].nbytes / 1e9
-    out.append(f"attention, 1 query over {ctx} positions x 32 heads, {layers} layers chained: "
-               f"{s / layers * 1e6:.1f} us/layer ({gb:.2f} GB in {s * 1e3:.2f} ms, "
-               f"{gb / s / 1e3:.2f} TB/s)")
+    for name, fn in (("MLX sdpa", one), ("ring_attention", fused_one)):
+        s = wall_per_call(fn, q0, layers) * layers / 1e6
+        out.append(f"attention ({name}), 1 query over {ctx} positions x 32 heads, {layers} layers "
+                   f"chained: {s / layers * 1e6:.1f} us/layer ({gb:.2f} GB in {s * 1e3:.2f} ms, "
+                   f"{gb / s / 1e3:.2f} TB/s)")
     return out
 
 
@@ -506,6 +545,14 @@ def _product_sources() -> list[tuple[str, str]]:
                 kw, ckw = _captured(fn)
                 rw = dict(ckw["template"])["RW"]
                 out.append((f"{label} d={d} {dtype} BITS={bits} RW={rw}", _mlx_like_source(kw, ckw)))
+    for dtype, heads, hd, slots in ((mx.bfloat16, 32, 128, 2999), (mx.float32, 4, 16, 7)):
+        def ring():
+            q = mx.zeros((1, heads, 1, hd), dtype=dtype)
+            keys = mx.zeros((1, heads, slots, hd), dtype=dtype)
+            return fused.ring_attention(q, q, q, keys, keys, mx.array([3, 4], dtype=mx.int32),
+                                        mx.zeros((heads,), dtype=mx.uint32), 0.125)
+        kw, ckw = _captured(ring)
+        out.append((f"ring attention {dtype} hd={hd} S={slots}", _mlx_like_source(kw, ckw)))
     return out
 
 
@@ -564,6 +611,8 @@ def main() -> None:
                                         (4, mx.bfloat16, depth, "7B depth"),
                                         (0, mx.float32, tiny, "tiny")):
             fails += report(f"{name} {dtype} bits={bits}", check_numerics(dtype, bits, dims))
+        fails += report("ring attention bf16, 7B shape", check_ring_attention(mx.bfloat16, 32, 128, 2999))
+        fails += report("ring attention float32, tiny shape", check_ring_attention(mx.float32, 4, 16, 7))
         for line in ceilings_and_attention() + timings(4):
             print(line, flush=True)
         print("numerics:", "all ok" if not fails else f"{fails} FAILED")

@@ -66,8 +66,10 @@ def _fake_cuda_kernels(monkeypatch, made: dict) -> None:
             assert len(inputs) == len(kw["input_names"]), kw["name"]
             assert len(output_shapes) == len(kw["output_names"]) == len(output_dtypes)
             names = dict(template)
-            for needed in ("T", "BITS", "K", "N", "GROUP", "RW"):
-                assert needed in names
+            needed = (("T", "HD", "S", "C", "CL", "LPR", "NT") if "_ring_attn_" in kw["name"]
+                      else ("T", "BITS", "K", "N", "GROUP", "RW"))
+            for name in needed:
+                assert name in names
             made[kw["name"]] = (kw, names)
             assert grid[0] % threadgroup[0] == 0
             return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
@@ -140,21 +142,32 @@ def test_the_fused_temporal_step_is_the_cuda_default(tiny_dir, monkeypatch):
     assert engine.gen.model.temporal.use_fused is False
 
 
+def _greedy_tokens(tiny_dir, monkeypatch, env: dict, pcm, wrap_after: int | None = None):
+    """The tiny float32 model's greedy tokens for `pcm` frames under environment `env`; with
+    `wrap_after`, the ring's position is moved to just before a wrap after that many frames."""
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32")
+    engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+    tokens = []
+    for i, p in enumerate(pcm):
+        if i == wrap_after:
+            kv = engine.gen.kv
+            kv.end = 2 * kv.slots - 3  # full ring, the write slot wrapping to 0 three frames on
+        tokens.append(engine.step(p).tokens.copy())
+    return engine, tokens
+
+
 @cuda
 def test_on_cuda_the_fused_temporal_step_matches_the_unfused_one(tiny_dir, monkeypatch):
     """float32 tiny model, greedy: the same frames with the fused temporal step as without."""
-    from engine.duplex import DuplexEngine
-    from engine.personas import TEACHER_PROMPT, Persona
-    rng = np.random.default_rng(1)
-    pcm = (0.1 * rng.standard_normal((12, 1920))).astype(np.float32)
-    runs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("PARLEY_FUSED_TEMPORAL", flag)
-        engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32")
-        assert engine.gen.model.temporal.use_fused is (flag == "1")
-        engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
-        runs.append([engine.step(p).tokens.copy() for p in pcm])
-    for a, b in zip(*runs):
+    pcm = (0.1 * np.random.default_rng(1).standard_normal((12, 1920))).astype(np.float32)
+    fused_engine, fused_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_FUSED_TEMPORAL": "1"}, pcm)
+    plain_engine, plain_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_FUSED_TEMPORAL": "0"}, pcm)
+    assert fused_engine.gen.model.temporal.use_fused and not plain_engine.gen.model.temporal.use_fused
+    for a, b in zip(fused_tokens, plain_tokens):
         np.testing.assert_array_equal(a, b)
 
 
@@ -220,3 +233,68 @@ def test_each_product_kernel_reads_x_directly_with_its_norm_flag(monkeypatch):
         assert t["WL"] == fused.WEIGHT_LOADS
         norms.append(t.get("NORM"))
     assert sorted(map(str, norms)) == ["False", "None", "True", "True"]  # gated: NORM built in
+
+
+def test_ring_attention_lays_rows_over_lanes():
+    """Values a lane holds and lanes a key row: 8-byte bf16 loads over a warp for the 7B's heads
+    of 128, 16-byte float32 loads for small heads; head sizes that do not split are refused."""
+    assert fused.ring_layout(128) == (4, 32)
+    assert fused.ring_layout(16) == (4, 4)
+    assert fused.ring_layout(256) == (8, 32)
+    assert fused.ring_layout(96) is None
+
+
+def test_the_fused_ring_attention_fits_the_temporal_step(tiny_dir, monkeypatch):
+    """PARLEY_RING_ATTENTION=1 on the fused temporal step: each layer's attention is one
+    ring_attn kernel given the ring arrays themselves (written in place, so the ring keeps its
+    arrays) and the step's [slot, n]; the warm-up builds it on a throwaway ring (kernels stood
+    in for)."""
+    from engine.duplex import DuplexEngine
+    made, calls = {}, []
+    _fake_cuda_kernels(monkeypatch, made)
+    real = fused.ring_attention
+
+    def spy(q, k, v, keys, values, meta, counters, scale):
+        calls.append((keys, values, np.array(meta).tolist()))
+        return real(q, k, v, keys, values, meta, counters, scale)
+
+    monkeypatch.setattr(fused, "ring_attention", spy)
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    monkeypatch.setenv("PARLEY_RING_ATTENTION", "1")
+    try:
+        gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
+        model = gen.model
+        assert model.temporal.use_fused and model.temporal.ring_attention
+        model.temporal.warm_up(mx.zeros((1, 1, model.cfg.dim)), gen.kv)
+        assert len(calls) == 1 and calls[0][0] is not gen.kv.keys[0]  # a throwaway ring
+        calls.clear()
+        kv = gen.kv
+        kv.end = kv.slots + 5  # a wrapped ring
+        rings = [(a, b) for a, b in zip(kv.keys, kv.values)]
+        hn = model.hidden(mx.zeros((1, 1, model.cfg.dim)), kv, compiled=True)
+        mx.eval(hn)
+    finally:
+        fused._kernel.cache_clear()
+    assert len(calls) == model.cfg.num_layers
+    for i, (keys, values, meta) in enumerate(calls):
+        assert keys is rings[i][0] and values is rings[i][1]
+        assert meta == [5, kv.slots]
+    assert [(a, b) for a, b in zip(kv.keys, kv.values)] == rings  # no slice updates
+    assert kv.end == kv.slots + 6
+    assert any("_ring_attn_" in name for name in made)
+
+
+@cuda
+def test_on_cuda_the_ring_attention_kernel_keeps_the_frames_the_same(tiny_dir, monkeypatch):
+    """float32 tiny model, greedy: frames with the ring attention kernel (which writes the ring
+    in place) equal the frames without: six while the ring fills, then, the ring's position
+    moved on to just before a wrap, six across it."""
+    pcm = (0.1 * np.random.default_rng(2).standard_normal((12, 1920))).astype(np.float32)
+    ring_engine, ring_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_RING_ATTENTION": "1"},
+                                              pcm, wrap_after=6)
+    sdpa_engine, sdpa_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_RING_ATTENTION": "0"},
+                                              pcm, wrap_after=6)
+    assert ring_engine.gen.model.temporal.ring_attention
+    assert not sdpa_engine.gen.model.temporal.ring_attention
+    for a, b in zip(ring_tokens, sdpa_tokens):
+        np.testing.assert_array_equal(a, b)

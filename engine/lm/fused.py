@@ -269,6 +269,26 @@ __device__ __forceinline__ void stage_x(const T* x, const float* alpha, float ep
   __syncthreads();
 }
 
+// N consecutive values of T at p as float (one 16-, 8- or 4-byte load where they fill one, and p
+// is aligned to it, as rows of MLX buffers at multiples of N are).
+template <typename T, int N>
+__device__ __forceinline__ void load_row(const T* p, float* out) {
+  constexpr int BYTES = N * (int)sizeof(T);
+  if constexpr (BYTES == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = chunk_at<T>(u, j);
+  } else if constexpr (BYTES == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const uint4 w = make_uint4(u.x, u.y, 0u, 0u);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = chunk_at<T>(w, j);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_f(p[j]);
+  }
+}
+
 // Values v*VPL .. v*VPL + VPL - 1 of x as float: 16-byte loads through the read-only path where
 // x is 16-byte aligned (MLX's buffers are; a view may not be), else one value at a time.
 template <typename T, int VPL>
@@ -507,6 +527,153 @@ _ATTN = r"""
 """
 
 
+# The temporal transformer's attention for one new position over its KV ring, with the ring write
+# folded in. Template constants: T, HD (head size), S (ring slots), C (chunks of CL slots a head),
+# CL, LPR (lanes a key row), NT (threads a block). Block (h, c) scores the query of head h against
+# the slots of chunk c that hold keys (meta = [slot, n]: the new position's slot and the number of
+# slots to attend, the new one included; the new key and value come from k and v, not the ring,
+# whose slot still holds an old one), keeps its softmax partials (max, sum, weighted values) in
+# `part`, and the last block of head h to finish (a counter in `cnt`, zeroed again by that block)
+# combines them into head h's output. The blocks holding the new slot write k and v into the
+# ring in place: the ring arrays come in as inputs, but no kernel reads them at the same time (the
+# next reader is the next frame's kernel for this layer).
+_RING_ATTN = r"""
+  using namespace parley;
+  constexpr int DPL = HD / LPR;        // values of a row a lane holds
+  constexpr int SPW = 32 / LPR;        // rows a warp takes at a time
+  constexpr int NW = NT / 32;
+  constexpr int U = 8;                 // rows a lane loads before using any
+  __shared__ float sc[CL];
+  __shared__ float red[32];
+  __shared__ float acc_s[NW * HD];
+  __shared__ int last_s;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sub = lane / LPR, li = lane % LPR;
+  const int h = blockIdx.x / C, c = blockIdx.x % C;
+  const int slot = meta[0], n = meta[1];
+  const int j0 = c * CL;
+  const int j1 = min(j0 + CL, n);
+  T* kr = const_cast<T*>(kring) + (size_t)h * S * HD;
+  T* vr = const_cast<T*>(vring) + (size_t)h * S * HD;
+  const T* kn = k + h * HD;
+  const T* vn = v + h * HD;
+  if (slot >= j0 && slot < j0 + CL) {  // this chunk's block writes the new slot
+    for (int d = tid; d < HD; d += NT) {
+      kr[(size_t)slot * HD + d] = kn[d];
+      vr[(size_t)slot * HD + d] = vn[d];
+    }
+  }
+  float qv[DPL];
+  load_row<T, DPL>(q + h * HD + li * DPL, qv);
+  // Scores of this chunk's rows (U rows a lane in flight; the new slot from k).
+  for (int base = j0 + warp * SPW; base < j1; base += NW * SPW * U) {
+    float kv[U][DPL];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * NW * SPW + sub;
+      if (j < j1) {
+        load_row<T, DPL>((j == slot ? kn : kr + (size_t)j * HD) + li * DPL, kv[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) kv[u][i] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * NW * SPW + sub;
+      float part = 0.f;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) part = fmaf(qv[i], kv[u][i], part);
+#pragma unroll
+      for (int o = LPR / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (li == 0 && j < j1) sc[j - j0] = part * {scale}f;
+    }
+  }
+  __syncthreads();
+  // Softmax partials of the chunk: m = max score, l = sum of exp(score - m).
+  float m = -3.0e38f;
+  for (int i = tid; i < j1 - j0; i += NT) m = fmaxf(m, sc[i]);
+  m = warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  m = -3.0e38f;
+  for (int i = 0; i < NW; ++i) m = fmaxf(m, red[i]);
+  __syncthreads();
+  float l = 0.f;
+  for (int i = tid; i < j1 - j0; i += NT) {
+    const float p = expf(sc[i] - m);
+    sc[i] = p;
+    l += p;
+  }
+  l = block_sum(l, red);
+  // Weighted values: lane li of row sub holds values li*DPL .. of the rows it takes.
+  float o[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) o[i] = 0.f;
+  for (int base = j0 + warp * SPW; base < j1; base += NW * SPW * U) {
+    float vv[U][DPL];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * NW * SPW + sub;
+      if (j < j1) load_row<T, DPL>((j == slot ? vn : vr + (size_t)j * HD) + li * DPL, vv[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * NW * SPW + sub;
+      if (j < j1) {
+        const float p = sc[j - j0];
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[i] = fmaf(p, vv[u][i], o[i]);
+      }
+    }
+  }
+  // Sum over the rows a warp holds at once, then over the warps.
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) {
+#pragma unroll
+    for (int off = 16; off >= LPR; off >>= 1) o[i] += __shfl_xor_sync(0xffffffffu, o[i], off);
+  }
+  if (sub == 0) {
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc_s[warp * HD + li * DPL + i] = o[i];
+  }
+  __syncthreads();
+  float* pp = part + (size_t)blockIdx.x * (HD + 2);
+  for (int d = tid; d < HD; d += NT) {
+    float t = 0.f;
+    for (int w = 0; w < NW; ++w) t += acc_s[w * HD + d];
+    pp[2 + d] = t;
+  }
+  if (tid == 0) { pp[0] = m; pp[1] = l; }
+  __threadfence();
+  __syncthreads();
+  unsigned int* count = const_cast<unsigned int*>(cnt) + h;
+  if (tid == 0) last_s = atomicAdd(count, 1u) == (unsigned int)(C - 1);
+  __syncthreads();
+  if (!last_s) return;
+  // The last block of head h: combine the C chunks' partials.
+  __threadfence();
+  const float* ph = part + (size_t)h * C * (HD + 2);
+  float mm = -3.0e38f;
+  for (int cc = 0; cc < C; ++cc) mm = fmaxf(mm, __ldcg(ph + cc * (HD + 2)));
+  float ll = 0.f;
+  for (int cc = 0; cc < C; ++cc) {
+    const float lc = __ldcg(ph + cc * (HD + 2) + 1);
+    if (lc > 0.f) ll += expf(__ldcg(ph + cc * (HD + 2)) - mm) * lc;
+  }
+  const float inv = 1.f / ll;
+  for (int d = tid; d < HD; d += NT) {
+    float t = 0.f;
+    for (int cc = 0; cc < C; ++cc) {
+      const float lc = __ldcg(ph + cc * (HD + 2) + 1);
+      if (lc > 0.f) t += expf(__ldcg(ph + cc * (HD + 2)) - mm) * __ldcg(ph + cc * (HD + 2) + 2 + d);
+    }
+    out[h * HD + d] = from_f<T>(t * inv);
+  }
+  if (tid == 0) *count = 0u;
+"""
+
+
 def enabled() -> bool:
     """Whether the fused kernels can run: MLX's CUDA backend is the default device, and
     PARLEY_FUSED is not 0."""
@@ -575,6 +742,10 @@ def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
         inputs, outputs = ["x", "alpha", "w", "scales", "biases", "pos"], ["q", "k", "v"]
         src = (_QKV.replace("{alpha}", "alpha").replace("{eps}", eps)
                .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
+    elif kind == "ring_attn":
+        inputs = ["q", "k", "v", "kring", "vring", "meta", "cnt"]
+        outputs = ["out", "part"]
+        src = _RING_ATTN.replace("{scale}", repr(float(scale)))
     elif kind == "attn":
         k_names, v_names = [f"k{j}" for j in range(nkv)], [f"v{j}" for j in range(nkv)]
         inputs, outputs = ["q", *k_names, *v_names, "w", "scales", "biases", "res"], ["out"]
@@ -668,3 +839,41 @@ def attn_gemv(q: mx.array, keys: list[mx.array], values: list[mx.array], lin: Li
                   template=_template(lin, q.dtype, rw, H=num_heads, NKV=len(keys)),
                   output_shapes=[(n,)], output_dtypes=[q.dtype], **_grid(n, rw))
     return out.reshape(res.shape)
+
+
+def ring_layout(head_dim: int) -> tuple[int, int] | None:
+    """(values a lane holds, lanes a row) of ring_attention for this head size, or None if it
+    cannot take it (rows must split into a power of two of lanes, at most a warp)."""
+    dpl = max(4, head_dim // 32)
+    lpr = head_dim // dpl
+    if head_dim % dpl or lpr < 1 or lpr > 32 or lpr & (lpr - 1):
+        return None
+    return dpl, lpr
+
+
+RING_CHUNK = 256  # most slots a block of ring_attention scores (a head's ring is split in chunks)
+
+
+def ring_attention(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values: mx.array,
+                   meta: mx.array, counters: mx.array, scale: float) -> mx.array:
+    """Attention of one new position over a KV ring, writing its key and value into the ring.
+
+    q, k, v: the position's [1, H, 1, hd]; keys, values: the ring [1, H, S, hd] (written in place
+    at meta[0]: they must be materialised, contiguous arrays no other kernel uses at the same
+    time); meta: int32 [slot, n] (attend slots 0 .. n-1, the new one included); counters: uint32
+    [H] zeros (left zero). Returns the attention output [1, H, 1, hd], like
+    `scaled_dot_product_attention` over the ring after the write."""
+    _, H, S, hd = keys.shape
+    dpl, lpr = ring_layout(hd)
+    chunks = -(-S // RING_CHUNK)
+    cl = -(-S // chunks)
+    nt = 256
+    kern = _kernel("ring_attn", scale=scale)
+    out, _ = kern(inputs=[q.reshape(H * hd), k.reshape(H * hd), v.reshape(H * hd), keys, values,
+                          meta, counters],
+                  template=[("T", q.dtype), ("HD", hd), ("S", S), ("C", chunks), ("CL", cl),
+                            ("LPR", lpr), ("NT", nt)],
+                  output_shapes=[(H * hd,), (H * chunks * (hd + 2),)],
+                  output_dtypes=[q.dtype, mx.float32],
+                  grid=(H * chunks * nt, 1, 1), threadgroup=(nt, 1, 1))
+    return out.reshape(1, H, 1, hd)

@@ -55,6 +55,7 @@ class KVRing:
         self.keys = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
         self.values = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
         self.end = 0
+        self._counters = None  # ring_attention's per-head counters (see attend_step_fused)
 
     def arrays(self) -> list[mx.array]:
         return self.keys + self.values
@@ -76,6 +77,23 @@ class KVRing:
             return mx.fast.scaled_dot_product_attention(q, K[:, :, :n], V[:, :, :n], scale=scale)
         # Full ring: exactly the keys the rule shows (context − 1 or context of them), any order.
         return mx.fast.scaled_dot_product_attention(q, K, V, scale=scale)
+
+    def step_meta(self) -> mx.array:
+        """[slot, n] of the new position at `self.end`, for `attend_step_fused`: its ring slot and
+        how many slots it attends (the same for every layer of a step)."""
+        pos, S = self.end, self.slots
+        return mx.array([pos % S, pos + 1 if pos + 1 < S else S], dtype=mx.int32)
+
+    def attend_step_fused(self, layer: int, q: mx.array, k: mx.array, v: mx.array, scale: float,
+                          meta: mx.array) -> mx.array:
+        """`attend_step` as one CUDA kernel (engine/lm/fused.py `ring_attention`): the ring slot
+        is written in place by the kernel, so the ring arrays stay the same arrays."""
+        from . import fused
+        if self._counters is None:
+            self._counters = mx.zeros((self.num_heads,), dtype=mx.uint32)
+            mx.eval(self._counters)
+        return fused.ring_attention(q, k, v, self.keys[layer], self.values[layer], meta,
+                                    self._counters, scale)
 
     def attend_chunk(self, layer: int, q: mx.array, k: mx.array, v: mx.array, scale: float,
                      visibility: str = "step") -> mx.array:

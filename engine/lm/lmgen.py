@@ -109,6 +109,10 @@ class LMGen:
         self._depth_path = self._best_depth_path()
         model.temporal.use_fused = (os.environ.get("PARLEY_FUSED_TEMPORAL", "1") != "0"
                                     and model.temporal.can_fuse(model.dtype))
+        model.temporal.ring_attention = (model.temporal.use_fused
+                                         and os.environ.get("PARLEY_RING_ATTENTION") == "1"
+                                         and model.temporal.can_attend_fused(
+                                             model.cfg.dim // model.cfg.num_heads))
         self._key = None
         self._last = {}  # "hidden" / "text_logits": evaluated MLX arrays, numpy on access
         self.last_audio_logits: mx.array | None = None
@@ -537,7 +541,7 @@ class LMGen:
             return
         model = self.model
         x = mx.zeros((1, 1, self.cfg.dim), dtype=model.dtype)
-        outs = model.temporal.warm_up(x)
+        outs = model.temporal.warm_up(x, self.kv)
         if self._frame is None:
             self._frame = self._make_frame()
         K = model.depformer_steps

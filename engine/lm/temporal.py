@@ -41,7 +41,14 @@ class Temporal:
         # it on where they run (H200, one process: temporal stage 8.0 -> 6.4 ms, frame 14.8 ->
         # 14.1 ms; docs/benchmarks.md). PARLEY_FUSED_TEMPORAL=0 keeps the MLX operations.
         self.use_fused = False
+        # With use_fused: the attention over the KV ring (and the ring write) as one kernel too
+        # (fused.ring_attention; PARLEY_RING_ATTENTION=1 while it is being measured).
+        self.ring_attention = False
         self._step_fns = {}
+
+    def can_attend_fused(self, head_dim: int) -> bool:
+        """Whether fused.ring_attention takes this model's heads."""
+        return fused.ring_layout(head_dim) is not None
 
     def can_fuse(self, dtype: mx.Dtype) -> bool:
         """Whether the fused step can run: MLX's CUDA backend and every layer's linears in a
@@ -119,14 +126,21 @@ class Temporal:
             self._step_fns[self.use_fused] = self._make_step_fns()
         return self._step_fns[self.use_fused]
 
-    def warm_up(self, x: mx.array) -> list[mx.array]:
+    def warm_up(self, x: mx.array, kv: KVRing | None = None) -> list[mx.array]:
         """Traces the compiled one-position step on throwaway inputs (x [1, 1, d]), touching no
-        ring, and returns its outputs: evaluating them compiles the step's kernels too."""
+        ring, and returns its outputs: evaluating them compiles the step's kernels too (with
+        `kv`, the ring attention kernel's too, on a throwaway ring of kv's shape)."""
         first, joints, last = self._compiled_step()
         offset = mx.array(0, dtype=mx.int32)
         q, k, v = first(x, offset)
         a = mx.fast.scaled_dot_product_attention(q, k, v, scale=attention_scale(q.shape[-1]))
         outs = [a]
+        if self.use_fused and self.ring_attention and kv is not None:
+            shape = (1, kv.num_heads, kv.slots, kv.head_dim)
+            outs.append(fused.ring_attention(
+                q, k, v, mx.zeros(shape, dtype=kv.dtype), mx.zeros(shape, dtype=kv.dtype),
+                mx.array([0, 1], dtype=mx.int32), mx.zeros((kv.num_heads,), dtype=mx.uint32),
+                attention_scale(q.shape[-1])))
         for joint in joints:
             outs += joint(x, a, offset)
         outs.append(last(x, a))
@@ -139,8 +153,12 @@ class Temporal:
         q, k, v = first(x, offset)
         scale = attention_scale(q.shape[-1])
         n = len(self.layers)
+        meta = kv.step_meta() if self.use_fused and self.ring_attention else None
         for i in range(n):
-            a = kv.attend_step(i, q, k, v, scale)
+            if meta is not None:
+                a = kv.attend_step_fused(i, q, k, v, scale, meta)
+            else:
+                a = kv.attend_step(i, q, k, v, scale)
             if i + 1 < n:
                 x, q, k, v = joints[i](x, a, offset)
             else:
