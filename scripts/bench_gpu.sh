@@ -142,6 +142,14 @@ for name, rs in agg.items():
           f"regs {r0.get('launch__registers_per_thread')} grid {r0.get('launch__grid_size')} "
           f"block {r0.get('launch__block_size')} warps {num(r0, 'sm__warps_active.avg.pct_of_peak_sustained_active'):.0f}%  {name}")
 PY
+    # Where the depth step kernel's time goes: Nsight Compute's stall reasons and memory report
+    # for it alone (the full report in $OUT/ncu-depth.txt).
+    PARLEY_UNDER_PROFILER=1 "$ncu" --clock-control none -k regex:parley_depth_step \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section LaunchStats --section Occupancy python3 scripts/profile_kernels.py \
+      > "$out/ncu-depth.txt" 2>&1 || true
+    grep -iE "duration|stall|warp cycles|throughput|achieved occupancy|registers per|block limit" \
+      "$out/ncu-depth.txt" | head -60
     python3 scripts/profile_kernels.py
     ;;
   *)
