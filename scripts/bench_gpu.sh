@@ -152,8 +152,21 @@ PY
       "$out/ncu-depth.txt" | head -60
     python3 scripts/profile_kernels.py
     ;;
+  probe)
+    # A short call: the ring attention kernel's check, then Nsight Compute on the depth step
+    # kernel alone (stall reasons). Right after `stage`.
+    install
+    timeout ${RING_TIMEOUT:-100} python3 scripts/check_fused_kernels.py --ring 2>&1 | tee "$out/ring.txt" || true
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    PARLEY_UNDER_PROFILER=1 PARLEY_PROFILE_ONLY=depth timeout ${NCU_TIMEOUT:-120} "$ncu" --clock-control none \
+      -k regex:parley_depth_step --section SpeedOfLight --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+      python3 scripts/profile_kernels.py > "$out/ncu-depth.txt" 2>&1 || true
+    grep -iE "duration|stall|warp cycles|throughput|achieved occupancy|registers per|block limit" \
+      "$out/ncu-depth.txt" | head -60
+    ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|explore|variants|fused|ncu" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

@@ -586,6 +586,8 @@ def main() -> None:
     ap.add_argument("--products", action="store_true",
                     help="the products only: 4-bit and tiny float32 numerics, attention and "
                          "product timings (no step kernel)")
+    ap.add_argument("--ring", action="store_true",
+                    help="only the ring attention kernel: numerics, then its timing beside MLX's")
     ap.add_argument("--depth-only", action="store_true",
                     help="with --quick: only the depth step kernel (numerics, frame timings)")
     args = ap.parse_args()
@@ -604,6 +606,13 @@ def main() -> None:
             print("  " + line)
         return sum(line.startswith("FAIL") for line in lines)
 
+    if args.ring:
+        fails += report("ring attention bf16, 7B shape", check_ring_attention(mx.bfloat16, 32, 128, 2999))
+        fails += report("ring attention float32, tiny shape", check_ring_attention(mx.float32, 4, 16, 7))
+        for line in ceilings_and_attention()[1:]:
+            print(line, flush=True)
+        print("numerics:", "all ok" if not fails else f"{fails} FAILED")
+        return
     if args.products:
         for bits, dtype, dims, name in ((4, mx.bfloat16, seven_b, "7B temporal"),
                                         (8, mx.bfloat16, seven_b, "7B temporal"),

@@ -68,6 +68,8 @@ def main() -> None:
         return dep.step_kernel(k, x, tok, kvs[:k])[0]
 
     if profiled:  # a few of each, evaluated one by one, for the profiler's table
+        if os.environ.get("PARLEY_PROFILE_ONLY") == "depth":
+            cases = {}
         for name, fn in cases.items():
             for _ in range(3):
                 mx.eval(fn(x))
