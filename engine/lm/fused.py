@@ -532,8 +532,8 @@ _ATTN = r"""
 # CL, LPR (lanes a key row), NT (threads a block). Block (h, c) scores the query of head h against
 # the slots of chunk c that hold keys (meta = [slot, n]: the new position's slot and the number of
 # slots to attend, the new one included; the new key and value come from k and v, not the ring,
-# whose slot still holds an old one) in one pass with an online softmax (keys and values loaded
-# together), keeps its softmax partials (max, sum, weighted values) in `part`, and the last block of head h to finish (a counter in `cnt`, zeroed again by that block)
+# whose slot still holds an old one), keeps its softmax partials (max, sum, weighted values) in
+# `part`, and the last block of head h to finish (a counter in `cnt`, zeroed again by that block)
 # combines them into head h's output. The blocks holding the new slot write k and v into the
 # ring in place: the ring arrays come in as inputs, but no kernel reads them at the same time (the
 # next reader is the next frame's kernel for this layer).
@@ -542,8 +542,9 @@ _RING_ATTN = r"""
   constexpr int DPL = HD / LPR;        // values of a row a lane holds
   constexpr int SPW = 32 / LPR;        // rows a warp takes at a time
   constexpr int NW = NT / 32;
-  constexpr int U = 8;                 // rows of keys and of values a lane loads before using any
-  __shared__ float ml_s[NW * 2];
+  constexpr int U = 8;                 // rows a lane loads before using any
+  __shared__ float sc[CL];
+  __shared__ float red[32];
   __shared__ float acc_s[NW * HD];
   __shared__ int last_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -564,86 +565,86 @@ _RING_ATTN = r"""
   }
   float qv[DPL];
   load_row<T, DPL>(q + h * HD + li * DPL, qv);
-  // One pass with an online softmax: each group of LPR lanes keeps (m, l, o) over its rows, U rows
-  // of keys and values loaded at once (the new slot's from k and v).
-  float m = -3.0e38f, l = 0.f, o[DPL];
-#pragma unroll
-  for (int i = 0; i < DPL; ++i) o[i] = 0.f;
+  // Scores of this chunk's rows (U rows a lane in flight; the new slot from k).
   for (int base = j0 + warp * SPW; base < j1; base += NW * SPW * U) {
-    float kv[U][DPL], vv[U][DPL];
+    float kv[U][DPL];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NW * SPW + sub;
       if (j < j1) {
         load_row<T, DPL>((j == slot ? kn : kr + (size_t)j * HD) + li * DPL, kv[u]);
-        load_row<T, DPL>((j == slot ? vn : vr + (size_t)j * HD) + li * DPL, vv[u]);
       } else {
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) kv[u][i] = vv[u][i] = 0.f;
+        for (int i = 0; i < DPL; ++i) kv[u][i] = 0.f;
       }
     }
-    float sc[U];
-    float mb = m;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
+      const int j = base + u * NW * SPW + sub;
       float part = 0.f;
 #pragma unroll
       for (int i = 0; i < DPL; ++i) part = fmaf(qv[i], kv[u][i], part);
 #pragma unroll
-      for (int off = LPR / 2; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-      const int j = base + u * NW * SPW + sub;
-      sc[u] = j < j1 ? part * {scale}f : -3.0e38f;
-      mb = fmaxf(mb, sc[u]);
+      for (int o = LPR / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (li == 0 && j < j1) sc[j - j0] = part * {scale}f;
     }
-    const float corr = expf(m - mb);
-    l *= corr;
+  }
+  __syncthreads();
+  // Softmax partials of the chunk: m = max score, l = sum of exp(score - m).
+  float m = -3.0e38f;
+  for (int i = tid; i < j1 - j0; i += NT) m = fmaxf(m, sc[i]);
+  m = warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  m = -3.0e38f;
+  for (int i = 0; i < NW; ++i) m = fmaxf(m, red[i]);
+  __syncthreads();
+  float l = 0.f;
+  for (int i = tid; i < j1 - j0; i += NT) {
+    const float p = expf(sc[i] - m);
+    sc[i] = p;
+    l += p;
+  }
+  l = block_sum(l, red);
+  // Weighted values: lane li of row sub holds values li*DPL .. of the rows it takes.
+  float o[DPL];
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) o[i] *= corr;
+  for (int i = 0; i < DPL; ++i) o[i] = 0.f;
+  for (int base = j0 + warp * SPW; base < j1; base += NW * SPW * U) {
+    float vv[U][DPL];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * NW * SPW + sub;
+      if (j < j1) load_row<T, DPL>((j == slot ? vn : vr + (size_t)j * HD) + li * DPL, vv[u]);
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NW * SPW + sub;
       if (j < j1) {
-        const float p = expf(sc[u] - mb);
-        l += p;
+        const float p = sc[j - j0];
 #pragma unroll
         for (int i = 0; i < DPL; ++i) o[i] = fmaf(p, vv[u][i], o[i]);
       }
     }
-    m = mb;
   }
-  // Merge the row groups of a warp (lanes li of every group hold the same values' sums)...
+  // Sum over the rows a warp holds at once, then over the warps.
 #pragma unroll
-  for (int off = 16; off >= LPR; off >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-    const float l2 = __shfl_xor_sync(0xffffffffu, l, off);
-    const float mm = fmaxf(m, m2);
-    const float a = expf(m - mm), b = expf(m2 - mm);
-    l = l * a + l2 * b;
+  for (int i = 0; i < DPL; ++i) {
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) o[i] = o[i] * a + __shfl_xor_sync(0xffffffffu, o[i], off) * b;
-    m = mm;
+    for (int off = 16; off >= LPR; off >>= 1) o[i] += __shfl_xor_sync(0xffffffffu, o[i], off);
   }
-  // ... then the warps, into this chunk's partials (max, sum, weighted values).
   if (sub == 0) {
 #pragma unroll
     for (int i = 0; i < DPL; ++i) acc_s[warp * HD + li * DPL + i] = o[i];
-    if (li == 0) { ml_s[2 * warp] = m; ml_s[2 * warp + 1] = l; }
   }
   __syncthreads();
-  float mc = -3.0e38f;
-  for (int w = 0; w < NW; ++w) mc = fmaxf(mc, ml_s[2 * w]);
   float* pp = part + (size_t)blockIdx.x * (HD + 2);
   for (int d = tid; d < HD; d += NT) {
     float t = 0.f;
-    for (int w = 0; w < NW; ++w) t += acc_s[w * HD + d] * expf(ml_s[2 * w] - mc);
+    for (int w = 0; w < NW; ++w) t += acc_s[w * HD + d];
     pp[2 + d] = t;
   }
-  if (tid == 0) {
-    float lc = 0.f;
-    for (int w = 0; w < NW; ++w) lc += ml_s[2 * w + 1] * expf(ml_s[2 * w] - mc);
-    pp[0] = mc;
-    pp[1] = lc;
-  }
+  if (tid == 0) { pp[0] = m; pp[1] = l; }
   __threadfence();
   __syncthreads();
   unsigned int* count = const_cast<unsigned int*>(cnt) + h;
