@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from engine.lm import depth_kernel, fused  # noqa: E402
 from engine.lm.layers import Linear, gated_ffn, merge_heads, rms_norm_f32, split_heads  # noqa: E402
@@ -388,6 +389,67 @@ def check_ring_attention(dtype, heads: int, hd: int, slots: int) -> list[str]:
     return lines
 
 
+def sample_oracle(x: np.ndarray, noise: np.ndarray, k: int) -> int:
+    """What engine/lm/sample_kernel.py must return (module docstring): the exactly-k candidates
+    (every x above the k-th largest, then the lowest-index ones equal to it), argmax of x + noise
+    over them, lowest index on ties."""
+    V = x.shape[0]
+    cand = np.ones(V, dtype=bool)
+    if 0 < k < V:
+        thr = np.sort(x)[::-1][k - 1]
+        above = x > thr
+        equal = np.flatnonzero(x == thr)[: k - int(above.sum())]
+        cand = above.copy()
+        cand[equal] = True
+    s = np.where(cand, x + noise, -np.inf)
+    return int(np.flatnonzero(s == s.max())[0])
+
+
+def check_sampler() -> list[str]:
+    """sample_kernel.sample_topk against sample_oracle, exactly, on random logits (some with many
+    ties at the threshold, as bf16 logits have), for the text and audio vocabularies, plus the
+    forced-token output; then its distribution against softmax over the top-k (one logits
+    vector, 4000 draws, total variation distance)."""
+    from engine.lm import sample_kernel
+    lines = []
+    rng = np.random.default_rng(0)
+    for dtype, V, k, temp in ((mx.bfloat16, 2048, 250, 0.8), (mx.bfloat16, 32000, 25, 0.7),
+                              (mx.float32, 64, 0, 1.0), (mx.bfloat16, 2048, 2048, 0.8)):
+        bad = 0
+        for trial in range(20):
+            scale = 0.05 if trial % 2 else 3.0  # small: coarse bf16 values, many ties
+            logits = mx.array(rng.standard_normal(V) * scale).astype(dtype)
+            noise = mx.random.gumbel((V,), key=mx.random.key(trial))
+            forced = mx.array([[trial % 3 == 0, 7]] * 4, dtype=mx.int32)
+            tok, cond = sample_kernel.sample_topk(logits, noise, temp, k, forced, 2)
+            mx.eval(tok, cond)
+            x = np.array(logits.astype(mx.float32)) / np.float32(temp)
+            want = sample_oracle(x.astype(np.float32), np.array(noise), k)
+            want_cond = 7 if trial % 3 == 0 else want
+            bad += int(tok.item() != want or cond.item() != want_cond)
+        lines.append(f"{'ok  ' if bad == 0 else 'FAIL'} sampler {str(dtype):14s} V={V:5d} k={k:4d}: "
+                     f"{20 - bad}/20 draws equal the oracle")
+    V, k, temp, n = 2048, 250, 0.8, 4000
+    logits = mx.array(rng.standard_normal(V) * 2.0).astype(mx.bfloat16)
+    forced = mx.zeros((1, 2), dtype=mx.int32)
+    noise = mx.random.gumbel((n, V), key=mx.random.key(123))
+    toks = [sample_kernel.sample_topk(logits, noise[i], temp, k, forced, 0)[0] for i in range(n)]
+    counts = np.bincount(np.array(mx.stack(toks)), minlength=V) / n
+    x = np.array(logits.astype(mx.float32)) / temp
+    top = np.argsort(-x)[:k]
+    p = np.zeros(V)
+    p[top] = np.exp(x[top] - x[top].max())
+    p /= p.sum()
+    tv = 0.5 * np.abs(counts - p).sum()
+    # The same number of exact draws from p lands ~0.08 away by chance alone (numpy, 3 seeds:
+    # 0.076-0.084); a wrong temperature or top-k lands far beyond 0.12.
+    ref = np.bincount(rng.choice(V, size=n, p=p), minlength=V) / n
+    tv_ref = 0.5 * np.abs(ref - p).sum()
+    lines.append(f"{'ok  ' if tv < 0.12 else 'FAIL'} sampler distribution: total variation "
+                 f"{tv:.3f} from softmax over the top {k} ({n} draws; exact draws: {tv_ref:.3f})")
+    return lines
+
+
 def wall_per_call(fn, x, n: int = 40, reps: int = 5) -> float:
     """Wall µs per call of a compiled chain of n dependent calls of fn (y = fn(y)), so each waits
     for the last: what a call costs inside a frame, launch gaps included."""
@@ -503,15 +565,17 @@ def _captured(fn) -> tuple[dict, dict]:
             return [mx.zeros(sh, dtype=dt) for sh, dt in zip(ckw["output_shapes"], ckw["output_dtypes"])]
         return call
 
+    from engine.lm import sample_kernel
+    caches = (fused._kernel, depth_kernel._kernel, sample_kernel._kernel)
     mx.fast.cuda_kernel = capture
-    fused._kernel.cache_clear()
-    depth_kernel._kernel.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     try:
         fn()
     finally:
         mx.fast.cuda_kernel = orig
-        fused._kernel.cache_clear()
-        depth_kernel._kernel.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
     return calls[0]
 
 
@@ -553,6 +617,12 @@ def _product_sources() -> list[tuple[str, str]]:
                                         mx.zeros((heads,), dtype=mx.uint32), 0.125)
         kw, ckw = _captured(ring)
         out.append((f"ring attention {dtype} hd={hd} S={slots}", _mlx_like_source(kw, ckw)))
+    from engine.lm import sample_kernel
+    for dtype, V, k in ((mx.bfloat16, 2048, 250), (mx.bfloat16, 32000, 25), (mx.float32, 64, 0)):
+        forced = mx.zeros((9, 2), dtype=mx.int32)
+        kw, ckw = _captured(lambda: sample_kernel.sample_topk(
+            mx.zeros((V,), dtype=dtype), mx.zeros((V,)), 0.8, k, forced, 3))
+        out.append((f"top-k sampler {dtype} V={V} k={k}", _mlx_like_source(kw, ckw)))
     return out
 
 
@@ -586,6 +656,9 @@ def main() -> None:
     ap.add_argument("--products", action="store_true",
                     help="the products only: 4-bit and tiny float32 numerics, attention and "
                          "product timings (no step kernel)")
+    ap.add_argument("--sampler", action="store_true",
+                    help="only the top-k sampler kernel: exact draws against an oracle, and its "
+                         "distribution")
     ap.add_argument("--ring", action="store_true",
                     help="only the ring attention kernel: numerics, then its timing beside MLX's")
     ap.add_argument("--depth-only", action="store_true",
@@ -606,6 +679,10 @@ def main() -> None:
             print("  " + line)
         return sum(line.startswith("FAIL") for line in lines)
 
+    if args.sampler:
+        fails += report("top-k sampler (engine/lm/sample_kernel.py)", check_sampler())
+        print("numerics:", "all ok" if not fails else f"{fails} FAILED")
+        return
     if args.ring:
         fails += report("ring attention bf16, 7B shape", check_ring_attention(mx.bfloat16, 32, 128, 2999))
         fails += report("ring attention float32, tiny shape", check_ring_attention(mx.float32, 4, 16, 7))

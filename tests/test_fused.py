@@ -67,6 +67,7 @@ def _fake_cuda_kernels(monkeypatch, made: dict) -> None:
             assert len(output_shapes) == len(kw["output_names"]) == len(output_dtypes)
             names = dict(template)
             needed = (("T", "HD", "S", "C", "CL", "LPR", "NT") if "_ring_attn_" in kw["name"]
+                      else ("T", "V", "TOPK", "NT", "J") if "_sample_topk_" in kw["name"]
                       else ("T", "BITS", "K", "N", "GROUP", "RW"))
             for name in needed:
                 assert name in names

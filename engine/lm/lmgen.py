@@ -75,6 +75,7 @@ import numpy as np
 from engine.config import LMGenConfig
 from engine.mxops import at
 
+from . import sample_kernel
 from .model import LMModel
 from .sampling import AUDIO_DEFAULT, TEXT_DEFAULT, SamplingParams, sample
 
@@ -303,15 +304,34 @@ class LMGen:
         rule, greedy, keep, path = self.reference, self.greedy, self.keep_audio_logits, self.depth_path
         tp, ap = self.text_params, self.audio_params
 
+        # One kernel a token for the top-k draw (engine/lm/sample_kernel.py, opt-in), its Gumbel
+        # noise drawn once per frame; greedy draws keep the argmax.
+        one_kernel = sample_kernel.enabled() and not greedy
+
         def frame(hn, mask, vals, key):
             keys = [None] * (K + 1)
             if not greedy:
                 split = mx.random.split(key, K + 1)
                 keys = [at(split, j) for j in range(K + 1)]
             text_logits = model.text_logits(hn)[0, 0]
-            t = sample(text_logits, tp, keys[0], greedy)
+            forced = sample_kernel.forced_pairs(mask, vals) if one_kernel else None
+            audio_noise = []  # [K, card] Gumbel noise for the depth steps, made on first use
+
+            def draw(logits, params, j, noise):
+                """Token j of the frame -> (sampled, the token conditioning the next step)."""
+                if one_kernel and not params.greedy:
+                    return sample_kernel.sample_topk(logits, noise(), params.temp, params.top_k,
+                                                     forced, j)
+                tok = sample(logits, params, keys[j], greedy)
+                return tok, mx.where(at(mask, j), at(vals, j), tok)
+
+            def audio_row(j):
+                if not audio_noise:
+                    audio_noise.append(mx.random.gumbel((K, model.cfg.card), key=keys[1]))
+                return at(audio_noise[0], j)
+
+            t, prev = draw(text_logits, tp, 0, lambda: mx.random.gumbel(text_logits.shape, key=keys[0]))
             toks, logits_all = [t], []
-            prev = mx.where(at(mask, 0), at(vals, 0), t)
             cache = dep.new_cache()
             kvs = []  # with the step kernel: each step's keys and values
             for j in range(K):
@@ -322,10 +342,9 @@ class LMGen:
                 else:
                     logits = dep.step(j, hn, prev.reshape(1, 1), cache, rule,
                                       path == "fused")[0, 0]
-                a = sample(logits, ap, keys[j + 1], greedy)
+                a, prev = draw(logits, ap, j + 1, lambda: audio_row(j))
                 toks.append(a)
                 logits_all.append(logits)
-                prev = mx.where(at(mask, j + 1), at(vals, j + 1), a)
             out = [mx.stack(toks), text_logits]
             if keep:
                 out.append(mx.stack(logits_all))
