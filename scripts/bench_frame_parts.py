@@ -49,6 +49,49 @@ def timed_stage(build, frames: int) -> dict:
             "total_ms": p50([x + y + z for x, y, z in zip(b, h, w)])}
 
 
+def compare_options(engine, mic, frames: int) -> dict:
+    """Whole frames over a full attention window under each opt-in speed path and the defaults,
+    interleaved frame by frame in this process -> {variant: p50/p95/max ms}."""
+    from engine.lm import sample_kernel
+    gen, model = engine.gen, engine.gen.model
+    gen.kv.end += gen.kv.slots
+    engine.stage_sample_every = 0
+    variants = {"defaults": set(), "early submit": {"early"}, "one-kernel sampling": {"sampling"},
+                "ring attention": {"ring"}, "all three": {"early", "sampling", "ring"}}
+    if not model.temporal.use_fused or not model.temporal.can_attend_fused(
+            model.cfg.dim // model.cfg.num_heads):
+        variants = {k: v for k, v in variants.items() if "ring" not in v}
+    built = {}
+    for want in (False, True):  # the frame function with and without the one-kernel draws
+        os.environ["PARLEY_FUSED_SAMPLING"] = "1" if want else "0"
+        built[want] = gen._make_frame() if (sample_kernel.enabled() or not want) else None
+    os.environ.pop("PARLEY_FUSED_SAMPLING")
+    variants = {k: v for k, v in variants.items() if "sampling" not in v or built[True]}
+
+    def use(opts):
+        gen.early_submit = "early" in opts
+        gen._frame = built["sampling" in opts]
+        model.temporal.ring_attention = "ring" in opts
+
+    def frame_ms():
+        t = time.perf_counter()
+        engine.step(mic())
+        return (time.perf_counter() - t) * 1e3
+
+    for opts in variants.values():  # warm-up: compiles each variant's kernels
+        use(opts)
+        for _ in range(3):
+            frame_ms()
+    times = {name: [] for name in variants}
+    for _ in range(frames):
+        for name, opts in variants.items():
+            use(opts)
+            times[name].append(frame_ms())
+    use(set())
+    return {name: {"p50_ms": p50(t), "p95_ms": round(float(np.percentile(t, 95)), 3),
+                   "max_ms": round(max(t), 3)} for name, t in times.items()}
+
+
 def main() -> None:
     from engine.bench import random_full_size_engine
     from engine.personas import Persona
@@ -57,6 +100,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=50)
     ap.add_argument("--quantize", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
+    ap.add_argument("--options", action="store_true",
+                    help="only whole frames under the opt-in speed paths (early submit, one-kernel "
+                         "sampling, ring attention, all three) against the defaults, interleaved")
     ap.add_argument("--temporal", action="store_true",
                     help="only the temporal stage (MLX operations vs fused kernels) and whole "
                          "frames with and without the fused temporal step")
@@ -83,6 +129,10 @@ def main() -> None:
         for _ in range(10):
             engine.step(mic())
         result = {"load_s": round(load_s, 1), "prefill_s": round(prefill_s, 1)}
+        if args.options:
+            result["frames"] = compare_options(engine, mic, args.frames)
+            print(json.dumps(result, indent=1))
+            return
 
         mimi, gen, model = engine.mimi, engine.gen, engine.gen.model
         codes8 = mx.zeros((8,), mx.int32)

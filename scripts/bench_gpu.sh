@@ -152,6 +152,13 @@ PY
       "$out/ncu-depth.txt" | head -60
     python3 scripts/profile_kernels.py
     ;;
+  options)
+    # Next session's first call: the top-k sampler kernel's checks, then whole 4-bit frames under
+    # each opt-in speed path against the defaults in one process. Right after `stage`.
+    install
+    timeout ${CHECK_TIMEOUT:-150} python3 scripts/check_fused_kernels.py --sampler 2>&1 | tee "$out/sampler.txt" || true
+    timeout ${PARTS_TIMEOUT:-420} python3 scripts/bench_frame_parts.py --options "$@" | tee "$out/options.json"
+    ;;
   probe)
     # A short call: the ring attention kernel's check, then Nsight Compute on the depth step
     # kernel alone (stall reasons). Right after `stage`.
@@ -166,7 +173,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|options|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

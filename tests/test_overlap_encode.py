@@ -97,3 +97,28 @@ def test_the_frame_path_names_the_overlap(tiny_dir):
     assert engine.frame_path == ""  # this CPU: plain MLX operations
     engine.overlap_encode = True
     assert engine.frame_path == "encode overlapped"
+
+
+def test_early_submit_gives_the_same_frames(tiny_dir, monkeypatch):
+    """PARLEY_EARLY_SUBMIT=1 hands the temporal step and the depth chain to the device as they
+    are built (mx.async_eval, no barrier): sampled frames (seeded) stay exactly those of the
+    one-barrier engine, with the encode overlapped too."""
+    rng = np.random.default_rng(3)
+    pcm = (0.1 * rng.standard_normal((24, 1920))).astype(np.float32)
+    persona = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
+    plain = DuplexEngine.load(str(tiny_dir), seed=5)
+    monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "1")
+    early = DuplexEngine.load(str(tiny_dir), seed=5)
+    assert early.gen.early_submit and not plain.gen.early_submit
+    early.overlap_encode = True
+    calls = []
+    import mlx.core as mx
+    real = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (calls.append(len(a)), real(*a))[1])
+    a = _frames(plain, persona, pcm, 12)
+    b = _frames(early, persona, pcm, 12)
+    assert len(calls) >= 2 * 24 - 2 * 24 // plain.stage_sample_every - 4  # two a frame, live
+    for (ta, pa, ua), (tb, pb, ub) in zip(a, b):
+        np.testing.assert_array_equal(ta, tb)
+        np.testing.assert_array_equal(ua, ub)
+        np.testing.assert_allclose(pa, pb, atol=1e-6)

@@ -105,6 +105,11 @@ class LMGen:
             raise ValueError(f"reference must be 'nvidia' or 'kyutai', got {reference!r}")
         self.kv = model.new_kv(self.reference)
         self.compile = compile
+        # A live frame hands the temporal step (and then the depth chain) to the device as soon as
+        # it is built (`mx.async_eval`, no wait), so the device starts while Python builds the
+        # rest of the frame; the frame keeps its one barrier. Opt-in (PARLEY_EARLY_SUBMIT=1) until
+        # measured on a GPU: on the CPU backend the stages share the same cores.
+        self.early_submit = os.environ.get("PARLEY_EARLY_SUBMIT") == "1"
         # The depth transformer's CUDA kernels where they can run: one kernel per step
         # (engine/lm/depth_kernel.py), else four fused kernels per layer (engine/lm/fused.py).
         self._depth_path = self._best_depth_path()
@@ -497,6 +502,8 @@ class LMGen:
             mx.eval(hn, *self.kv.arrays())
             t2 = clock()
             timings["temporal"] = (t2 - t1) * 1000
+        elif self.early_submit:
+            mx.async_eval(hn, *self.kv.arrays())
         slot = self._claim(s)
         forced_s = self._forced[:, slot]
         tok_s = self._tok[:, slot]
@@ -511,6 +518,8 @@ class LMGen:
             mx.eval(sampled, *outs[2:])
             t3 = clock()
             timings["depth"] = (t3 - t2) * 1000
+        elif self.early_submit:
+            mx.async_eval(sampled, text_logits, *outs[2:])
         # The emitted frame s-1: delay-0 channels from position s-1 (host), delayed ones from
         # position s (forced, or this step's samples).
         n = self.cfg.n_q // 2
