@@ -246,17 +246,17 @@ def test_ring_attention_lays_rows_over_lanes():
 
 
 def test_the_fused_ring_attention_fits_the_temporal_step(tiny_dir, monkeypatch):
-    """PARLEY_RING_ATTENTION=1 on the fused temporal step: each layer's attention is one
-    ring_attn kernel given the ring arrays themselves (written in place, so the ring keeps its
-    arrays) and the step's [slot, n]; the warm-up builds it on a throwaway ring (kernels stood
-    in for)."""
+    """PARLEY_RING_ATTENTION=1 on the fused temporal step: the whole step is one compiled call
+    whose layers each take one ring_attn kernel given that layer's ring (written in place, so the
+    ring keeps its arrays: no slice updates) and the step's [slot, n]; the warm-up builds the
+    kernel on a throwaway ring (kernels stood in for)."""
     from engine.duplex import DuplexEngine
     made, calls = {}, []
     _fake_cuda_kernels(monkeypatch, made)
     real = fused.ring_attention
 
     def spy(q, k, v, keys, values, meta, counters, scale):
-        calls.append((keys, values, np.array(meta).tolist()))
+        calls.append((keys.shape, values.shape, meta.shape, counters.shape))
         return real(q, k, v, keys, values, meta, counters, scale)
 
     monkeypatch.setattr(fused, "ring_attention", spy)
@@ -267,22 +267,30 @@ def test_the_fused_ring_attention_fits_the_temporal_step(tiny_dir, monkeypatch):
         model = gen.model
         assert model.temporal.use_fused and model.temporal.ring_attention
         model.temporal.warm_up(mx.zeros((1, 1, model.cfg.dim)), gen.kv)
-        assert len(calls) == 1 and calls[0][0] is not gen.kv.keys[0]  # a throwaway ring
+        traced = list(calls)  # a throwaway ring's kernel, then the whole step traced
         calls.clear()
         kv = gen.kv
         kv.end = kv.slots + 5  # a wrapped ring
-        rings = [(a, b) for a, b in zip(kv.keys, kv.values)]
-        hn = model.hidden(mx.zeros((1, 1, model.cfg.dim)), kv, compiled=True)
-        mx.eval(hn)
+        rings = list(kv.keys) + list(kv.values)
+        for _ in range(2):  # traced by the warm-up, so replayed: no Python call of the kernels
+            hn = model.hidden(mx.zeros((1, 1, model.cfg.dim)), kv, compiled=True)
+            mx.eval(hn)
     finally:
         fused._kernel.cache_clear()
-    assert len(calls) == model.cfg.num_layers
-    for i, (keys, values, meta) in enumerate(calls):
-        assert keys is rings[i][0] and values is rings[i][1]
-        assert meta == [5, kv.slots]
-    assert [(a, b) for a, b in zip(kv.keys, kv.values)] == rings  # no slice updates
-    assert kv.end == kv.slots + 6
+    ring = (1, model.cfg.num_heads, kv.slots, model.cfg.dim // model.cfg.num_heads)
+    assert traced[1:] == [(ring, ring, (2,), (model.cfg.num_heads,))] * model.cfg.num_layers
+    assert calls == []
+    assert all(a is b for a, b in zip(list(kv.keys) + list(kv.values), rings))  # no slice updates
+    assert kv.end == kv.slots + 7 and hn.shape == (1, 1, model.cfg.dim)
     assert any("_ring_attn_" in name for name in made)
+
+
+def test_the_step_meta_gives_the_slot_and_how_many_slots_to_attend():
+    from engine.lm.kv_ring import KVRing
+    kv = KVRing(2, 2, 4, context=8)  # "nvidia": 7 slots
+    for end, want in ((0, [0, 1]), (5, [5, 6]), (6, [6, 7]), (7, [0, 7]), (23, [2, 7])):
+        kv.end = end
+        assert np.array(kv.step_meta()).tolist() == want
 
 
 @cuda

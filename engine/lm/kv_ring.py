@@ -55,7 +55,7 @@ class KVRing:
         self.keys = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
         self.values = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
         self.end = 0
-        self._counters = None  # ring_attention's per-head counters (see attend_step_fused)
+        self._counters = None  # ring_attention's per-head counters (see `counters`)
 
     def arrays(self) -> list[mx.array]:
         return self.keys + self.values
@@ -79,21 +79,19 @@ class KVRing:
         return mx.fast.scaled_dot_product_attention(q, K, V, scale=scale)
 
     def step_meta(self) -> mx.array:
-        """[slot, n] of the new position at `self.end`, for `attend_step_fused`: its ring slot and
+        """[slot, n] of the new position at `self.end`, for `ring_attention`: its ring slot and
         how many slots it attends (the same for every layer of a step)."""
         pos, S = self.end, self.slots
         return mx.array([pos % S, pos + 1 if pos + 1 < S else S], dtype=mx.int32)
 
-    def attend_step_fused(self, layer: int, q: mx.array, k: mx.array, v: mx.array, scale: float,
-                          meta: mx.array) -> mx.array:
-        """`attend_step` as one CUDA kernel (engine/lm/fused.py `ring_attention`): the ring slot
-        is written in place by the kernel, so the ring arrays stay the same arrays."""
-        from . import fused
+    def counters(self) -> mx.array:
+        """The per-head counters engine/lm/fused.py's `ring_attention` needs (zeros; the kernel
+        leaves them zero). Its kernel writes the ring slot in place, so with it the ring arrays
+        stay the same arrays from step to step (Temporal.step_compiled)."""
         if self._counters is None:
             self._counters = mx.zeros((self.num_heads,), dtype=mx.uint32)
             mx.eval(self._counters)
-        return fused.ring_attention(q, k, v, self.keys[layer], self.values[layer], meta,
-                                    self._counters, scale)
+        return self._counters
 
     def attend_chunk(self, layer: int, q: mx.array, k: mx.array, v: mx.array, scale: float,
                      visibility: str = "step") -> mx.array:

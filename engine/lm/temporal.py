@@ -121,10 +121,34 @@ class Temporal:
         return first, joints, last
 
     def _compiled_step(self):
-        """(first, joints, last) for the current `use_fused`, made once each."""
+        """(first, joints, last) for the current `use_fused`, made once each (`_step_fns` also
+        keeps `_whole_step`'s function, under "whole")."""
         if self.use_fused not in self._step_fns:
             self._step_fns[self.use_fused] = self._make_step_fns()
         return self._step_fns[self.use_fused]
+
+    def _whole_step(self):
+        """With ring_attention: the whole one-position step as one compiled call of (x, offset,
+        meta, counters, *keys, *values), the ring attention included. Its kernel writes the ring
+        in place, so the rings are inputs like any other and no slice update splits the step:
+        one Python call a frame instead of two a layer."""
+        if "whole" not in self._step_fns:
+            first, joints, last = self._compiled_step()
+            n = len(self.layers)
+
+            def step(x, offset, meta, counters, *rings):
+                q, k, v = first(x, offset)
+                scale = attention_scale(q.shape[-1])
+                for i in range(n):
+                    a = fused.ring_attention(q, k, v, rings[i], rings[n + i], meta, counters, scale)
+                    if i + 1 < n:
+                        x, q, k, v = joints[i](x, a, offset)
+                    else:
+                        out = last(x, a)
+                return out
+
+            self._step_fns["whole"] = mx.compile(step)
+        return self._step_fns["whole"]
 
     def warm_up(self, x: mx.array, kv: KVRing | None = None) -> list[mx.array]:
         """Traces the compiled one-position step on throwaway inputs (x [1, 1, d]), touching no
@@ -141,6 +165,8 @@ class Temporal:
                 q, k, v, mx.zeros(shape, dtype=kv.dtype), mx.zeros(shape, dtype=kv.dtype),
                 mx.array([0, 1], dtype=mx.int32), mx.zeros((kv.num_heads,), dtype=mx.uint32),
                 attention_scale(q.shape[-1])))
+            # Trace the whole step too (never evaluated here: it would write the real ring).
+            self._whole_step()(x, offset, kv.step_meta(), kv.counters(), *kv.keys, *kv.values)
         for joint in joints:
             outs += joint(x, a, offset)
         outs.append(last(x, a))
@@ -148,17 +174,18 @@ class Temporal:
 
     def step_compiled(self, x: mx.array, kv: KVRing) -> mx.array:
         """One position ([1, 1, d]) with the compiled functions; same result as `__call__`."""
-        first, joints, last = self._compiled_step()
         offset = mx.array(kv.end, dtype=mx.int32)
+        if self.use_fused and self.ring_attention:
+            out = self._whole_step()(x, offset, kv.step_meta(), kv.counters(), *kv.keys,
+                                     *kv.values)
+            kv.advance(1)
+            return out
+        first, joints, last = self._compiled_step()
         q, k, v = first(x, offset)
         scale = attention_scale(q.shape[-1])
         n = len(self.layers)
-        meta = kv.step_meta() if self.use_fused and self.ring_attention else None
         for i in range(n):
-            if meta is not None:
-                a = kv.attend_step_fused(i, q, k, v, scale, meta)
-            else:
-                a = kv.attend_step(i, q, k, v, scale)
+            a = kv.attend_step(i, q, k, v, scale)
             if i + 1 < n:
                 x, q, k, v = joints[i](x, a, offset)
             else:
