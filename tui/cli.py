@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["tui", *argv]
     args = parser.parse_args(argv)
     command = args.command
+    # CUDA kernels compiled at run time are kept under ~/.cache, not /tmp (engine/kernel_cache.py).
+    from engine.kernel_cache import use_persistent_cache
+    use_persistent_cache()
     if getattr(args, "dtype", None) == "float32":
         # Asking for float32 means full float32: newer MLX otherwise runs float32 products as
         # TF32 where the hardware has it (Apple M5, NVIDIA). Read by MLX at its first product.

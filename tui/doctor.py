@@ -43,28 +43,43 @@ def _mlx_checks() -> list[Check]:
                                    "`pip install --force-reinstall parley`")]
     if info.gpu_backend:
         detail = f"{info.version}, default device {info.default_device} ({info.gpu_backend})"
-        return [Check("MLX", OK, detail), _frame_path_check()]
+        return [Check("MLX", OK, detail), _frame_path_check(), *_kernel_cache_check()]
     detail = (f"{info.version}, default device {info.default_device}: no GPU backend, so the 7B "
               "model will not run in real time here (use --model tiny, or a Mac with Apple silicon)")
     return [Check("MLX", WARN, detail), _frame_path_check()]
 
 
 def _frame_path_check() -> Check:
-    """How a live frame will run here: the depth transformer's fused CUDA kernels and the
-    overlapped encode are chosen by backend (docs/benchmarks.md)."""
+    """How a live frame will run here: the transformers' CUDA kernels and the overlapped encode
+    are chosen by backend (docs/benchmarks.md)."""
     import os
 
     from engine.duplex import default_overlap_encode
     from engine.lm import fused
     if fused.enabled():
-        depth = "depth transformer in fused CUDA kernels (PARLEY_FUSED=0 turns them off)"
+        temporal = ("temporal transformer in MLX operations (PARLEY_FUSED_TEMPORAL=0 is set)"
+                    if os.environ.get("PARLEY_FUSED_TEMPORAL") == "0"
+                    else "temporal transformer in fused CUDA kernels")
+        depth = ("depth transformer in CUDA kernels, one a step where the model allows "
+                 f"(PARLEY_FUSED=0 turns them all off); {temporal}")
     elif os.environ.get("PARLEY_FUSED") == "0":
-        depth = "depth transformer in MLX operations (PARLEY_FUSED=0 is set)"
+        depth = "transformers in MLX operations (PARLEY_FUSED=0 is set)"
     else:
-        depth = "depth transformer in MLX operations"
+        depth = "transformers in MLX operations"
     encode = ("Mimi's encode overlapped with the LM step" if default_overlap_encode()
               else "Mimi's encode before the LM step")
     return Check("Frame path", INFO, f"{depth}; {encode}")
+
+
+def _kernel_cache_check() -> list[Check]:
+    """Where compiled CUDA kernels are kept (set by the `parley` command; engine/kernel_cache.py)."""
+    from engine.kernel_cache import describe
+    from engine.lm import fused
+    where = describe()
+    if not fused.enabled() or where is None:
+        return []
+    return [Check("Kernel cache", INFO, f"{where}; the first prefill after it is emptied takes "
+                                        "1-2 minutes to compile")]
 
 
 def _audio_checks() -> list[Check]:
