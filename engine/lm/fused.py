@@ -771,7 +771,7 @@ def _weights(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:
 def _template(lin: Linear, dtype: mx.Dtype, rw: int, **extra) -> list:
     n, k = _shape(lin)
     t = [("T", dtype), ("BITS", lin.bits if lin.quantized else 0), ("K", k), ("N", n),
-         ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw), ("NT", WARPS * 32),
+         ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw),
          ("WL", WEIGHT_LOADS)]
     return t + list(extra.items())
 
