@@ -61,7 +61,7 @@ for bits in (4, 8):
     split = ", ".join(f"{k} {st[k]['p50_ms']:.2f}" for k in ("encode", "temporal", "depth", "decode"))
     tot = st["total"]["p50_ms"]
     print(f"parley {bits}-bit full frame: p50 {tot:.2f} ms, p95 {st['total']['p95_ms']:.2f} ms ({split}); "
-          f"peak {d['peak_memory_gb']:.2f} GB; depth {d.get('depth_path')}, temporal fused {d.get('temporal_fused')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
+          f"peak {d['peak_memory_gb']:.2f} GB (model {d.get('model_memory_gb', 0):.2f}, ring {d.get('kv_ring_gb', 0):.2f}); depth {d.get('depth_path')}, temporal fused {d.get('temporal_fused')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
 PY
     ;;
   variants)

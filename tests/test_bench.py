@@ -82,3 +82,21 @@ def test_bench_says_how_the_frame_ran_and_overlap_follows_the_flag(tiny_dir, cap
     assert seen == {(): default_overlap_encode(), ("--overlap-encode",): True,
                     ("--no-overlap-encode",): False}
     assert default_overlap_encode() is False
+
+
+def test_bench_reports_the_model_and_the_ring_beside_the_peak(tiny_dir, capsys):
+    """Memory as issue 8 states its targets: what the loaded model holds (at least the LM's own
+    weights), the KV ring the conversation adds, and the running peak above both."""
+    from engine.bench import BenchResult, run_bench
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+
+    engine = DuplexEngine.load(str(tiny_dir), greedy=True)
+    data = run_bench(engine, Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"),
+                     frames=2, warmup=1).data
+    ring = sum(a.nbytes for a in engine.gen.kv.arrays()) / 1e9
+    assert abs(data["kv_ring_gb"] - ring) < 1e-12 and ring > 0
+    assert engine.lm.nbytes() / 1e9 <= data["model_memory_gb"] < data["peak_memory_gb"]
+    assert data["peak_memory_gb"] >= data["model_memory_gb"] + ring
+    line = [s for s in BenchResult(data).summary_lines() if s.startswith("Peak memory")][0]
+    assert "the model after loading" in line and "the KV ring" in line
