@@ -45,9 +45,10 @@ _SOURCE = r"""
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // x and its order-preserving key are recomputed from the logits (L1-resident) on every pass
   // rather than held: a vocabulary of 32000 would need more registers than a block has.
-  auto x_at = [&](int i) { return to_f(logits[i]) / {temp}f; };
+  // Round-to-nearest division whatever the compiler's math flags: x must equal `sample`'s.
+  auto x_at = [&](int i) { return __fdiv_rn(to_f(logits[i]), {temp}f); };
   auto key_of = [](float f) {
-    const unsigned int b = __float_as_uint(f);
+    const unsigned int b = f == 0.0f ? 0u : __float_as_uint(f);  // -0 and +0: one key
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   };
   // The key of the TOPK-th largest x, and how many entries equal to it are candidates.
