@@ -395,6 +395,39 @@ def check_ring_attention(dtype, heads: int, hd: int, slots: int) -> list[str]:
     return lines
 
 
+def check_split_identity() -> list[str]:
+    """PARLEY_GEMV_SPLIT's products (x taken 16 bytes at a time) against the plain ones: the same
+    sums in the same order, so equal bit for bit, at 4 and 8 bits, with and without the norm."""
+    lines = []
+    for bits in (4, 8):
+        d, h, key = 4096, 11264, iter(range(100, 200))
+        x = mx.random.normal((1, 1, d), key=mx.random.key(next(key))).astype(mx.bfloat16)
+        alpha = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(next(key)))).astype(mx.float32)
+        sq, big = make_linear(d, d, bits, mx.bfloat16, next(key)), make_linear(2 * h, d, bits, mx.bfloat16, next(key))
+        down, qkvl = make_linear(d, h, bits, mx.bfloat16, next(key)), make_linear(3 * d, d, bits, mx.bfloat16, next(key))
+        mid = mx.random.normal((1, 1, h), key=mx.random.key(next(key))).astype(mx.bfloat16)
+        pos = mx.array([77], dtype=mx.int32)
+
+        def products():
+            return [fused.gemv(x, sq), fused.gemv(x, sq, alpha=alpha, res=x),
+                    fused.gemv_gated(x, alpha, big), fused.gemv(mid, down, res=x),
+                    *fused.qkv(x, alpha, qkvl, 32, pos)]
+
+        saved = fused.SPLIT_X
+        try:
+            fused.SPLIT_X = False
+            plain = products()
+            fused.SPLIT_X = True
+            split = products()
+            mx.eval(plain, split)
+        finally:
+            fused.SPLIT_X = saved
+        diff = max(float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max())
+                   for a, b in zip(plain, split))
+        lines.append(f"{'ok  ' if diff == 0 else 'FAIL'} split x == plain, {bits}-bit: max diff {diff:.2e}")
+    return lines
+
+
 def sample_oracle(x: np.ndarray, noise: np.ndarray, k: int) -> int:
     """What engine/lm/sample_kernel.py must return (module docstring): the exactly-k candidates
     (every x above the k-th largest, then the lowest-index ones equal to it), argmax of x + noise
@@ -594,10 +627,14 @@ def _product_sources() -> list[tuple[str, str]]:
     """Every fused.py kernel as MLX would build it for the engine's calls (captured from the real
     wrappers): the 7B temporal and depth shapes at 4 and 8 bits and bf16, and a tiny float32."""
     out = []
-    for bits, dtype, shapes in ((4, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16))),
-                                (8, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16))),
-                                (0, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16))),
-                                (0, mx.float32, ((64, 176, 4),))):
+    saved = fused.SPLIT_X
+    for bits, dtype, shapes, split in ((4, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16)), False),
+                                       (8, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16)), False),
+                                       (0, mx.bfloat16, ((4096, 11264, 32), (1024, 2816, 16)), False),
+                                       (0, mx.float32, ((64, 176, 4),), False),
+                                       (4, mx.bfloat16, ((4096, 11264, 32),), True),
+                                       (8, mx.bfloat16, ((4096, 11264, 32),), True)):
+        fused.SPLIT_X = split
         for d, h, heads in shapes:
             x = mx.zeros((1, 1, d), dtype=dtype)
             alpha = mx.ones((d,), dtype=mx.float32)
@@ -614,7 +651,9 @@ def _product_sources() -> list[tuple[str, str]]:
                               ("attn nkv=3", lambda: fused.attn_gemv(q, [q] * 3, [q] * 3, sq, x, heads, 0.125))):
                 kw, ckw = _captured(fn)
                 rw = dict(ckw["template"])["RW"]
-                out.append((f"{label} d={d} {dtype} BITS={bits} RW={rw}", _mlx_like_source(kw, ckw)))
+                out.append((f"{label} d={d} {dtype} BITS={bits} RW={rw}{' split' if split else ''}",
+                            _mlx_like_source(kw, ckw)))
+    fused.SPLIT_X = saved
     for dtype, heads, hd, slots in ((mx.bfloat16, 32, 128, 2999), (mx.float32, 4, 16, 7)):
         def ring():
             q = mx.zeros((1, heads, 1, hd), dtype=dtype)
@@ -663,8 +702,8 @@ def main() -> None:
                     help="the products only: 4-bit and tiny float32 numerics, attention and "
                          "product timings (no step kernel)")
     ap.add_argument("--sampler", action="store_true",
-                    help="only the top-k sampler kernel: exact draws against an oracle, and its "
-                         "distribution")
+                    help="only the opt-in kernels' checks: the top-k sampler (exact draws against "
+                         "an oracle, and its distribution) and PARLEY_GEMV_SPLIT == plain")
     ap.add_argument("--ring", action="store_true",
                     help="only the ring attention kernel: numerics, then its timing beside MLX's")
     ap.add_argument("--depth-only", action="store_true",
@@ -687,6 +726,8 @@ def main() -> None:
 
     if args.sampler:
         fails += report("top-k sampler (engine/lm/sample_kernel.py)", check_sampler())
+        fails += report("products taking x 16 bytes at a time (PARLEY_GEMV_SPLIT)",
+                        check_split_identity())
         print("numerics:", "all ok" if not fails else f"{fails} FAILED")
         return
     if args.ring:

@@ -231,7 +231,7 @@ def test_each_product_kernel_reads_x_directly_with_its_norm_flag(monkeypatch):
     norms = []
     for name, (kw, t) in made.items():
         assert "gemv_direct<" in kw["source"] and "stage_x" not in kw["source"]
-        assert t["WL"] == fused.WEIGHT_LOADS
+        assert t["WL"] == fused.WEIGHT_LOADS and t["SPLIT"] == fused.SPLIT_X
         norms.append(t.get("NORM"))
     assert sorted(map(str, norms)) == ["False", "None", "True", "True"]  # gated: NORM built in
 

@@ -50,6 +50,9 @@ WARPS = 8  # warps per block; each warp computes RW output rows at a time
 # 16-byte weight loads a lane of the direct-read products issues before using any (registers:
 # 4 each, plus a scale and a bias each when quantized). PARLEY_GEMV_LOADS overrides it, to measure.
 WEIGHT_LOADS = int(os.environ.get("PARLEY_GEMV_LOADS", "8"))
+# Experimental (PARLEY_GEMV_SPLIT=1, unmeasured): quantized products take x 16 bytes at a time,
+# the same sums in the same order with fewer registers (gemv_direct's SPLIT).
+SPLIT_X = os.environ.get("PARLEY_GEMV_SPLIT") == "1"
 # The fewest blocks a direct-read product is split into (rows per warp shrink until it is met).
 MIN_BLOCKS = int(os.environ.get("PARLEY_GEMV_BLOCKS", "256"))
 
@@ -315,7 +318,7 @@ __device__ __forceinline__ void load_chunk(const T* x, int v, bool aligned, floa
 // each lane takes the same 16-byte weight loads as gemv_rows (chunk v = lane + 32 * it) and sums
 // them in the same order. The weights are loaded WL 16-byte loads a lane at a time, the first
 // batch before the norm's pass over x so that the two overlap.
-template <typename T, int BITS, int K, int GROUP, int RW, bool NORM, int WL>
+template <typename T, int BITS, int K, int GROUP, int RW, bool NORM, int WL, bool SPLIT = false>
 __device__ __forceinline__ void gemv_direct(const T* x, const float* alpha, float eps,
                                             const void* wp, const T* scales, const T* biases,
                                             const int* rows, float* acc, int lane) {
@@ -363,6 +366,60 @@ __device__ __forceinline__ void gemv_direct(const T* x, const float* alpha, floa
         }
         rn = rsqrtf(warp_sum(ss) / (float)K + eps);
       }
+    }
+    if constexpr (SPLIT && BITS != 0) {
+      // The same sums in the same order, but x taken 16 bytes at a time (CHV values), so a lane
+      // keeps CHV values of x live instead of VPL (fewer registers: more warps an SM).
+      constexpr int CHV = 16 / (int)sizeof(T);
+      constexpr int PER = 32 / BITS;
+      constexpr uint32_t MASK = (1u << BITS) - 1u;
+#pragma unroll
+      for (int i = 0; i < CH; ++i) {
+        const int v = lane + 32 * (c0 + i);
+        if (c0 + i < ITERS && (KV % 32 == 0 || v < KV)) {
+          float s[RW], xsum = 0.f;
+#pragma unroll
+          for (int r = 0; r < RW; ++r) s[r] = 0.f;
+#pragma unroll
+          for (int pc = 0; pc < VPL / CHV; ++pc) {
+            float xv[CHV];
+            if (aligned) {
+              const uint4 u = __ldg(reinterpret_cast<const uint4*>(x) + v * (VPL / CHV) + pc);
+#pragma unroll
+              for (int j = 0; j < CHV; ++j) xv[j] = chunk_at<T>(u, j);
+            } else {
+#pragma unroll
+              for (int j = 0; j < CHV; ++j) xv[j] = to_f(x[v * VPL + pc * CHV + j]);
+            }
+            if constexpr (NORM) {
+              const float4* a4 = reinterpret_cast<const float4*>(alpha + v * VPL + pc * CHV);
+#pragma unroll
+              for (int j = 0; j < CHV / 4; ++j) {
+                const float4 a = __ldg(a4 + j);
+                xv[4 * j] = round_t<T>(xv[4 * j] * rn * a.x);
+                xv[4 * j + 1] = round_t<T>(xv[4 * j + 1] * rn * a.y);
+                xv[4 * j + 2] = round_t<T>(xv[4 * j + 2] * rn * a.z);
+                xv[4 * j + 3] = round_t<T>(xv[4 * j + 3] * rn * a.w);
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < CHV; ++j) xsum += xv[j];
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+              const uint32_t words[4] = {wq[r][i].x, wq[r][i].y, wq[r][i].z, wq[r][i].w};
+#pragma unroll
+              for (int j = 0; j < CHV; ++j) {
+                const int vi = pc * CHV + j;  // value index within the 16-byte weight load
+                const uint32_t qb = (words[vi / PER] >> (BITS * (vi % PER))) & MASK;
+                s[r] = fmaf(__uint_as_float(0x4B000000u | qb) - 8388608.0f, xv[j], s[r]);
+              }
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < RW; ++r) acc[r] += sc[r][i] * s[r] + bs[r][i] * xsum;
+        }
+      }
+      continue;
     }
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
@@ -416,8 +473,8 @@ _ROWS = r"""
 #pragma unroll
   for (int r = 0; r < RW; ++r) rows[r] = row0 + r;
   float acc[RW];
-  gemv_direct<T, BITS, K, GROUP, RW, NORM, WL>(x, {alpha}, {eps}f, w, scales, biases, rows, acc,
-                                               lane);
+  gemv_direct<T, BITS, K, GROUP, RW, NORM, WL, SPLIT>(x, {alpha}, {eps}f, w, scales, biases, rows,
+                                                      acc, lane);
 """
 
 _GEMV_EPI = r"""
@@ -440,8 +497,8 @@ _GATED = r"""
 #pragma unroll
   for (int r = 0; r < RW; ++r) { rows[r] = j0 + r; rows[RW + r] = HALF + j0 + r; }
   float acc[2 * RW];
-  gemv_direct<T, BITS, K, GROUP, 2 * RW, true, WL>(x, alpha, {eps}f, w, scales, biases, rows, acc,
-                                                   lane);
+  gemv_direct<T, BITS, K, GROUP, 2 * RW, true, WL, SPLIT>(x, alpha, {eps}f, w, scales, biases,
+                                                          rows, acc, lane);
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
     if (lane == r) {
@@ -772,7 +829,7 @@ def _template(lin: Linear, dtype: mx.Dtype, rw: int, **extra) -> list:
     n, k = _shape(lin)
     t = [("T", dtype), ("BITS", lin.bits if lin.quantized else 0), ("K", k), ("N", n),
          ("GROUP", lin.group_size if lin.quantized else 64), ("RW", rw),
-         ("WL", WEIGHT_LOADS)]
+         ("WL", WEIGHT_LOADS), ("SPLIT", SPLIT_X)]
     return t + list(extra.items())
 
 
