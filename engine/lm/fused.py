@@ -311,6 +311,21 @@ __device__ __forceinline__ void load_chunk(const T* x, int v, bool aligned, floa
   }
 }
 
+// xv[j] = T(xv[j] * r * alpha[j]) for N values (N a multiple of 4, alpha 16-byte aligned): the
+// RMSNorm as rms_norm_f32 stores it.
+template <typename T, int N>
+__device__ __forceinline__ void normalise(float* xv, const float* alpha, float r) {
+  const float4* a4 = reinterpret_cast<const float4*>(alpha);
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    const float4 a = __ldg(a4 + j);
+    xv[4 * j] = round_t<T>(xv[4 * j] * r * a.x);
+    xv[4 * j + 1] = round_t<T>(xv[4 * j + 1] * r * a.y);
+    xv[4 * j + 2] = round_t<T>(xv[4 * j + 2] * r * a.z);
+    xv[4 * j + 3] = round_t<T>(xv[4 * j + 3] * r * a.w);
+  }
+}
+
 // acc[r] = row rows[r] of W times x — with NORM, times T(rms_norm(x) * alpha), as stage_x makes
 // it — summed over the warp (every lane gets it). Unlike gemv_rows, x is read straight from
 // memory (L1 serves the block's other warps) instead of being staged by the whole block, so a
@@ -391,17 +406,7 @@ __device__ __forceinline__ void gemv_direct(const T* x, const float* alpha, floa
 #pragma unroll
               for (int j = 0; j < CHV; ++j) xv[j] = to_f(x[v * VPL + pc * CHV + j]);
             }
-            if constexpr (NORM) {
-              const float4* a4 = reinterpret_cast<const float4*>(alpha + v * VPL + pc * CHV);
-#pragma unroll
-              for (int j = 0; j < CHV / 4; ++j) {
-                const float4 a = __ldg(a4 + j);
-                xv[4 * j] = round_t<T>(xv[4 * j] * rn * a.x);
-                xv[4 * j + 1] = round_t<T>(xv[4 * j + 1] * rn * a.y);
-                xv[4 * j + 2] = round_t<T>(xv[4 * j + 2] * rn * a.z);
-                xv[4 * j + 3] = round_t<T>(xv[4 * j + 3] * rn * a.w);
-              }
-            }
+            if constexpr (NORM) normalise<T, CHV>(xv, alpha + v * VPL + pc * CHV, rn);
 #pragma unroll
             for (int j = 0; j < CHV; ++j) xsum += xv[j];
 #pragma unroll
@@ -427,17 +432,7 @@ __device__ __forceinline__ void gemv_direct(const T* x, const float* alpha, floa
       if (c0 + i < ITERS && (KV % 32 == 0 || v < KV)) {
         float xv[VPL];
         load_chunk<T, VPL>(x, v, aligned, xv);
-        if constexpr (NORM) {
-          const float4* a4 = reinterpret_cast<const float4*>(alpha + v * VPL);
-#pragma unroll
-          for (int j = 0; j < VPL / 4; ++j) {
-            const float4 a = __ldg(a4 + j);
-            xv[4 * j] = round_t<T>(xv[4 * j] * rn * a.x);
-            xv[4 * j + 1] = round_t<T>(xv[4 * j + 1] * rn * a.y);
-            xv[4 * j + 2] = round_t<T>(xv[4 * j + 2] * rn * a.z);
-            xv[4 * j + 3] = round_t<T>(xv[4 * j + 3] * rn * a.w);
-          }
-        }
+        if constexpr (NORM) normalise<T, VPL>(xv, alpha + v * VPL, rn);
         if constexpr (BITS != 0) {
           float xsum = 0.f;
 #pragma unroll
