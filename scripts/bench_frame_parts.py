@@ -58,7 +58,8 @@ def compare_options(engine, mic, frames: int) -> dict:
     engine.stage_sample_every = 0
     from engine.lm import fused
     variants = {"defaults": set(), "early submit": {"early"}, "one-kernel sampling": {"sampling"},
-                "ring attention": {"ring"}, "all three": {"early", "sampling", "ring"},
+                "ring attention": {"ring"}, "ring attention, chunks of 128": {"ring", "chunk128"},
+                "all three": {"early", "sampling", "ring"},
                 "products take x 16 bytes at a time": {"split"},
                 "... with 4 weight loads a lane": {"split", "loads4"}}
     if not model.temporal.use_fused or not model.temporal.can_attend_fused(
@@ -73,21 +74,23 @@ def compare_options(engine, mic, frames: int) -> dict:
 
     # The product variants are fixed when the temporal step is traced: one traced step each.
     steps = {}
-    saved = fused.SPLIT_X, fused.WEIGHT_LOADS
-    for split, loads in {(False, saved[1]), (True, saved[1]), (True, 4)}:
-        fused.SPLIT_X, fused.WEIGHT_LOADS = split, loads
+    saved = fused.SPLIT_X, fused.WEIGHT_LOADS, fused.RING_CHUNK
+    for key in {(False, saved[1], saved[2]), (True, saved[1], saved[2]), (True, 4, saved[2]),
+                (False, saved[1], 128)}:
+        fused.SPLIT_X, fused.WEIGHT_LOADS, fused.RING_CHUNK = key
         model.temporal._step_fns = {}
         for ring in (False, True):
             model.temporal.ring_attention = ring
             model.temporal.warm_up(mx.zeros((1, 1, model.cfg.dim), dtype=model.dtype), gen.kv)
-        steps[split, loads] = model.temporal._step_fns
-    fused.SPLIT_X, fused.WEIGHT_LOADS = saved
+        steps[key] = model.temporal._step_fns
+    fused.SPLIT_X, fused.WEIGHT_LOADS, fused.RING_CHUNK = saved
 
     def use(opts):
         gen.early_submit = "early" in opts
         gen._frame = built["sampling" in opts]
         model.temporal.ring_attention = "ring" in opts
-        model.temporal._step_fns = steps["split" in opts, 4 if "loads4" in opts else saved[1]]
+        model.temporal._step_fns = steps["split" in opts, 4 if "loads4" in opts else saved[1],
+                                         128 if "chunk128" in opts else saved[2]]
 
     def frame_ms():
         t = time.perf_counter()
