@@ -108,7 +108,7 @@ def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
     # An input at an address that is not 16-byte aligned (a view into a larger buffer) takes
     # the kernels' one-value-at-a-time path: same results.
     shifted = mx.concatenate([mx.zeros((1,), dtype=dtype), x.reshape(d)])[1:]
-    report(f"gemv+norm+res, unaligned x", fused.gemv(shifted, lin, alpha=alpha, res=res),
+    report("gemv+norm+res, unaligned x", fused.gemv(shifted, lin, alpha=alpha, res=res),
            res + lin(rms_norm_f32(x, alpha)))
     mx.eval(x)
     return lines
@@ -571,7 +571,6 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
 def _depth_kernel_sources() -> list[tuple[str, str]]:
     """The step kernel's translation units as MLX would build them (from the real wrapper's
     call, captured), for the 7B's depth shapes at 4/8 bits and bf16, and the tiny float32 one."""
-    from engine.lm import depth_kernel
     out = []
     seven_b = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
     tiny = {"d": 32, "hidden": 88, "heads": 2, "hin": 64, "card": 64, "layers": 1, "text_card": 70}

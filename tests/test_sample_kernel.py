@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 from engine.lm import fused, sample_kernel
 from tests.test_fused import _fake_cuda_kernels

@@ -918,7 +918,7 @@ def ring_attention(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values
     [H] zeros (left zero). Returns the attention output [1, H, 1, hd], like
     `scaled_dot_product_attention` over the ring after the write."""
     _, H, S, hd = keys.shape
-    dpl, lpr = ring_layout(hd)
+    _, lpr = ring_layout(hd)
     chunks = -(-S // RING_CHUNK)
     cl = -(-S // chunks)
     nt = 256
