@@ -269,8 +269,13 @@ class DuplexEngine:
         path = self.gen.depth_path
         if path != "mlx":
             parts.append("depth one kernel a step" if path == "kernel" else "depth fused")
-        if self.gen.model.temporal.use_fused:
-            parts.append("temporal fused")
+        temporal = self.gen.model.temporal
+        if temporal.use_fused:
+            parts.append("temporal fused" + (" + ring attention" if temporal.ring_attention else ""))
+        if self.gen.one_kernel_draws:
+            parts.append("one-kernel draws")
+        if self.gen.early_submit:
+            parts.append("stages submitted early")
         return ", ".join(parts)
 
     @property

@@ -22,7 +22,8 @@ TYPES = {"n1": mx.float32, "n2": mx.float32, "tok": mx.int32, "sync": mx.uint32}
 
 def _stand_in(monkeypatch, calls: list) -> None:
     """mx.fast.cuda_kernel replaced by a stand-in that checks each call against the kernel's
-    declaration and returns zeros of the declared output shapes."""
+    declaration and returns zeros of the declared output shapes; `calls` records the depth step
+    kernel's calls."""
 
     def fake_cuda_kernel(**kw):
         def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup):
@@ -32,6 +33,8 @@ def _stand_in(monkeypatch, calls: list) -> None:
                 want = TYPES.get(name.split("_")[0])
                 if want is not None:
                     assert a.dtype == want, name
+            if not kw["name"].startswith("parley_depth_step"):  # e.g. the top-k draws
+                return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
             calls.append({"kw": kw, "t": dict(template), "inputs": dict(zip(kw["input_names"], inputs)),
                           "shapes": output_shapes, "grid": grid, "block": threadgroup})
             return [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
@@ -201,15 +204,25 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["depth_path"] == ("kernel" if fused.enabled() else "mlx")
+    assert not data["ring_attention"] and not data["one_kernel_draws"] and not data["early_submit"]
     lines = BenchResult({**data, "depth_path": "kernel", "temporal_fused": True}).summary_lines()
     assert "Depth transformer: one CUDA kernel a step; temporal: fused CUDA kernels" in lines
+    lines = BenchResult({**data, "depth_path": "kernel", "temporal_fused": True, "ring_attention": True,
+                         "one_kernel_draws": True, "early_submit": True}).summary_lines()
+    assert ("Depth transformer: one CUDA kernel a step; temporal: fused CUDA kernels with ring "
+            "attention; top-k draws: one CUDA kernel each; stages submitted as built") in lines
     monkeypatch.setattr(fused, "enabled", lambda: True)
     engine = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
     engine.overlap_encode = False
     assert engine.gen.depth_path == "kernel"
-    assert engine.frame_path == "depth one kernel a step, temporal fused"
+    assert engine.frame_path == ("depth one kernel a step, temporal fused + ring attention, "
+                                 "one-kernel draws")
     engine.gen.depth_path = "fused"
-    assert engine.frame_path == "depth fused, temporal fused"
+    engine.gen.model.temporal.ring_attention = False
+    engine.gen.early_submit = True
+    assert engine.frame_path == "depth fused, temporal fused, one-kernel draws, stages submitted early"
+    monkeypatch.setenv("PARLEY_FUSED_SAMPLING", "0")
+    assert engine.frame_path == "depth fused, temporal fused, stages submitted early"
 
 
 def test_the_barrier_kind_is_a_template_switch(gen, monkeypatch):

@@ -58,4 +58,12 @@ def test_the_doctor_shows_it_where_cuda_kernels_run(tmp_path, monkeypatch):
     monkeypatch.setattr(fused, "enabled", lambda: True)
     (check,) = doctor._kernel_cache_check()
     assert check.area == "Kernel cache" and str(tmp_path) in check.detail
-    assert "temporal transformer in fused CUDA kernels" in doctor._frame_path_check().detail
+    detail = doctor._frame_path_check().detail
+    assert "temporal transformer in fused CUDA kernels with ring attention" in detail
+    assert "top-k draws one kernel each" in detail
+    monkeypatch.setenv("PARLEY_RING_ATTENTION", "0")
+    monkeypatch.setenv("PARLEY_FUSED_SAMPLING", "0")
+    monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "1")
+    detail = doctor._frame_path_check().detail
+    assert "ring attention" not in detail and "top-k" not in detail
+    assert "handed to the device as soon as it is built" in detail

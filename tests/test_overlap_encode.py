@@ -99,6 +99,21 @@ def test_the_frame_path_names_the_overlap(tiny_dir):
     assert engine.frame_path == "encode overlapped"
 
 
+def test_early_submit_is_the_gpu_default(monkeypatch):
+    import mlx.core as mx
+
+    from engine.lm import lmgen
+    monkeypatch.delenv("PARLEY_EARLY_SUBMIT", raising=False)
+    assert not lmgen.default_early_submit()  # this CPU
+    monkeypatch.setattr(lmgen.mx, "default_device", lambda: mx.Device(mx.DeviceType.gpu))
+    assert lmgen.default_early_submit()
+    monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "0")
+    assert not lmgen.default_early_submit()
+    monkeypatch.setattr(lmgen.mx, "default_device", lambda: mx.Device(mx.DeviceType.cpu))
+    monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "1")
+    assert lmgen.default_early_submit()
+
+
 def test_early_submit_gives_the_same_frames(tiny_dir, monkeypatch):
     """PARLEY_EARLY_SUBMIT=1 hands the temporal step and the depth chain to the device as they
     are built (mx.async_eval, no barrier): sampled frames (seeded) stay exactly those of the

@@ -14,13 +14,16 @@ from engine.lm import fused, sample_kernel
 from tests.test_fused import _fake_cuda_kernels
 
 
-def test_it_is_opt_in_and_cuda_only(monkeypatch):
+def test_it_is_the_default_where_the_fused_kernels_run(monkeypatch):
     monkeypatch.delenv("PARLEY_FUSED_SAMPLING", raising=False)
-    assert not sample_kernel.enabled()
-    monkeypatch.setenv("PARLEY_FUSED_SAMPLING", "1")
-    assert sample_kernel.enabled() is fused.enabled()
+    assert sample_kernel.enabled() is fused.enabled()  # this CPU: off
     monkeypatch.setattr(fused, "enabled", lambda: True)
     assert sample_kernel.enabled()
+    monkeypatch.setenv("PARLEY_FUSED_SAMPLING", "0")
+    assert not sample_kernel.enabled()
+    monkeypatch.setattr(fused, "enabled", lambda: False)
+    monkeypatch.setenv("PARLEY_FUSED_SAMPLING", "1")
+    assert not sample_kernel.enabled()  # CUDA only, whatever the variable says
 
 
 def _frame_draws(tiny_dir, monkeypatch, greedy: bool):

@@ -59,15 +59,21 @@ def _frame_path_check() -> Check:
     if fused.enabled():
         temporal = ("temporal transformer in MLX operations (PARLEY_FUSED_TEMPORAL=0 is set)"
                     if os.environ.get("PARLEY_FUSED_TEMPORAL") == "0"
-                    else "temporal transformer in fused CUDA kernels")
+                    else "temporal transformer in fused CUDA kernels"
+                    + ("" if os.environ.get("PARLEY_RING_ATTENTION") == "0" else " with ring attention"))
+        if os.environ.get("PARLEY_FUSED_SAMPLING") != "0":
+            temporal += ", top-k draws one kernel each"
         depth = ("depth transformer in CUDA kernels, one a step where the model allows "
                  f"(PARLEY_FUSED=0 turns them all off); {temporal}")
     elif os.environ.get("PARLEY_FUSED") == "0":
         depth = "transformers in MLX operations (PARLEY_FUSED=0 is set)"
     else:
         depth = "transformers in MLX operations"
+    from engine.lm.lmgen import default_early_submit
     encode = ("Mimi's encode overlapped with the LM step" if default_overlap_encode()
               else "Mimi's encode before the LM step")
+    if default_early_submit():
+        encode += "; each stage handed to the device as soon as it is built"
     return Check("Frame path", INFO, f"{depth}; {encode}")
 
 

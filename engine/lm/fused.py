@@ -16,7 +16,7 @@ product, RoPE, casts, residual adds, the gated SiLU). These kernels do one layer
                   come as separate arrays, so nothing is concatenated) followed by the output
                   projection and the residual.
 * `ring_attention` — the temporal transformer's attention of one new position over its KV ring,
-                  writing the ring slot in place (opt-in: PARLEY_RING_ATTENTION=1).
+                  writing the ring slot in place (default; PARLEY_RING_ATTENTION=0 off).
 
 Numerics follow the unfused MLX code step for step: sums and products in float32, and a rounding
 to the activation dtype wherever the unfused code stores an intermediate (the normalised input,

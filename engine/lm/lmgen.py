@@ -83,6 +83,18 @@ UNSET = -2  # "no token here yet": must never reach an embedding
 RING = 4
 
 
+def default_early_submit() -> bool:
+    """Whether a live frame hands the temporal step (and then the depth chain) to the device as
+    soon as each is built (`mx.async_eval`, no wait), so the device starts while Python builds
+    the rest of the frame; the frame keeps its one barrier. On a GPU, yes (H200, one process:
+    with ring attention and one-kernel draws, frame p50 13.7 -> 11.9 ms; docs/benchmarks.md); on
+    the CPU backend, where the stages share the same cores, no. PARLEY_EARLY_SUBMIT=0/1 forces it."""
+    forced = os.environ.get("PARLEY_EARLY_SUBMIT", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
 class LMGen:
     def __init__(self, model: LMModel, lmgen_cfg: LMGenConfig | None = None,
                  text: SamplingParams = TEXT_DEFAULT, audio: SamplingParams = AUDIO_DEFAULT,
@@ -105,18 +117,14 @@ class LMGen:
             raise ValueError(f"reference must be 'nvidia' or 'kyutai', got {reference!r}")
         self.kv = model.new_kv(self.reference)
         self.compile = compile
-        # A live frame hands the temporal step (and then the depth chain) to the device as soon as
-        # it is built (`mx.async_eval`, no wait), so the device starts while Python builds the
-        # rest of the frame; the frame keeps its one barrier. Opt-in (PARLEY_EARLY_SUBMIT=1) until
-        # measured on a GPU: on the CPU backend the stages share the same cores.
-        self.early_submit = os.environ.get("PARLEY_EARLY_SUBMIT") == "1"
+        self.early_submit = default_early_submit()
         # The depth transformer's CUDA kernels where they can run: one kernel per step
         # (engine/lm/depth_kernel.py), else four fused kernels per layer (engine/lm/fused.py).
         self._depth_path = self._best_depth_path()
         model.temporal.use_fused = (os.environ.get("PARLEY_FUSED_TEMPORAL", "1") != "0"
                                     and model.temporal.can_fuse(model.dtype))
         model.temporal.ring_attention = (model.temporal.use_fused
-                                         and os.environ.get("PARLEY_RING_ATTENTION") == "1"
+                                         and os.environ.get("PARLEY_RING_ATTENTION") != "0"
                                          and model.temporal.can_attend_fused(
                                              model.cfg.dim // model.cfg.num_heads))
         self._key = None
@@ -171,6 +179,11 @@ class LMGen:
         if dep.can_run_step_kernel(dtype):
             return "kernel"
         return "fused" if dep.can_fuse(dtype) else "mlx"
+
+    @property
+    def one_kernel_draws(self) -> bool:
+        """Whether the frame draws each sampled token in one CUDA kernel (sample_kernel.py)."""
+        return sample_kernel.enabled() and not self.greedy
 
     @property
     def depth_path(self) -> str:
@@ -309,9 +322,9 @@ class LMGen:
         rule, greedy, keep, path = self.reference, self.greedy, self.keep_audio_logits, self.depth_path
         tp, ap = self.text_params, self.audio_params
 
-        # One kernel a token for the top-k draw (engine/lm/sample_kernel.py, opt-in), its Gumbel
+        # One kernel a token for the top-k draw (engine/lm/sample_kernel.py, CUDA), its Gumbel
         # noise drawn once per frame; greedy draws keep the argmax.
-        one_kernel = sample_kernel.enabled() and not greedy
+        one_kernel = self.one_kernel_draws
 
         def frame(hn, mask, vals, key):
             keys = [None] * (K + 1)

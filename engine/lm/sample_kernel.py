@@ -1,5 +1,5 @@
-"""Top-k sampling of one token as one CUDA kernel, on MLX's CUDA backend only (opt-in:
-PARLEY_FUSED_SAMPLING=1 until measured on a GPU).
+"""Top-k sampling of one token as one CUDA kernel, on MLX's CUDA backend only (the default there;
+PARLEY_FUSED_SAMPLING=0 keeps engine/lm/sampling.py's MLX operations).
 
 Why: between two depth steps engine/lm/sampling.py's `sample` is ~7 MLX operations (a cast and
 scale, argpartition, two gathers, the categorical draw's noise, add and argmax) and their launch
@@ -138,8 +138,8 @@ _SOURCE = r"""
 
 
 def enabled() -> bool:
-    """Opt-in while unmeasured: PARLEY_FUSED_SAMPLING=1 and the fused kernels can run."""
-    return os.environ.get("PARLEY_FUSED_SAMPLING") == "1" and fused.enabled()
+    """Where the fused kernels run, unless PARLEY_FUSED_SAMPLING=0."""
+    return os.environ.get("PARLEY_FUSED_SAMPLING") != "0" and fused.enabled()
 
 
 @functools.cache

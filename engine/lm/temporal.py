@@ -42,7 +42,7 @@ class Temporal:
         # 14.1 ms; docs/benchmarks.md). PARLEY_FUSED_TEMPORAL=0 keeps the MLX operations.
         self.use_fused = False
         # With use_fused: the attention over the KV ring (and the ring write) as one kernel too
-        # (fused.ring_attention; PARLEY_RING_ATTENTION=1 while it is being measured).
+        # (fused.ring_attention; on by default with use_fused, PARLEY_RING_ATTENTION=0 turns it off).
         self.ring_attention = False
         self._step_fns = {}
 
