@@ -204,7 +204,8 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["depth_path"] == ("kernel" if fused.enabled() else "mlx")
-    assert not data["ring_attention"] and not data["one_kernel_draws"] and not data["early_submit"]
+    on_cuda = fused.enabled()  # all three are CUDA defaults (sampled frames: the draws)
+    assert data["ring_attention"] is data["one_kernel_draws"] is data["early_submit"] is on_cuda
     lines = BenchResult({**data, "depth_path": "kernel", "temporal_fused": True}).summary_lines()
     assert "Depth transformer: one CUDA kernel a step; temporal: fused CUDA kernels" in lines
     lines = BenchResult({**data, "depth_path": "kernel", "temporal_fused": True, "ring_attention": True,
@@ -212,6 +213,7 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     assert ("Depth transformer: one CUDA kernel a step; temporal: fused CUDA kernels with ring "
             "attention; top-k draws: one CUDA kernel each; stages submitted as built") in lines
     monkeypatch.setattr(fused, "enabled", lambda: True)
+    monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "0")  # the default on a GPU
     engine = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
     engine.overlap_encode = False
     assert engine.gen.depth_path == "kernel"

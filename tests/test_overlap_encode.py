@@ -85,7 +85,8 @@ def test_an_engine_with_a_worker_exits_cleanly(tiny_dir, tmp_path):
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     import os
-    env = dict(os.environ, PYTHONPATH=str(root))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # keeps a PYTHONPATH that holds MLX
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
     for _ in range(4):
         r = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True,
                            text=True, timeout=120, env=env)
@@ -93,10 +94,14 @@ def test_an_engine_with_a_worker_exits_cleanly(tiny_dir, tmp_path):
 
 
 def test_the_frame_path_names_the_overlap(tiny_dir):
+    from engine.lm import fused
     engine = DuplexEngine.load(str(tiny_dir), seed=0)
-    assert engine.frame_path == ""  # this CPU: plain MLX operations
+    engine.overlap_encode = False
+    if not fused.enabled():
+        assert engine.frame_path == ""  # a CPU: plain MLX operations
+    rest = engine.frame_path
     engine.overlap_encode = True
-    assert engine.frame_path == "encode overlapped"
+    assert engine.frame_path == ", ".join(p for p in ("encode overlapped", rest) if p)
 
 
 def test_early_submit_is_the_gpu_default(monkeypatch):
@@ -104,7 +109,8 @@ def test_early_submit_is_the_gpu_default(monkeypatch):
 
     from engine.lm import lmgen
     monkeypatch.delenv("PARLEY_EARLY_SUBMIT", raising=False)
-    assert not lmgen.default_early_submit()  # this CPU
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    assert lmgen.default_early_submit() is on_gpu
     monkeypatch.setattr(lmgen.mx, "default_device", lambda: mx.Device(mx.DeviceType.gpu))
     assert lmgen.default_early_submit()
     monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "0")
@@ -121,6 +127,7 @@ def test_early_submit_gives_the_same_frames(tiny_dir, monkeypatch):
     rng = np.random.default_rng(3)
     pcm = (0.1 * rng.standard_normal((24, 1920))).astype(np.float32)
     persona = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
+    monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "0")  # the default on a GPU
     plain = DuplexEngine.load(str(tiny_dir), seed=5)
     monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "1")
     early = DuplexEngine.load(str(tiny_dir), seed=5)
