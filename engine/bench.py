@@ -44,8 +44,11 @@ class BenchResult:
             f"Stages (p50 ms): {split}" + (
                 f" (encode overlapped with the LM step)" if d.get("overlap_encode") else ""),
             "Depth transformer: " + _DEPTH_PATHS.get(d.get("depth_path", ""), "MLX operations")
-            + "; temporal: " + ("fused CUDA kernels" if d.get("temporal_fused") else "MLX operations")
-            + (" with ring attention" if d.get("ring_attention") else "")
+            + "; temporal: " + ("CUDA kernels of several layers each" if d.get("temporal_kernel")
+                                else "fused CUDA kernels" if d.get("temporal_fused")
+                                else "MLX operations")
+            + (" with ring attention" if d.get("ring_attention") and not d.get("temporal_kernel")
+               else "")
             + ("; top-k draws: one CUDA kernel each" if d.get("one_kernel_draws") else "")
             + ("; stages submitted as built" if d.get("early_submit") else ""),
             f"Generation: {d['frames']} frames, {d['frames_per_s']:.1f} frames-per-sec, "
@@ -128,6 +131,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "depth_path": getattr(engine.gen, "depth_path", "mlx"),
         "temporal_fused": bool(engine.gen.model.temporal.use_fused),
         "ring_attention": bool(engine.gen.model.temporal.ring_attention),
+        "temporal_kernel": bool(engine.gen.model.temporal.step_kernel),
         "one_kernel_draws": bool(getattr(engine.gen, "one_kernel_draws", False)),
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
         "attended_positions": kv.filled,

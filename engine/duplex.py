@@ -270,7 +270,9 @@ class DuplexEngine:
         if path != "mlx":
             parts.append("depth one kernel a step" if path == "kernel" else "depth fused")
         temporal = self.gen.model.temporal
-        if temporal.use_fused:
+        if temporal.use_fused and temporal.step_kernel:
+            parts.append("temporal step kernel")
+        elif temporal.use_fused:
             parts.append("temporal fused" + (" + ring attention" if temporal.ring_attention else ""))
         if self.gen.one_kernel_draws:
             parts.append("one-kernel draws")

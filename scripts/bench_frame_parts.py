@@ -49,7 +49,7 @@ def timed_stage(build, frames: int) -> dict:
             "total_ms": p50([x + y + z for x, y, z in zip(b, h, w)])}
 
 
-def compare_options(engine, mic, frames: int) -> dict:
+def compare_options(engine, mic, frames: int, only: list[str] | None = None) -> dict:
     """Whole frames over a full attention window under each opt-in speed path and the defaults,
     interleaved frame by frame in this process -> {variant: p50/p95/max ms}."""
     from engine.lm import sample_kernel
@@ -57,40 +57,55 @@ def compare_options(engine, mic, frames: int) -> dict:
     gen.kv.end += gen.kv.slots
     engine.stage_sample_every = 0
     from engine.lm import fused
-    variants = {"defaults": set(), "early submit": {"early"}, "one-kernel sampling": {"sampling"},
-                "ring attention": {"ring"}, "ring attention, chunks of 128": {"ring", "chunk128"},
-                "all three": {"early", "sampling", "ring"},
-                "products take x 16 bytes at a time": {"split"},
-                "... with 4 weight loads a lane": {"split", "loads4"}}
-    if not model.temporal.use_fused or not model.temporal.can_attend_fused(
-            model.cfg.dim // model.cfg.num_heads):
-        variants = {k: v for k, v in variants.items() if "ring" not in v}
+    # Since session 6 the defaults are early submit + one-kernel sampling + ring attention.
+    default = {"early", "sampling", "ring"}
+    variants = {"defaults": default, "no early submit": default - {"early"},
+                "no one-kernel sampling": default - {"sampling"},
+                "no ring attention": default - {"ring"},
+                "temporal step kernel": default | {"tkernel"},
+                "temporal step kernel, 4 layers a launch": default | {"tkernel4"},
+                "products take x 16 bytes at a time": default | {"split"}}
+    if only:
+        variants = {k: v for k, v in variants.items() if k in only or k == "defaults"}
+    hd = model.cfg.dim // model.cfg.num_heads
+    if not model.temporal.use_fused or not model.temporal.can_attend_fused(hd):
+        variants = {k: v - {"ring"} for k, v in variants.items()}
+    if not model.temporal.can_run_step_kernel(model.dtype, hd):
+        variants = {k: v for k, v in variants.items() if not v & {"tkernel", "tkernel4"}}
     built = {}
     for want in (False, True):  # the frame function with and without the one-kernel draws
         os.environ["PARLEY_FUSED_SAMPLING"] = "1" if want else "0"
         built[want] = gen._make_frame() if (sample_kernel.enabled() or not want) else None
     os.environ.pop("PARLEY_FUSED_SAMPLING")
-    variants = {k: v for k, v in variants.items() if "sampling" not in v or built[True]}
+    variants = {k: (v if built[True] else v - {"sampling"}) for k, v in variants.items()}
 
-    # The product variants are fixed when the temporal step is traced: one traced step each.
+    # The product variants and the step kernel's layers a launch are fixed when the temporal step
+    # is traced: one traced step each.
+    from engine.lm import temporal_kernel
     steps = {}
-    saved = fused.SPLIT_X, fused.WEIGHT_LOADS, fused.RING_CHUNK
-    for key in {(False, saved[1], saved[2]), (True, saved[1], saved[2]), (True, 4, saved[2]),
-                (False, saved[1], 128)}:
-        fused.SPLIT_X, fused.WEIGHT_LOADS, fused.RING_CHUNK = key
+    saved = fused.SPLIT_X, temporal_kernel.LAYERS_PER_LAUNCH
+    for key in {(False, saved[1]), (True, saved[1]), (False, 4)}:
+        fused.SPLIT_X, temporal_kernel.LAYERS_PER_LAUNCH = key
+        temporal_kernel._kernel.cache_clear()
         model.temporal._step_fns = {}
-        for ring in (False, True):
-            model.temporal.ring_attention = ring
-            model.temporal.warm_up(mx.zeros((1, 1, model.cfg.dim), dtype=model.dtype), gen.kv)
+        for ring, kernel in ((False, False), (True, False), (True, True)):
+            model.temporal.ring_attention, model.temporal.step_kernel = ring, kernel
+            if kernel and not any(v & {"tkernel", "tkernel4"} for v in variants.values()):
+                continue
+            outs = model.temporal.warm_up(mx.zeros((1, 1, model.cfg.dim), dtype=model.dtype),
+                                          gen.kv)
+            if kernel:
+                mx.eval(outs)  # builds the kernels while LAYERS_PER_LAUNCH is this key's
         steps[key] = model.temporal._step_fns
-    fused.SPLIT_X, fused.WEIGHT_LOADS, fused.RING_CHUNK = saved
+    fused.SPLIT_X, temporal_kernel.LAYERS_PER_LAUNCH = saved
+    model.temporal.step_kernel = False
 
     def use(opts):
         gen.early_submit = "early" in opts
         gen._frame = built["sampling" in opts]
         model.temporal.ring_attention = "ring" in opts
-        model.temporal._step_fns = steps["split" in opts, 4 if "loads4" in opts else saved[1],
-                                         128 if "chunk128" in opts else saved[2]]
+        model.temporal.step_kernel = bool(opts & {"tkernel", "tkernel4"})
+        model.temporal._step_fns = steps["split" in opts, 4 if "tkernel4" in opts else saved[1]]
 
     def frame_ms():
         t = time.perf_counter()
@@ -122,6 +137,8 @@ def main() -> None:
     ap.add_argument("--options", action="store_true",
                     help="only whole frames under the opt-in speed paths (early submit, one-kernel "
                          "sampling, ring attention, all three) against the defaults, interleaved")
+    ap.add_argument("--variants", nargs="*",
+                    help="with --options: only these variants (names as printed) and the defaults")
     ap.add_argument("--temporal", action="store_true",
                     help="only the temporal stage (MLX operations vs fused kernels) and whole "
                          "frames with and without the fused temporal step")
@@ -149,7 +166,9 @@ def main() -> None:
             engine.step(mic())
         result = {"load_s": round(load_s, 1), "prefill_s": round(prefill_s, 1)}
         if args.options:
-            result["frames"] = compare_options(engine, mic, args.frames)
+            result["frames"] = compare_options(engine, mic, args.frames, args.variants)
+            result["temporal step kernel barrier gave up"] = \
+                engine.gen.model.temporal.step_kernel_failed()
             print(json.dumps(result, indent=1))
             return
 

@@ -159,6 +159,15 @@ PY
     timeout ${CHECK_TIMEOUT:-150} python3 scripts/check_fused_kernels.py --sampler 2>&1 | tee "$out/sampler.txt" || true
     timeout ${PARTS_TIMEOUT:-420} python3 scripts/bench_frame_parts.py --options "$@" | tee "$out/options.json"
     ;;
+  tkernel)
+    # The temporal step kernel (engine/lm/temporal_kernel.py): numerics against the default
+    # fused step, its CUDA test, then whole 4-bit frames against the defaults. After `stage`.
+    install
+    timeout ${CHECK_TIMEOUT:-200} python3 scripts/check_fused_kernels.py --temporal-kernel 2>&1 | tee "$out/tkernel.txt" || true
+    timeout ${PYTEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py 2>&1 | tail -5 || true
+    timeout ${PARTS_TIMEOUT:-300} python3 scripts/bench_frame_parts.py --options --frames ${FRAMES:-40} \
+      --variants "temporal step kernel" "temporal step kernel, 4 layers a launch" "$@" | tee "$out/options.json"
+    ;;
   probe)
     # A short call: the ring attention kernel's check, then Nsight Compute on the depth step
     # kernel alone (stall reasons). Right after `stage`.
@@ -173,7 +182,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|options|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|options|tkernel|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

@@ -550,7 +550,8 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
     wrap it (signature, template constants), with the CUDA toolkit headers instead of MLX's."""
     lib = ctypes.CDLL(lib_path)
     failures = 0
-    sources = _product_sources() + _depth_kernel_sources() + [_barrier_probe_source()]
+    sources = (_product_sources() + _depth_kernel_sources() + _temporal_kernel_sources()
+               + [_barrier_probe_source()])
     for label, src in sources:
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
@@ -592,6 +593,129 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
     return out
 
 
+def shaped_temporal(dims: dict, bits: int, dtype, layers: int, weights=None):
+    """A Temporal of the given widths, its weights zeros (never evaluated: for capturing the
+    step kernel's source) unless `weights(n, k)` makes each Linear."""
+    from engine.lm.temporal import Temporal, TemporalLayer
+    d, h = dims["d"], dims["hidden"]
+
+    def lin(n, k):
+        if weights is not None:
+            return weights(n, k)
+        if not bits:
+            return Linear(mx.zeros((n, k), dtype=dtype))
+        return Linear(mx.zeros((n, k * bits // 32), dtype=mx.uint32), mx.zeros((n, k // 64), dtype),
+                      mx.zeros((n, k // 64), dtype), bits, 64)
+
+    def norm():
+        return mx.ones((d,), dtype=mx.float32)
+
+    return Temporal([TemporalLayer(norm(), lin(3 * d, d), lin(d, d), norm(), lin(2 * h, d),
+                                   lin(d, h)) for _ in range(layers)],
+                    norm(), dims["heads"], dims.get("context", 3000), 10000.0)
+
+
+def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
+                          reps: int = 20) -> list[str]:
+    """engine/lm/temporal_kernel.py's step against the fused step with ring attention (the
+    engine's default), on random weights of the given widths and random rings: the output and
+    every ring (the new slot written, nothing else) for a filling ring, a full one and a wrapped
+    one; then each step's wall time (build + issue + wait), same process."""
+    from engine.lm import temporal_kernel
+    from engine.lm.layers import attention_scale
+    keys_ = iter(range(5000, 9000))
+
+    def weights(n, k):
+        w = (mx.random.normal((n, k), key=mx.random.key(next(keys_))) / math.sqrt(k)).astype(dtype)
+        return make_linear_from(w, bits)
+
+    t = shaped_temporal(dims, bits, dtype, layers, weights)
+    t.use_fused = t.ring_attention = True
+    H, hd, S = dims["heads"], dims["d"] // dims["heads"], dims["slots"]
+    norms = [mx.random.uniform(0.5, 1.5, (dims["d"],), key=mx.random.key(next(keys_)))
+             for _ in range(2 * layers + 1)]
+    for i, layer in enumerate(t.layers):
+        layer.norm1, layer.norm2 = norms[2 * i], norms[2 * i + 1]
+    t.out_norm = norms[-1]
+    rings = [mx.random.normal((1, H, S, hd), key=mx.random.key(next(keys_))).astype(dtype)
+             for _ in range(2 * layers)]
+    counters = mx.zeros((H,), dtype=mx.uint32)
+    barrier = depth_kernel.new_barrier()
+    mx.eval(t.arrays(), rings, counters)
+    whole = t._whole_step()
+    lines, tol = [], (2e-2 if dtype == mx.bfloat16 else 1e-4)
+    for pos in (5, S - 1, S + 7):
+        x = mx.random.normal((1, 1, dims["d"]), key=mx.random.key(pos)).astype(dtype)
+        offset = mx.array(pos, dtype=mx.int32)
+        meta = mx.array([pos % S, pos + 1 if pos + 1 < S else S], dtype=mx.int32)
+        ra = [r + 0 for r in rings]
+        rb = [r + 0 for r in rings]
+        mx.eval(ra, rb)
+        want = whole(x, offset, meta, counters, *ra)
+        mx.eval(want)
+        got = temporal_kernel.step(t, x, offset, meta, counters, barrier, rb[:layers], rb[layers:])
+        mx.eval(got)
+        e = rel_err(got, want)
+        slot = pos % S
+        ring_e = max(rel_err(a[:, :, slot], b[:, :, slot]) for a, b in zip(ra, rb))
+        rest_ok = all(bool(mx.array_equal(mx.concatenate([a[:, :, :slot], a[:, :, slot + 1:]], 2),
+                                          mx.concatenate([b[:, :, :slot], b[:, :, slot + 1:]], 2)).item())
+                      for a, b in zip(ra, rb))
+        ok = e <= tol and ring_e <= tol and rest_ok and int(mx.max(counters).item()) == 0
+        lines.append(f"{'ok  ' if ok else 'FAIL'} temporal step kernel pos={pos:5d}: out rel err "
+                     f"{e:.2e}, new slot rel err {ring_e:.2e}, rest of the rings "
+                     f"{'unchanged' if rest_ok else 'CHANGED'}")
+    failed = depth_kernel.barrier_failed(barrier)
+    lines.append(f"{'FAIL' if failed else 'ok  '} temporal step kernel grid barriers "
+                 f"({depth_kernel.sm_count()} blocks){' gave up' if failed else ''}")
+    x = mx.zeros((1, 1, dims["d"]), dtype=dtype)
+    offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([7, S], dtype=mx.int32)
+    kern = mx.compile(lambda x, *r: temporal_kernel.step(t, x, offset, meta, counters, barrier,
+                                                         list(r[:layers]), list(r[layers:])))
+    for name, fn in (("fused step, ring attention", lambda: whole(x, offset, meta, counters, *rings)),
+                     ("temporal step kernel", lambda: kern(x, *rings))):
+        mx.eval(fn())
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            mx.eval(fn())
+            times.append((time.perf_counter() - t0) * 1e3)
+        lines.append(f"     {name:28s} {layers} layers: p50 {float(np.median(times)):.3f} ms a step "
+                     f"({float(np.median(times)) / layers * 1e3:.1f} us a layer)")
+    return lines
+
+
+def make_linear_from(w: mx.array, bits: int) -> Linear:
+    if not bits:
+        return Linear(w)
+    q, s, b = mx.quantize(w, group_size=64, bits=bits)
+    return Linear(q, s, b, bits, 64)
+
+
+def _temporal_kernel_sources() -> list[tuple[str, str]]:
+    """engine/lm/temporal_kernel.py's launches as MLX would build them: the 7B's temporal shapes
+    at 4/8 bits and bf16 (a launch of 8 layers ending in the out_norm, and one not), and a tiny
+    float32 one."""
+    from engine.lm import temporal_kernel
+    out = []
+    seven_b = {"d": 4096, "hidden": 11264, "heads": 32, "slots": 2999}
+    tiny = {"d": 64, "hidden": 176, "heads": 4, "slots": 7}
+    for dims, bits, dtype in ((seven_b, 4, mx.bfloat16), (seven_b, 8, mx.bfloat16),
+                              (seven_b, 0, mx.bfloat16), (tiny, 0, mx.float32)):
+        for layers in (8, 9):
+            t = shaped_temporal(dims, bits, dtype, layers)
+            H, hd = dims["heads"], dims["d"] // dims["heads"]
+            ring = mx.zeros((1, H, dims["slots"], hd), dtype=dtype)
+            kw, ckw = _captured(lambda: temporal_kernel.step(
+                t, mx.zeros((1, 1, dims["d"]), dtype=dtype), mx.array(5, dtype=mx.int32),
+                mx.array([5, 6], dtype=mx.int32), mx.zeros((H,), dtype=mx.uint32),
+                mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers))
+            tpl = dict(ckw["template"])
+            out.append((f"temporal step kernel d={dims['d']} {dtype} BITS={bits} L={tpl['L']} "
+                        f"LAST={tpl['LAST']}", _mlx_like_source(kw, ckw)))
+    return out
+
+
 def _captured(fn) -> tuple[dict, dict]:
     """(declaration, call) of the one fused kernel `fn` builds, captured instead of run."""
     calls = []
@@ -603,8 +727,8 @@ def _captured(fn) -> tuple[dict, dict]:
             return [mx.zeros(sh, dtype=dt) for sh, dt in zip(ckw["output_shapes"], ckw["output_dtypes"])]
         return call
 
-    from engine.lm import sample_kernel
-    caches = (fused._kernel, depth_kernel._kernel, sample_kernel._kernel)
+    from engine.lm import sample_kernel, temporal_kernel
+    caches = (fused._kernel, depth_kernel._kernel, sample_kernel._kernel, temporal_kernel._kernel)
     mx.fast.cuda_kernel = capture
     for cache in caches:
         cache.cache_clear()
@@ -705,6 +829,10 @@ def main() -> None:
                          "an oracle, and its distribution) and PARLEY_GEMV_SPLIT == plain")
     ap.add_argument("--ring", action="store_true",
                     help="only the ring attention kernel: numerics, then its timing beside MLX's")
+    ap.add_argument("--temporal-kernel", action="store_true",
+                    help="only the temporal step kernel: numerics against the fused step with "
+                         "ring attention (7B widths, 9 layers, 4 and 8 bits; tiny float32), "
+                         "then step timings")
     ap.add_argument("--depth-only", action="store_true",
                     help="with --quick: only the depth step kernel (numerics, frame timings)")
     args = ap.parse_args()
@@ -727,6 +855,14 @@ def main() -> None:
         fails += report("top-k sampler (engine/lm/sample_kernel.py)", check_sampler())
         fails += report("products taking x 16 bytes at a time (PARLEY_GEMV_SPLIT)",
                         check_split_identity())
+        print("numerics:", "all ok" if not fails else f"{fails} FAILED")
+        return
+    if args.temporal_kernel:
+        seven_b_ring = {**seven_b, "slots": 2999}
+        for bits, dtype, dims in ((4, mx.bfloat16, seven_b_ring), (8, mx.bfloat16, seven_b_ring),
+                                  (0, mx.float32, {**tiny, "slots": 7})):
+            fails += report(f"temporal step kernel {dtype} bits={bits} d={dims['d']}",
+                            check_temporal_kernel(dtype, bits, dims, reps=20 if bits else 3))
         print("numerics:", "all ok" if not fails else f"{fails} FAILED")
         return
     if args.ring:

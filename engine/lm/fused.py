@@ -582,43 +582,64 @@ _ATTN = r"""
 
 
 # The temporal transformer's attention for one new position over its KV ring, with the ring write
-# folded in. Template constants: T, HD (head size), S (ring slots), C (chunks of CL slots a head),
-# CL, LPR (lanes a key row), NT (threads a block). Block (h, c) scores the query of head h against
-# the slots of chunk c that hold keys (meta = [slot, n]: the new position's slot and the number of
+# folded in, as one device function for one (head h, chunk c) item, used by the ring_attn kernel
+# (a block per item) and by the temporal step kernel (engine/lm/temporal_kernel.py: each block
+# takes items in turn). Template constants: T, HD (head size), S (ring slots), C (chunks of CL
+# slots a head), CL, LPR (lanes a key row), NT (threads a block), CG (q, k and v were written by
+# other blocks of the same kernel: read them through L2). The block scores the query of head h
+# against the slots of chunk c that hold keys (slot, n: the new position's slot and the number of
 # slots to attend, the new one included; the new key and value come from k and v, not the ring,
 # whose slot still holds an old one), keeps its softmax partials (max, sum, weighted values) in
 # `part`, and the last block of head h to finish (a counter in `cnt`, zeroed again by that block)
-# combines them into head h's output. The blocks holding the new slot write k and v into the
-# ring in place: the ring arrays come in as inputs, but no kernel reads them at the same time (the
-# next reader is the next frame's kernel for this layer).
-_RING_ATTN = r"""
-  using namespace parley;
+# combines them into head h's output. The block holding the new slot writes k and v into the ring
+# in place: no kernel reads the ring at the same time (the next reader is the next frame's).
+# Shared scratch: sc [CL], red [32], acc_s [NT / 32 * HD], last_s.
+_RING_HELPERS = r"""
+namespace parley {
+
+template <bool CG, typename T, int N>
+__device__ __forceinline__ void load_row_x(const T* p, float* out) {
+  if constexpr (!CG) {
+    load_row<T, N>(p, out);
+  } else if constexpr (N * sizeof(T) == 16) {
+    const uint4 u = __ldcg(reinterpret_cast<const uint4*>(p));
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = chunk_at<T>(u, j);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = ld_cg(p + j);
+  }
+}
+
+template <typename T, int HD, int S, int C, int CL, int LPR, int NT, bool CG>
+__device__ void ring_item(int h, int c, const T* q, const T* k, const T* v, T* kring, T* vring,
+                          int slot, int n, float scale, float* part, unsigned int* cnt, T* out,
+                          float* sc, float* red, float* acc_s, int* last_s) {
   constexpr int DPL = HD / LPR;        // values of a row a lane holds
   constexpr int SPW = 32 / LPR;        // rows a warp takes at a time
   constexpr int NW = NT / 32;
   constexpr int U = 8;                 // rows a lane loads before using any
-  __shared__ float sc[CL];
-  __shared__ float red[32];
-  __shared__ float acc_s[NW * HD];
-  __shared__ int last_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = lane / LPR, li = lane % LPR;
-  const int h = blockIdx.x / C, c = blockIdx.x % C;
-  const int slot = meta[0], n = meta[1];
   const int j0 = c * CL;
   const int j1 = min(j0 + CL, n);
-  T* kr = const_cast<T*>(kring) + (size_t)h * S * HD;
-  T* vr = const_cast<T*>(vring) + (size_t)h * S * HD;
+  T* kr = kring + (size_t)h * S * HD;
+  T* vr = vring + (size_t)h * S * HD;
   const T* kn = k + h * HD;
   const T* vn = v + h * HD;
   if (slot >= j0 && slot < j0 + CL) {  // this chunk's block writes the new slot
     for (int d = tid; d < HD; d += NT) {
-      kr[(size_t)slot * HD + d] = kn[d];
-      vr[(size_t)slot * HD + d] = vn[d];
+      if constexpr (CG) {
+        kr[(size_t)slot * HD + d] = from_f<T>(ld_cg(kn + d));
+        vr[(size_t)slot * HD + d] = from_f<T>(ld_cg(vn + d));
+      } else {
+        kr[(size_t)slot * HD + d] = kn[d];
+        vr[(size_t)slot * HD + d] = vn[d];
+      }
     }
   }
   float qv[DPL];
-  load_row<T, DPL>(q + h * HD + li * DPL, qv);
+  load_row_x<CG, T, DPL>(q + h * HD + li * DPL, qv);
   // Scores of this chunk's rows (U rows a lane in flight; the new slot from k).
   for (int base = j0 + warp * SPW; base < j1; base += NW * SPW * U) {
     float kv[U][DPL];
@@ -626,7 +647,8 @@ _RING_ATTN = r"""
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NW * SPW + sub;
       if (j < j1) {
-        load_row<T, DPL>((j == slot ? kn : kr + (size_t)j * HD) + li * DPL, kv[u]);
+        if (j == slot) load_row_x<CG, T, DPL>(kn + li * DPL, kv[u]);
+        else load_row<T, DPL>(kr + (size_t)j * HD + li * DPL, kv[u]);
       } else {
 #pragma unroll
         for (int i = 0; i < DPL; ++i) kv[u][i] = 0.f;
@@ -635,12 +657,12 @@ _RING_ATTN = r"""
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NW * SPW + sub;
-      float part = 0.f;
+      float part_ = 0.f;
 #pragma unroll
-      for (int i = 0; i < DPL; ++i) part = fmaf(qv[i], kv[u][i], part);
+      for (int i = 0; i < DPL; ++i) part_ = fmaf(qv[i], kv[u][i], part_);
 #pragma unroll
-      for (int o = LPR / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      if (li == 0 && j < j1) sc[j - j0] = part * {scale}f;
+      for (int o = LPR / 2; o > 0; o >>= 1) part_ += __shfl_xor_sync(0xffffffffu, part_, o);
+      if (li == 0 && j < j1) sc[j - j0] = part_ * scale;
     }
   }
   __syncthreads();
@@ -669,7 +691,10 @@ _RING_ATTN = r"""
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NW * SPW + sub;
-      if (j < j1) load_row<T, DPL>((j == slot ? vn : vr + (size_t)j * HD) + li * DPL, vv[u]);
+      if (j < j1) {
+        if (j == slot) load_row_x<CG, T, DPL>(vn + li * DPL, vv[u]);
+        else load_row<T, DPL>(vr + (size_t)j * HD + li * DPL, vv[u]);
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -692,7 +717,8 @@ _RING_ATTN = r"""
     for (int i = 0; i < DPL; ++i) acc_s[warp * HD + li * DPL + i] = o[i];
   }
   __syncthreads();
-  float* pp = part + (size_t)blockIdx.x * (HD + 2);
+  const int item = h * C + c;
+  float* pp = part + (size_t)item * (HD + 2);
   for (int d = tid; d < HD; d += NT) {
     float t = 0.f;
     for (int w = 0; w < NW; ++w) t += acc_s[w * HD + d];
@@ -701,30 +727,48 @@ _RING_ATTN = r"""
   if (tid == 0) { pp[0] = m; pp[1] = l; }
   __threadfence();
   __syncthreads();
-  unsigned int* count = const_cast<unsigned int*>(cnt) + h;
-  if (tid == 0) last_s = atomicAdd(count, 1u) == (unsigned int)(C - 1);
+  unsigned int* count = cnt + h;
+  if (tid == 0) *last_s = atomicAdd(count, 1u) == (unsigned int)(C - 1);
   __syncthreads();
-  if (!last_s) return;
-  // The last block of head h: combine the C chunks' partials.
-  __threadfence();
-  const float* ph = part + (size_t)h * C * (HD + 2);
-  float mm = -3.0e38f;
-  for (int cc = 0; cc < C; ++cc) mm = fmaxf(mm, __ldcg(ph + cc * (HD + 2)));
-  float ll = 0.f;
-  for (int cc = 0; cc < C; ++cc) {
-    const float lc = __ldcg(ph + cc * (HD + 2) + 1);
-    if (lc > 0.f) ll += expf(__ldcg(ph + cc * (HD + 2)) - mm) * lc;
-  }
-  const float inv = 1.f / ll;
-  for (int d = tid; d < HD; d += NT) {
-    float t = 0.f;
+  if (*last_s) {
+    // The last block of head h: combine the C chunks' partials.
+    __threadfence();
+    const float* ph = part + (size_t)h * C * (HD + 2);
+    float mm = -3.0e38f;
+    for (int cc = 0; cc < C; ++cc) mm = fmaxf(mm, __ldcg(ph + cc * (HD + 2)));
+    float ll = 0.f;
     for (int cc = 0; cc < C; ++cc) {
       const float lc = __ldcg(ph + cc * (HD + 2) + 1);
-      if (lc > 0.f) t += expf(__ldcg(ph + cc * (HD + 2)) - mm) * __ldcg(ph + cc * (HD + 2) + 2 + d);
+      if (lc > 0.f) ll += expf(__ldcg(ph + cc * (HD + 2)) - mm) * lc;
     }
-    out[h * HD + d] = from_f<T>(t * inv);
+    const float inv = 1.f / ll;
+    for (int d = tid; d < HD; d += NT) {
+      float t = 0.f;
+      for (int cc = 0; cc < C; ++cc) {
+        const float lc = __ldcg(ph + cc * (HD + 2) + 1);
+        if (lc > 0.f) t += expf(__ldcg(ph + cc * (HD + 2)) - mm) * __ldcg(ph + cc * (HD + 2) + 2 + d);
+      }
+      out[h * HD + d] = from_f<T>(t * inv);
+    }
+    if (tid == 0) *count = 0u;
   }
-  if (tid == 0) *count = 0u;
+  __syncthreads();  // the shared scratch is free for the block's next item
+}
+
+}  // namespace parley
+"""
+
+# The ring_attn kernel: block (h, c) = ring_item (h, c).
+_RING_ATTN = r"""
+  using namespace parley;
+  __shared__ float sc[CL];
+  __shared__ float red[32];
+  __shared__ float acc_s[NT / 32 * HD];
+  __shared__ int last_s;
+  ring_item<T, HD, S, C, CL, LPR, NT, false>(
+      blockIdx.x / C, blockIdx.x % C, q, k, v, const_cast<T*>(kring), const_cast<T*>(vring),
+      meta[0], meta[1], {scale}f, part, const_cast<unsigned int*>(cnt), out, sc, red, acc_s,
+      &last_s);
 """
 
 
@@ -810,9 +854,10 @@ def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
         raise ValueError(kind)
     # MLX caches compiled kernels on disk by name (MLX_PTX_CACHE_DIR, default under /tmp), so the
     # name carries a digest of the source: a changed kernel must never load an old build.
-    digest = hashlib.sha1((_HEADER + src).encode()).hexdigest()[:12]
+    header = _HEADER + (_RING_HELPERS if kind == "ring_attn" else "")
+    digest = hashlib.sha1((header + src).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"parley_{kind}_{digest}", input_names=inputs,
-                               output_names=outputs, source=src, header=_HEADER)
+                               output_names=outputs, source=src, header=header)
 
 
 def _weights(lin: Linear, dtype: mx.Dtype) -> list[mx.array]:

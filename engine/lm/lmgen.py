@@ -127,6 +127,12 @@ class LMGen:
                                          and os.environ.get("PARLEY_RING_ATTENTION") != "0"
                                          and model.temporal.can_attend_fused(
                                              model.cfg.dim // model.cfg.num_heads))
+        # The temporal step as engine/lm/temporal_kernel.py's kernels (a few layers a launch):
+        # opt-in while unmeasured (PARLEY_TEMPORAL_KERNEL=1).
+        model.temporal.step_kernel = (model.temporal.ring_attention
+                                      and os.environ.get("PARLEY_TEMPORAL_KERNEL") == "1"
+                                      and model.temporal.can_run_step_kernel(
+                                          model.dtype, model.cfg.dim // model.cfg.num_heads))
         self._key = None
         self._last = {}  # "hidden" / "text_logits": evaluated MLX arrays, numpy on access
         self.last_audio_logits: mx.array | None = None
@@ -203,9 +209,17 @@ class LMGen:
         self._depth_path, self._frame = value, None
 
     def check_depth_kernel(self) -> str | None:
-        """On the step-kernel path: if a grid barrier gave up (the GPU could not hold the whole
-        grid at once, e.g. shared with other work), switches to the per-layer kernels and
-        returns one sentence saying so; else None. Costs one small read from the device."""
+        """On the step-kernel paths (depth, and the temporal one if on): if a grid barrier gave
+        up (the GPU could not hold the whole grid at once, e.g. shared with other work), switches
+        to the per-layer kernels and returns one sentence saying so; else None. Costs one small
+        read from the device each."""
+        temporal = self.model.temporal
+        if temporal.step_kernel and temporal.step_kernel_failed():
+            temporal.forget_barrier()
+            temporal.step_kernel = False
+            return ("The temporal transformer's step kernel could not get the whole GPU at once "
+                    "and was switched to the per-layer kernels; the last few frames may sound "
+                    "wrong.")
         dep = self.model.depformer
         if self._depth_path != "kernel" or not dep.step_kernel_failed():
             return None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from . import fused
+from . import depth_kernel, fused, temporal_kernel
 from .kv_ring import KVRing
 from .layers import Linear, attention_scale, gated_ffn, merge_heads, rms_norm_f32, split_heads
 
@@ -44,11 +44,46 @@ class Temporal:
         # With use_fused: the attention over the KV ring (and the ring write) as one kernel too
         # (fused.ring_attention; on by default with use_fused, PARLEY_RING_ATTENTION=0 turns it off).
         self.ring_attention = False
+        # With ring_attention: the whole step as engine/lm/temporal_kernel.py's kernels, a few
+        # layers a launch (opt-in while unmeasured: PARLEY_TEMPORAL_KERNEL=1).
+        self.step_kernel = False
+        self._barrier = None  # the step kernel's grid-barrier state, made on first use
         self._step_fns = {}
 
     def can_attend_fused(self, head_dim: int) -> bool:
         """Whether fused.ring_attention takes this model's heads."""
         return fused.ring_layout(head_dim) is not None
+
+    def can_run_step_kernel(self, dtype: mx.Dtype, head_dim: int) -> bool:
+        """Whether temporal_kernel.py's step kernel can run: where the fused kernels do, for
+        layers and heads it takes."""
+        return self.can_fuse(dtype) and temporal_kernel.supports(self, dtype, head_dim)
+
+    def step_kernel_failed(self) -> bool:
+        """Whether a step kernel's grid barrier ever gave up (its results were then wrong)."""
+        return self._barrier is not None and depth_kernel.barrier_failed(self._barrier)
+
+    def forget_barrier(self) -> None:
+        """Drops the barrier state (after a failure it may be inconsistent)."""
+        self._barrier = None
+
+    def _kernel_step(self):
+        """With step_kernel: the step as one compiled call of (x, offset, meta, counters,
+        barrier, *keys, *values) through temporal_kernel.step."""
+        if "kernel" not in self._step_fns:
+            n = len(self.layers)
+
+            def step(x, offset, meta, counters, barrier, *rings):
+                return temporal_kernel.step(self, x, offset, meta, counters, barrier,
+                                            list(rings[:n]), list(rings[n:]))
+
+            self._step_fns["kernel"] = mx.compile(step)
+        return self._step_fns["kernel"]
+
+    def _barrier_state(self) -> mx.array:
+        if self._barrier is None:
+            self._barrier = depth_kernel.new_barrier()
+        return self._barrier
 
     def can_fuse(self, dtype: mx.Dtype) -> bool:
         """Whether the fused step can run: MLX's CUDA backend and every layer's linears in a
@@ -167,6 +202,12 @@ class Temporal:
                 attention_scale(q.shape[-1])))
             # Trace the whole step too (never evaluated here: it would write the real ring).
             self._whole_step()(x, offset, kv.step_meta(), kv.counters(), *kv.keys, *kv.values)
+            if self.step_kernel:
+                # The step kernel on the real ring, but at slot -1: it writes no slot and attends
+                # to slot 0 only, so evaluating it (to compile it) leaves the ring as it was.
+                outs.append(self._kernel_step()(x, offset, mx.array([-1, 1], dtype=mx.int32),
+                                                kv.counters(), self._barrier_state(), *kv.keys,
+                                                *kv.values))
         for joint in joints:
             outs += joint(x, a, offset)
         outs.append(last(x, a))
@@ -175,6 +216,11 @@ class Temporal:
     def step_compiled(self, x: mx.array, kv: KVRing) -> mx.array:
         """One position ([1, 1, d]) with the compiled functions; same result as `__call__`."""
         offset = mx.array(kv.end, dtype=mx.int32)
+        if self.use_fused and self.ring_attention and self.step_kernel:
+            out = self._kernel_step()(x, offset, kv.step_meta(), kv.counters(),
+                                      self._barrier_state(), *kv.keys, *kv.values)
+            kv.advance(1)
+            return out
         if self.use_fused and self.ring_attention:
             out = self._whole_step()(x, offset, kv.step_meta(), kv.counters(), *kv.keys,
                                      *kv.values)

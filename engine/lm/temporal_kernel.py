@@ -1,0 +1,292 @@
+"""The temporal transformer's one-position step as a few CUDA kernels, on MLX's CUDA backend only.
+
+Why: with engine/lm/fused.py's kernels the temporal step is still five kernels a layer (QKV,
+ring attention, out projection, gated FFN, down projection), ~160 a frame, and on the H200 MLX
+spends ~2.5 ms of host time issuing them plus ~0.9 ms of Python building the step
+(docs/benchmarks.md, session 6): the frame is bound by the host about as much as by the device.
+Here one kernel runs LAYERS_PER_LAUNCH layers (default 8: four launches a frame), the way the
+depth step kernel (engine/lm/depth_kernel.py) runs a depth step: a grid of one block per SM,
+phases separated by grid-wide barriers, a layer being
+
+1. RMSNorm + QKV + RoPE (q, k, v to scratch);
+2. the attention over the KV ring: fused.ring_item for every (head, chunk) item, blocks taking
+   items in turn, the last block of a head combining its chunks; the new key and value are
+   written into the ring slot in place;
+3. out projection + residual;
+4. RMSNorm + the gated half of the feed-forward;
+5. down projection + residual;
+
+and the last launch ends with the out_norm. Numerics are those of the fused temporal step with
+ring attention (the same products summed in the same order, the same attention chunks), except
+that each block normalises its staged input with a block-wide sum of squares instead of a warp's:
+within float32 summation order of it. Opt-in while unmeasured (PARLEY_TEMPORAL_KERNEL=1, with ring
+attention on). Values written in a launch and read by other blocks of it are read through L2.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+
+import mlx.core as mx
+
+from . import depth_kernel, fused
+from .layers import RMS_EPS, attention_scale
+
+WARPS = 8  # warps per block: 256 threads, as fused.ring_item's chunks are sized for
+# Layers per launch; PARLEY_TEMPORAL_LAYERS_PER_LAUNCH overrides it, to measure. A launch's
+# kernel takes 16 arrays a layer, so fewer launches mean longer parameter lists.
+LAYERS_PER_LAUNCH = int(os.environ.get("PARLEY_TEMPORAL_LAYERS_PER_LAUNCH", "8"))
+_PER_LAYER = 16  # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values
+
+_HELPERS = r"""
+namespace parley {
+
+// y[row] = T(res[row] + T(W[row] . staged xs)) for the rows of every task t of this warp: a
+// projection added to a residual stream (res may be y itself: each row is read and written by
+// one lane).
+template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
+__device__ __forceinline__ void add_rows(T* y, const T* res, const float* xs, const void* w,
+                                         const T* s, const T* b, int gw, int lane) {
+  for (int t = gw; t < N / RW; t += TW) {
+    int rows[RW];
+    float acc[RW];
+#pragma unroll
+    for (int r = 0; r < RW; ++r) rows[r] = t * RW + r;
+    const float resv = lane < RW ? ld_cg(res + t * RW + lane) : 0.f;
+    gemv_rows<T, BITS, K, GROUP, RW>(xs, w, s, b, rows, acc, lane);
+#pragma unroll
+    for (int r = 0; r < RW; ++r) {
+      if (lane == r) y[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
+    }
+  }
+}
+
+}  // namespace parley
+"""
+
+_BODY = r"""
+  using namespace parley;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gw = blockIdx.x * WARPS + warp;  // this warp's index in the grid
+  constexpr int TW = NB * WARPS;             // warps in the grid
+  constexpr int NT = WARPS * 32;
+  constexpr int VPL = Pack<T, BITS>::VPL;
+  unsigned int* bar = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
+  unsigned int* counts = const_cast<unsigned int*>(cnt);
+  __shared__ float xs[XS];  // the staged input; the attention's scratch in phase 2
+  __shared__ float red[32];
+  __shared__ int last_s;
+  __shared__ const void* lp[L * PER_LAYER];
+  if (threadIdx.x == 0) {
+    {layer_ptrs}
+  }
+  __syncthreads();
+  const int p = pos[0], slot = meta[0], n = meta[1];
+
+  for (int l = 0; l < L; ++l) {
+    const void* const* pl = lp + l * PER_LAYER;  // this layer's arrays (see _layer_names)
+    const float* n1 = (const float*)pl[0];
+    const void* wq = pl[1];
+    const T* sq = (const T*)pl[2];
+    const T* bq = (const T*)pl[3];
+    const void* wo = pl[4];
+    const T* so = (const T*)pl[5];
+    const T* bo = (const T*)pl[6];
+    const float* n2 = (const float*)pl[7];
+    const void* wi = pl[8];
+    const T* si = (const T*)pl[9];
+    const T* bi = (const T*)pl[10];
+    const void* wd = pl[11];
+    const T* sd = (const T*)pl[12];
+    const T* bd = (const T*)pl[13];
+    T* kring = const_cast<T*>((const T*)pl[14]);
+    T* vring = const_cast<T*>((const T*)pl[15]);
+    const T* xr = l == 0 ? x0 : x;  // the residual stream entering this layer
+
+    // 1. RMSNorm + QKV, RoPE on queries and keys (as fused._QKV_EPI): q, k, v to scratch.
+    stage_x<T, VPL, D, NT, true, true>(xr, n1, {eps}f, xs, red);
+    for (int t = gw; t < 3 * D / RWQ; t += TW) {
+      int rows[RWQ];
+      float acc[RWQ];
+#pragma unroll
+      for (int r = 0; r < RWQ; ++r) rows[r] = t * RWQ + r;
+      gemv_rows<T, BITS, D, GROUP, RWQ>(xs, wq, sq, bq, rows, acc, lane);
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < RWQ; r += 2) {
+          const int row = rows[r];
+          float a0 = round_t<T>(acc[r]), a1 = round_t<T>(acc[r + 1]);
+          if (row < 2 * D) {
+            const int i = (row % HD) / 2;
+            const float freq = expf((float)i * {neg_log_base_2_over_hd}f);
+            const float theta = freq * (float)p;
+            double s, c;
+            sincos((double)theta, &s, &c);
+            const float cf = (float)c, sf = (float)s;
+            const float r0 = a0 * cf - a1 * sf, r1 = a0 * sf + a1 * cf;
+            a0 = r0;
+            a1 = r1;
+          }
+          T* dst = row < D ? q + row : row < 2 * D ? k + (row - D) : v + (row - 2 * D);
+          dst[0] = from_f<T>(a0);
+          dst[1] = from_f<T>(a1);
+        }
+      }
+    }
+    grid_sync<AR>(bar, NB);
+
+    // 2. Attention over the ring (and the ring write), a (head, chunk) item at a time.
+    for (int it = blockIdx.x; it < H * C; it += NB) {
+      ring_item<T, HD, S, C, CL, LPR, NT, true>(it / C, it % C, q, k, v, kring, vring, slot, n,
+                                                {scale}f, part, counts, attn, xs, red, xs + CL,
+                                                &last_s);
+    }
+    grid_sync<AR>(bar, NB);
+
+    // 3. Out projection + residual.
+    stage_x<T, VPL, D, NT, true, false>(attn, nullptr, 0.f, xs, red);
+    add_rows<T, BITS, D, GROUP, RWO, D, TW>(x, xr, xs, wo, so, bo, gw, lane);
+    grid_sync<AR>(bar, NB);
+
+    // 4. RMSNorm + the gated half of the feed-forward.
+    stage_x<T, VPL, D, NT, true, true>(x, n2, {eps}f, xs, red);
+    for (int t = gw; t < HID / RWG; t += TW) {
+      int rows[2 * RWG];
+      float acc[2 * RWG];
+#pragma unroll
+      for (int r = 0; r < RWG; ++r) { rows[r] = t * RWG + r; rows[RWG + r] = HID + t * RWG + r; }
+      gemv_rows<T, BITS, D, GROUP, 2 * RWG>(xs, wi, si, bi, rows, acc, lane);
+#pragma unroll
+      for (int r = 0; r < RWG; ++r) {
+        if (lane == r) {
+          const float g = round_t<T>(acc[r]);
+          const float u = round_t<T>(acc[RWG + r]);
+          const float sig = round_t<T>(1.f / (1.f + expf(-g)));
+          hb[rows[r]] = from_f<T>(round_t<T>(g * sig) * u);
+        }
+      }
+    }
+    grid_sync<AR>(bar, NB);
+
+    // 5. Down projection + residual.
+    stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
+    add_rows<T, BITS, HID, GROUP, RWD, D, TW>(x, x, xs, wd, sd, bd, gw, lane);
+    if (l + 1 < L || LAST) grid_sync<AR>(bar, NB);
+  }
+
+  if constexpr (LAST) {  // out_norm, each block writing its share
+    stage_x<T, VPL, D, NT, true, true>(x, out_norm, {eps}f, xs, red);
+    for (int i = blockIdx.x * NT + threadIdx.x; i < D; i += NB * NT)
+      y[i] = from_f<T>(xs[xs_at<VPL, D / VPL>(i)]);
+  }
+"""
+
+
+def _layer_names(l: int) -> list[str]:
+    return [f"n1_{l}", f"wq_{l}", f"sq_{l}", f"bq_{l}", f"wo_{l}", f"so_{l}", f"bo_{l}",
+            f"n2_{l}", f"wi_{l}", f"si_{l}", f"bi_{l}", f"wd_{l}", f"sd_{l}", f"bd_{l}",
+            f"kr_{l}", f"vr_{l}"]
+
+
+@functools.cache
+def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float):
+    names = ["x0", "pos", "meta", "cnt", "sync", "out_norm"]
+    for l in range(layers):
+        names += _layer_names(l)
+    layer_ptrs = " ".join(f"lp[{l * _PER_LAYER + i}] = {n};"
+                          for l in range(layers) for i, n in enumerate(_layer_names(l)))
+    src = (_BODY.replace("{layer_ptrs}", layer_ptrs).replace("{eps}", repr(float(RMS_EPS)))
+           .replace("{scale}", repr(float(scale)))
+           .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
+    header = fused._HEADER + fused._RING_HELPERS + depth_kernel._HELPERS + _HELPERS
+    digest = hashlib.sha1((header + src).encode()).hexdigest()[:12]
+    return mx.fast.cuda_kernel(name=f"parley_temporal_{digest}", input_names=names,
+                               output_names=["y", "x", "q", "k", "v", "attn", "hb", "part"],
+                               source=src, header=header)
+
+
+def supports(temporal, dtype: mx.Dtype, head_dim: int) -> bool:
+    """Whether `temporal` (a Temporal) fits the kernel: every linear in fused.py's layouts with
+    one BITS/GROUP for all, heads fused.ring_item takes, and a staged input that fits a block's
+    shared memory."""
+    if dtype not in (mx.bfloat16, mx.float32) or fused.ring_layout(head_dim) is None:
+        return False
+    lins = [lin for layer in temporal.layers
+            for lin in (layer.in_proj, layer.out_proj, layer.linear_in, layer.linear_out)]
+    if not all(fused.supports(lin, dtype) for lin in lins):
+        return False
+    if len({(lin.bits, lin.group_size) for lin in lins}) != 1:
+        return False
+    D = fused._shape(temporal.layers[0].out_proj)[0]
+    HID = fused._shape(temporal.layers[0].linear_out)[1]
+    lin = temporal.layers[0].in_proj
+    vpl = 128 // lin.bits if lin.quantized else 16 // dtype.size
+    floats = max(_xs_floats(D, vpl), _xs_floats(HID, vpl))
+    return D % temporal.num_heads == 0 and floats + 32 + LAYERS_PER_LAUNCH * _PER_LAYER * 2 <= 12 * 1024
+
+
+def _xs_floats(k: int, vpl: int) -> int:
+    return vpl * (k // vpl + 1)
+
+
+def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
+         barrier: mx.array, keys: list[mx.array], values: list[mx.array]) -> mx.array:
+    """The one-position step: x [1, 1, D] at position `offset` (int32 scalar), meta = [slot, n]
+    of the KV ring (KVRing.step_meta), counters uint32 [H] zeros (left zero), barrier a grid
+    barrier state (depth_kernel.new_barrier), keys/values each layer's ring [1, H, S, hd]
+    (written in place) -> out_norm(h) [1, 1, D]."""
+    dtype = x.dtype
+    layers = temporal.layers
+    H = temporal.num_heads
+    D = fused._shape(layers[0].out_proj)[0]
+    HID = fused._shape(layers[0].linear_out)[1]
+    hd = D // H
+    S = int(keys[0].shape[2])
+    _, lpr = fused.ring_layout(hd)
+    chunks = -(-S // fused.RING_CHUNK)
+    cl = -(-S // chunks)
+    lin = layers[0].in_proj
+    bits = lin.bits if lin.quantized else 0
+    vpl = 128 // bits if bits else 16 // dtype.size
+    nb = depth_kernel.sm_count()
+    warps = nb * WARPS
+    xs = max(_xs_floats(D, vpl), _xs_floats(HID, vpl), cl + WARPS * hd)
+    c = -math.log(temporal.max_period) * 2 / hd
+    pos = offset.reshape(1).astype(mx.int32)
+    h = x.reshape(D)
+    n = len(layers)
+    for first in range(0, n, LAYERS_PER_LAUNCH):
+        group = range(first, min(first + LAYERS_PER_LAUNCH, n))
+        last = group[-1] == n - 1
+        ins = [h, pos, meta, counters, barrier, temporal.out_norm]
+        for i in group:
+            layer = layers[i]
+            ins += [layer.norm1, *fused._weights(layer.in_proj, dtype),
+                    *fused._weights(layer.out_proj, dtype), layer.norm2,
+                    *fused._weights(layer.linear_in, dtype),
+                    *fused._weights(layer.linear_out, dtype), keys[i], values[i]]
+        template = [("T", dtype), ("BITS", bits), ("GROUP", lin.group_size if bits else 64),
+                    ("D", D), ("HID", HID), ("H", H), ("HD", hd), ("L", len(group)),
+                    ("S", S), ("C", chunks), ("CL", cl), ("LPR", lpr), ("NB", nb),
+                    ("WARPS", WARPS), ("XS", xs), ("PER_LAYER", _PER_LAYER), ("LAST", last),
+                    ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
+                    ("RWQ", _even_rows(3 * D, warps)),
+                    ("RWO", depth_kernel._rows_per_warp(D, warps)),
+                    ("RWG", depth_kernel._rows_per_warp(HID, warps)),
+                    ("RWD", depth_kernel._rows_per_warp(D, warps))]
+        kern = _kernel(len(group), attention_scale(hd), c)
+        outs = kern(inputs=ins, template=template,
+                    output_shapes=[(D if last else 1,), (D,), (D,), (D,), (D,), (D,), (HID,),
+                                   (H * chunks * (hd + 2),)],
+                    output_dtypes=[dtype] * 7 + [mx.float32],
+                    grid=(nb * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1))
+        h = outs[0] if last else outs[1]
+    return h.reshape(1, 1, D)
+
+
+def _even_rows(n: int, warps: int) -> int:
+    """Rows per warp task of the QKV phase: 2 or 4 (RoPE rotates pairs of rows)."""
+    return 2 if n % 4 or n // 2 <= warps else 4

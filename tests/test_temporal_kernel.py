@@ -1,0 +1,186 @@
+"""engine/lm/temporal_kernel.py: what the temporal step kernel is given, how the engine takes it
+and leaves it.
+
+The kernel needs MLX's CUDA backend: on a CUDA machine the test marked `cuda` runs the tiny model
+through it; `scripts/check_fused_kernels.py --temporal-kernel` checks it there against the fused
+step on a 7B-shaped model, and `--nvrtc` compiles every variant anywhere. Here the kernels are
+stood in for.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.lm import fused, temporal_kernel
+from tests.test_fused import _greedy_tokens, cuda
+
+
+def _stand_in(monkeypatch, calls: list) -> None:
+    """mx.fast.cuda_kernel replaced: each call is checked against the kernel's declaration and
+    answered with zeros of the declared output shapes; the temporal kernel's calls are recorded."""
+
+    def fake_cuda_kernel(**kw):
+        def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup):
+            assert len(inputs) == len(kw["input_names"]), kw["name"]
+            assert len(output_shapes) == len(kw["output_names"]) == len(output_dtypes)
+            outs = [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
+            if kw["name"].startswith("parley_temporal_"):
+                calls.append({"kw": kw, "t": dict(template),
+                              "inputs": dict(zip(kw["input_names"], inputs)),
+                              "outs": dict(zip(kw["output_names"], outs)),
+                              "grid": grid, "block": threadgroup})
+            return outs
+        return call
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
+    fused._kernel.cache_clear()
+    temporal_kernel._kernel.cache_clear()
+
+
+@pytest.fixture
+def engine(tiny_dir, monkeypatch):
+    from engine.duplex import DuplexEngine
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "1")
+    monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "0")
+    yield DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
+    temporal_kernel._kernel.cache_clear()
+    fused._kernel.cache_clear()
+
+
+def test_it_is_opt_in(tiny_dir, monkeypatch):
+    from engine.duplex import DuplexEngine
+    monkeypatch.setattr(fused, "enabled", lambda: True)
+    monkeypatch.delenv("PARLEY_TEMPORAL_KERNEL", raising=False)
+    temporal = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen.model.temporal
+    assert temporal.ring_attention and not temporal.step_kernel
+    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "1")
+    monkeypatch.setenv("PARLEY_RING_ATTENTION", "0")  # the kernel is the ring path's next step
+    temporal = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen.model.temporal
+    assert not temporal.step_kernel
+
+
+def test_it_takes_the_tiny_model_and_refuses_mixed_layouts(engine):
+    temporal = engine.gen.model.temporal
+    assert temporal.step_kernel
+    hd = engine.gen.cfg.dim // engine.gen.cfg.num_heads
+    assert temporal_kernel.supports(temporal, mx.float32, hd)
+    assert not temporal_kernel.supports(temporal, mx.float16, hd)
+    assert not temporal_kernel.supports(temporal, mx.float32, 96)  # heads ring_item cannot take
+    lin = temporal.layers[0].out_proj
+    q, s, b = mx.quantize(lin.weight, group_size=32, bits=4)
+    from engine.lm.layers import Linear
+    temporal.layers[0].out_proj = Linear(q, s, b, 4, 32)  # one layer quantized: refused
+    assert not temporal_kernel.supports(temporal, mx.float32, hd)
+
+
+def test_each_launch_gets_its_layers_rings_and_the_stream_of_the_last(engine, monkeypatch):
+    """Layers split over launches of LAYERS_PER_LAUNCH; each launch gets x from the previous
+    one, each layer's own arrays and rings, the step's position, ring meta, counters and barrier;
+    only the last one's output (the out_norm) is the step's."""
+    gen = engine.gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    n = len(temporal.layers)
+    monkeypatch.setattr(temporal_kernel, "LAYERS_PER_LAUNCH", 1)
+    calls = []
+    _stand_in(monkeypatch, calls)
+    x = mx.zeros((1, 1, cfg.dim))
+    offset, meta = mx.array(7, dtype=mx.int32), kv.step_meta()
+    barrier = temporal._barrier_state()
+    out = temporal_kernel.step(temporal, x, offset, meta, kv.counters(), barrier,
+                               list(kv.keys), list(kv.values))
+    assert len(calls) == n
+    for i, c in enumerate(calls):
+        ins, t = c["inputs"], c["t"]
+        assert t["L"] == 1 and t["LAST"] == (i == n - 1)
+        assert t["D"] == cfg.dim and t["H"] == cfg.num_heads and t["S"] == kv.slots
+        assert t["C"] * t["CL"] >= kv.slots and t["NB"] * t["WARPS"] * 32 == c["grid"][0]
+        assert t["XS"] >= t["CL"] + t["WARPS"] * t["HD"]
+        layer = temporal.layers[i]
+        assert ins["n1_0"] is layer.norm1 and ins["n2_0"] is layer.norm2
+        assert ins["wq_0"] is layer.in_proj.weight and ins["wd_0"] is layer.linear_out.weight
+        assert ins["kr_0"] is kv.keys[i] and ins["vr_0"] is kv.values[i]
+        assert ins["meta"] is meta and ins["sync"] is barrier and ins["out_norm"] is temporal.out_norm
+        assert int(ins["pos"].item()) == 7
+        if i:
+            assert ins["x0"] is calls[i - 1]["outs"]["x"]
+        assert c["outs"]["part"].size == cfg.num_heads * t["C"] * (t["HD"] + 2)
+    assert out.shape == (1, 1, cfg.dim)
+    assert calls[-1]["outs"]["y"].shape == (cfg.dim,)
+
+
+def test_the_engine_step_runs_it_and_the_warm_up_leaves_the_ring_alone(engine, monkeypatch):
+    """A live temporal step is one compiled call of the kernel step (traced by the warm-up) at
+    the ring's slot, and advances the ring; the warm-up evaluates the kernel at slot -1, which
+    writes no ring slot."""
+    gen = engine.gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    calls, metas = [], []
+    _stand_in(monkeypatch, calls)
+    real = temporal._kernel_step
+
+    def spied():
+        fn = real()
+        return lambda x, offset, meta, *rest: (metas.append(np.array(meta).tolist()),
+                                               fn(x, offset, meta, *rest))[1]
+
+    monkeypatch.setattr(temporal, "_kernel_step", spied)
+    outs = temporal.warm_up(mx.zeros((1, 1, cfg.dim)), kv)
+    mx.eval(outs)
+    assert metas == [[-1, 1]]  # traced here, the kernels made once each launch
+    assert len(calls) == -(-len(temporal.layers) // temporal_kernel.LAYERS_PER_LAUNCH)
+    calls.clear()
+    end = kv.end
+    h = gen.model.hidden(mx.zeros((1, 1, cfg.dim)), kv, compiled=True)
+    mx.eval(h)
+    assert kv.end == end + 1 and h.shape == (1, 1, cfg.dim)
+    assert calls == []  # the traced step replayed: no Python call of the kernels
+    assert metas[1:] == [[end % kv.slots, min(end + 1, kv.slots)]]
+
+
+def test_a_barrier_that_gave_up_switches_it_off_with_a_sentence(engine):
+    gen = engine.gen
+    temporal = gen.model.temporal
+    assert gen.check_depth_kernel() is None  # no barrier state yet: nothing failed
+    temporal._barrier = mx.array([0, 0, 1, 0], dtype=mx.uint32)
+    notice = gen.check_depth_kernel()
+    assert notice and "temporal transformer" in notice and notice.count(".") == 1
+    assert not temporal.step_kernel and temporal._barrier is None
+    assert engine.frame_path.count("temporal fused + ring attention") == 1
+
+
+def test_the_frame_path_and_the_bench_name_it(engine, tiny_dir, capsys):
+    import json
+
+    from engine.bench import BenchResult
+    from tui.cli import main
+    assert "temporal step kernel" in engine.frame_path
+    fused._kernel.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:  # the bench on this CPU, as it runs here
+        mp.setattr(fused, "enabled", lambda: False)
+        assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1",
+                     "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["temporal_kernel"] is False
+    lines = BenchResult({**data, "temporal_fused": True, "ring_attention": True,
+                         "temporal_kernel": True}).summary_lines()
+    assert any("; temporal: CUDA kernels of several layers each" in line for line in lines)
+    assert not any("ring attention" in line for line in lines)
+
+
+@cuda
+def test_on_cuda_the_step_kernel_keeps_the_frames_the_same(tiny_dir, monkeypatch):
+    """float32 tiny model, greedy: frames through the temporal step kernel equal those of the
+    fused step with ring attention, while the ring fills and across a wrap."""
+    pcm = (0.1 * np.random.default_rng(4).standard_normal((12, 1920))).astype(np.float32)
+    k_engine, k_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_TEMPORAL_KERNEL": "1"},
+                                        pcm, wrap_after=6)
+    r_engine, r_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_TEMPORAL_KERNEL": "0"},
+                                        pcm, wrap_after=6)
+    assert k_engine.gen.model.temporal.step_kernel
+    assert not r_engine.gen.model.temporal.step_kernel
+    assert not k_engine.gen.model.temporal.step_kernel_failed()
+    for a, b in zip(k_tokens, r_tokens):
+        np.testing.assert_array_equal(a, b)
