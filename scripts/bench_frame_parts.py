@@ -49,9 +49,12 @@ def timed_stage(build, frames: int) -> dict:
             "total_ms": p50([x + y + z for x, y, z in zip(b, h, w)])}
 
 
-def compare_options(engine, mic, frames: int, only: list[str] | None = None) -> dict:
+def compare_options(engine, mic, frames: int, only: list[str] | None = None,
+                    tkernel_configs: list[str] = ()) -> dict:
     """Whole frames over a full attention window under each opt-in speed path and the defaults,
-    interleaved frame by frame in this process -> {variant: p50/p95/max ms}."""
+    interleaved frame by frame in this process -> {variant: p50/p95/max ms}. Each of
+    `tkernel_configs` ("BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK]") adds the temporal step kernel
+    under those launch settings (engine/lm/temporal_kernel.py) as a variant."""
     from engine.lm import sample_kernel
     gen, model = engine.gen, engine.gen.model
     gen.kv.end += gen.kv.slots
@@ -67,11 +70,16 @@ def compare_options(engine, mic, frames: int, only: list[str] | None = None) -> 
                 "products take x 16 bytes at a time": default | {"split"}}
     if only:
         variants = {k: v for k, v in variants.items() if k in only or k == "defaults"}
+    configs = {}
+    for c in tkernel_configs:
+        configs[f"tk{c}"] = (tuple(int(v) for v in c.split(",")) + (0, 0))[:4]
+        variants[f"temporal step kernel {c}"] = default | {f"tk{c}"}
     hd = model.cfg.dim // model.cfg.num_heads
     if not model.temporal.use_fused or not model.temporal.can_attend_fused(hd):
         variants = {k: v - {"ring"} for k, v in variants.items()}
+    kernels = {"tkernel", "tkernel4", *configs}
     if not model.temporal.can_run_step_kernel(model.dtype, hd):
-        variants = {k: v for k, v in variants.items() if not v & {"tkernel", "tkernel4"}}
+        variants = {k: v for k, v in variants.items() if not v & kernels}
     built = {}
     for want in (False, True):  # the frame function with and without the one-kernel draws
         os.environ["PARLEY_FUSED_SAMPLING"] = "1" if want else "0"
@@ -79,33 +87,39 @@ def compare_options(engine, mic, frames: int, only: list[str] | None = None) -> 
     os.environ.pop("PARLEY_FUSED_SAMPLING")
     variants = {k: (v if built[True] else v - {"sampling"}) for k, v in variants.items()}
 
-    # The product variants and the step kernel's layers a launch are fixed when the temporal step
-    # is traced: one traced step each.
-    from engine.lm import temporal_kernel
+    # The product variants and the step kernel's launch settings (layers a launch, blocks an SM,
+    # loads in flight) are fixed when the temporal step is traced: one traced step each.
+    from engine.lm import temporal_kernel as tk
+    saved = fused.SPLIT_X, tk.LAYERS_PER_LAUNCH, tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK
+
+    def key_of(opts):
+        layers = 4 if "tkernel4" in opts else saved[1]
+        launch = next((configs[o] for o in opts if o in configs), saved[2:])
+        return ("split" in opts, layers, *launch)
+
     steps = {}
-    saved = fused.SPLIT_X, temporal_kernel.LAYERS_PER_LAUNCH
-    for key in {(False, saved[1]), (True, saved[1]), (False, 4)}:
-        fused.SPLIT_X, temporal_kernel.LAYERS_PER_LAUNCH = key
-        temporal_kernel._kernel.cache_clear()
+    for key in {key_of(v) for v in variants.values()} | {key_of(set())}:
+        fused.SPLIT_X, tk.LAYERS_PER_LAUNCH, tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK = key
+        tk._kernel.cache_clear()
         model.temporal._step_fns = {}
         for ring, kernel in ((False, False), (True, False), (True, True)):
             model.temporal.ring_attention, model.temporal.step_kernel = ring, kernel
-            if kernel and not any(v & {"tkernel", "tkernel4"} for v in variants.values()):
+            if kernel and not any(v & kernels and key_of(v) == key for v in variants.values()):
                 continue
             outs = model.temporal.warm_up(mx.zeros((1, 1, model.cfg.dim), dtype=model.dtype),
                                           gen.kv)
             if kernel:
-                mx.eval(outs)  # builds the kernels while LAYERS_PER_LAUNCH is this key's
+                mx.eval(outs)  # builds the kernels while the launch settings are this key's
         steps[key] = model.temporal._step_fns
-    fused.SPLIT_X, temporal_kernel.LAYERS_PER_LAUNCH = saved
+    fused.SPLIT_X, tk.LAYERS_PER_LAUNCH, tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK = saved
     model.temporal.step_kernel = False
 
     def use(opts):
         gen.early_submit = "early" in opts
         gen._frame = built["sampling" in opts]
         model.temporal.ring_attention = "ring" in opts
-        model.temporal.step_kernel = bool(opts & {"tkernel", "tkernel4"})
-        model.temporal._step_fns = steps["split" in opts, 4 if "tkernel4" in opts else saved[1]]
+        model.temporal.step_kernel = bool(opts & kernels)
+        model.temporal._step_fns = steps[key_of(opts)]
 
     def frame_ms():
         t = time.perf_counter()
@@ -139,6 +153,9 @@ def main() -> None:
                          "sampling, ring attention, all three) against the defaults, interleaved")
     ap.add_argument("--variants", nargs="*",
                     help="with --options: only these variants (names as printed) and the defaults")
+    ap.add_argument("--tkernel-configs", nargs="*", default=[],
+                    help="with --options: the temporal step kernel under each of these launch "
+                         "settings, BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK] (0: the default)")
     ap.add_argument("--temporal", action="store_true",
                     help="only the temporal stage (MLX operations vs fused kernels) and whole "
                          "frames with and without the fused temporal step")
@@ -166,7 +183,8 @@ def main() -> None:
             engine.step(mic())
         result = {"load_s": round(load_s, 1), "prefill_s": round(prefill_s, 1)}
         if args.options:
-            result["frames"] = compare_options(engine, mic, args.frames, args.variants)
+            result["frames"] = compare_options(engine, mic, args.frames, args.variants,
+                                               args.tkernel_configs)
             result["temporal step kernel barrier gave up"] = \
                 engine.gen.model.temporal.step_kernel_failed()
             print(json.dumps(result, indent=1))

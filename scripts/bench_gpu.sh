@@ -161,12 +161,18 @@ PY
     ;;
   tkernel)
     # The temporal step kernel (engine/lm/temporal_kernel.py): numerics against the default
-    # fused step, its CUDA test, then whole 4-bit frames against the defaults. After `stage`.
+    # fused step (CHECK_ARGS=--configs-only skips them), its launch configurations TK_CONFIGS
+    # against each other (bit for bit, step time, each phase's time from the kernel's clock), its
+    # CUDA tests, then whole 4-bit frames under each of TK_FRAMES against the defaults (FRAMES=0
+    # skips them). Configurations: BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK]. After `stage`.
     install
-    timeout ${CHECK_TIMEOUT:-200} python3 scripts/check_fused_kernels.py --temporal-kernel 2>&1 | tee "$out/tkernel.txt" || true
+    timeout ${CHECK_TIMEOUT:-240} python3 scripts/check_fused_kernels.py --temporal-kernel ${CHECK_ARGS:-} \
+      --configs ${TK_CONFIGS:-1,0 1,8 2,0 2,8 2,4 3,4} 2>&1 | tee "$out/tkernel.txt" || true
     timeout ${PYTEST_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py 2>&1 | tail -5 || true
-    timeout ${PARTS_TIMEOUT:-300} python3 scripts/bench_frame_parts.py --options --frames ${FRAMES:-40} \
-      --variants "temporal step kernel" "temporal step kernel, 4 layers a launch" "$@" | tee "$out/options.json"
+    if [ "${FRAMES:-40}" != 0 ]; then
+      timeout ${PARTS_TIMEOUT:-300} python3 scripts/bench_frame_parts.py --options --frames ${FRAMES:-40} \
+        --variants "temporal step kernel" --tkernel-configs ${TK_FRAMES:-2,4} "$@" | tee "$out/options.json"
+    fi
     ;;
   probe)
     # A short call: the ring attention kernel's check, then Nsight Compute on the depth step

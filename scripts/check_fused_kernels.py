@@ -31,7 +31,7 @@ from engine.lm import depth_kernel, fused  # noqa: E402
 from engine.lm.layers import Linear, gated_ffn, merge_heads, rms_norm_f32, split_heads  # noqa: E402
 
 CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint32: "uint32_t",
-              mx.int32: "int32_t"}
+              mx.int32: "int32_t", mx.uint64: "uint64_t"}
 
 
 def make_linear(n: int, k: int, bits: int, dtype, key: int, group: int = 64) -> Linear:
@@ -615,14 +615,9 @@ def shaped_temporal(dims: dict, bits: int, dtype, layers: int, weights=None):
                     norm(), dims["heads"], dims.get("context", 3000), 10000.0)
 
 
-def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
-                          reps: int = 20) -> list[str]:
-    """engine/lm/temporal_kernel.py's step against the fused step with ring attention (the
-    engine's default), on random weights of the given widths and random rings: the output and
-    every ring (the new slot written, nothing else) for a filling ring, a full one and a wrapped
-    one; then each step's wall time (build + issue + wait), same process."""
-    from engine.lm import temporal_kernel
-    from engine.lm.layers import attention_scale
+def _temporal_setup(dtype, bits: int, dims: dict, layers: int):
+    """A Temporal of random weights of the given widths (fused, ring attention), random rings,
+    zero counters, a barrier, and its fused whole step (the engine's default)."""
     keys_ = iter(range(5000, 9000))
 
     def weights(n, k):
@@ -642,7 +637,18 @@ def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
     counters = mx.zeros((H,), dtype=mx.uint32)
     barrier = depth_kernel.new_barrier()
     mx.eval(t.arrays(), rings, counters)
-    whole = t._whole_step()
+    return t, rings, counters, barrier, t._whole_step()
+
+
+def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
+                          reps: int = 20) -> list[str]:
+    """engine/lm/temporal_kernel.py's step against the fused step with ring attention (the
+    engine's default), on random weights of the given widths and random rings: the output and
+    every ring (the new slot written, nothing else) for a filling ring, a full one and a wrapped
+    one; then each step's wall time (build + issue + wait), same process."""
+    from engine.lm import temporal_kernel
+    t, rings, counters, barrier, whole = _temporal_setup(dtype, bits, dims, layers)
+    S = dims["slots"]
     lines, tol = [], (2e-2 if dtype == mx.bfloat16 else 1e-4)
     for pos in (5, S - 1, S + 7):
         x = mx.random.normal((1, 1, dims["d"]), key=mx.random.key(pos)).astype(dtype)
@@ -667,7 +673,8 @@ def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
                      f"{'unchanged' if rest_ok else 'CHANGED'}")
     failed = depth_kernel.barrier_failed(barrier)
     lines.append(f"{'FAIL' if failed else 'ok  '} temporal step kernel grid barriers "
-                 f"({depth_kernel.sm_count()} blocks){' gave up' if failed else ''}")
+                 f"({depth_kernel.sm_count() * temporal_kernel.BLOCKS_PER_SM} blocks)"
+                 f"{' gave up' if failed else ''}")
     x = mx.zeros((1, 1, dims["d"]), dtype=dtype)
     offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([7, S], dtype=mx.int32)
     kern = mx.compile(lambda x, *r: temporal_kernel.step(t, x, offset, meta, counters, barrier,
@@ -682,6 +689,83 @@ def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
             times.append((time.perf_counter() - t0) * 1e3)
         lines.append(f"     {name:28s} {layers} layers: p50 {float(np.median(times)):.3f} ms a step "
                      f"({float(np.median(times)) / layers * 1e3:.1f} us a layer)")
+    return lines
+
+
+PHASES = ("norm+QKV+RoPE", "attention", "out proj", "norm+gated", "down proj")
+
+
+def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[int, ...]],
+                            layers: int = 8, reps: int = 20) -> list[str]:
+    """The step kernel's launch configurations against each other, each (blocks an SM, loads in
+    flight a lane[, attention values a lane, attention chunk]): a configuration with the first's
+    attention layout must equal the first bit for bit (the same sums in the same order), one
+    with another layout come within bf16 rounding of it; then its step time (one launch of
+    `layers` layers, wall time) and, from the kernel's own clock (block 0, PROBE), the time each
+    phase of a layer takes, p50 over layers and steps."""
+    from engine.lm import temporal_kernel as tk
+    t, rings, counters, barrier, _ = _temporal_setup(dtype, bits, dims, layers)
+    S = dims["slots"]
+    x = mx.random.normal((1, 1, dims["d"]), key=mx.random.key(3)).astype(dtype)
+    slot = 7 % S
+    offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([slot, S], dtype=mx.int32)
+    saved = tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH
+    lines, first = [], None
+    tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
+    try:
+        tk.LAYERS_PER_LAUNCH = layers
+        for config in configs:
+            bps, loads, dpl, chunk = (tuple(config) + (0, 0))[:4]
+            tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK = bps, loads, dpl, chunk
+            name = (f"{bps} block(s) an SM, loads {loads or 'compiler'}"
+                    + (f", attention {dpl or 'default'} values a lane, chunks of {chunk or 'default'}"
+                       if dpl or chunk else ""))
+            rb = [r + 0 for r in rings]
+            mx.eval(rb)
+            try:
+                out = tk.step(t, x, offset, meta, counters, barrier, rb[:layers], rb[layers:])
+                mx.eval(out)
+            except Exception as e:  # a launch that does not compile or fit: say so, go on
+                lines.append(f"FAIL {name}: {str(e).splitlines()[0][:200]}")
+                continue
+            if depth_kernel.barrier_failed(barrier):
+                lines.append(f"FAIL {name}: the grid barrier gave up (the grid does not fit)")
+                barrier = depth_kernel.new_barrier()
+                continue
+            if first is None:
+                first = (out, rb, (dpl, chunk))
+                same, ok = "reference for the others", True
+            elif first[2] == (dpl, chunk):
+                ok = bool(mx.array_equal(out, first[0]).item()) and all(
+                    bool(mx.array_equal(a, b).item()) for a, b in zip(rb, first[1]))
+                same = "equal to the first bit for bit" if ok else "DIFFERS from the first"
+            else:
+                e = rel_err(out, first[0])
+                ring_e = max(rel_err(a[:, :, slot], b[:, :, slot]) for a, b in zip(rb, first[1]))
+                ok = e <= tol and ring_e <= tol
+                same = f"rel err {e:.2e} from the first (new slot {ring_e:.2e})"
+            kern = mx.compile(lambda x, *r: tk.step(
+                t, x, offset, meta, counters, barrier, list(r[:layers]), list(r[layers:])))
+            mx.eval(kern(x, *rings))
+            times, phases = [], [[] for _ in PHASES]
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                mx.eval(kern(x, *rings))
+                times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(reps):
+                _, ticks = tk.step(t, x, offset, meta, counters, barrier, rings[:layers],
+                                   rings[layers:], probe=True)
+                d = np.diff(np.array(ticks[0].tolist(), dtype=np.float64)) / 1e3  # us
+                for i in range(len(d)):
+                    phases[i % 5].append(d[i])
+            per_layer = sum(float(np.median(v)) for v in phases)
+            lines.append(f"{'ok  ' if ok else 'FAIL'} {name}: {same}; step p50 "
+                         f"{float(np.median(times)):.3f} ms; phases p50 us: " + ", ".join(
+                             f"{ph} {float(np.median(v)):.1f}" for ph, v in zip(PHASES, phases))
+                         + f" (a layer {per_layer:.1f})")
+    finally:
+        (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH) = saved
+        tk._kernel.cache_clear()
     return lines
 
 
@@ -700,19 +784,26 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
     out = []
     seven_b = {"d": 4096, "hidden": 11264, "heads": 32, "slots": 2999}
     tiny = {"d": 64, "hidden": 176, "heads": 4, "slots": 7}
-    for dims, bits, dtype in ((seven_b, 4, mx.bfloat16), (seven_b, 8, mx.bfloat16),
-                              (seven_b, 0, mx.bfloat16), (tiny, 0, mx.float32)):
-        for layers in (8, 9):
+    saved = temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS
+    for dims, bits, dtype, configs in ((seven_b, 4, mx.bfloat16, ((1, 0), (2, 8), (2, 4))),
+                                       (seven_b, 8, mx.bfloat16, ((1, 0), (2, 8))),
+                                       (seven_b, 0, mx.bfloat16, ((1, 0), (2, 8))),
+                                       (tiny, 0, mx.float32, ((1, 0), (2, 8)))):
+        for (bps, loads), layers, probe in [(c, n, False) for c in configs for n in (8, 9)] + \
+                [(configs[0], 8, True)]:
+            temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = bps, loads
             t = shaped_temporal(dims, bits, dtype, layers)
             H, hd = dims["heads"], dims["d"] // dims["heads"]
             ring = mx.zeros((1, H, dims["slots"], hd), dtype=dtype)
             kw, ckw = _captured(lambda: temporal_kernel.step(
                 t, mx.zeros((1, 1, dims["d"]), dtype=dtype), mx.array(5, dtype=mx.int32),
                 mx.array([5, 6], dtype=mx.int32), mx.zeros((H,), dtype=mx.uint32),
-                mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers))
+                mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers, probe=probe))
             tpl = dict(ckw["template"])
             out.append((f"temporal step kernel d={dims['d']} {dtype} BITS={bits} L={tpl['L']} "
-                        f"LAST={tpl['LAST']}", _mlx_like_source(kw, ckw)))
+                        f"LAST={tpl['LAST']} blocks/SM={bps} LOADS={loads} PROBE={probe}",
+                         _mlx_like_source(kw, ckw)))
+    temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = saved
     return out
 
 
@@ -833,6 +924,11 @@ def main() -> None:
                     help="only the temporal step kernel: numerics against the fused step with "
                          "ring attention (7B widths, 9 layers, 4 and 8 bits; tiny float32), "
                          "then step timings")
+    ap.add_argument("--configs", nargs="*", default=["1,0", "1,8", "2,0", "2,8", "2,4", "3,4"],
+                    help="with --temporal-kernel: launch configurations to compare, each "
+                         "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK] (0: the default)")
+    ap.add_argument("--configs-only", action="store_true",
+                    help="with --temporal-kernel: only the configurations' comparison")
     ap.add_argument("--depth-only", action="store_true",
                     help="with --quick: only the depth step kernel (numerics, frame timings)")
     args = ap.parse_args()
@@ -859,10 +955,16 @@ def main() -> None:
         return
     if args.temporal_kernel:
         seven_b_ring = {**seven_b, "slots": 2999}
-        for bits, dtype, dims in ((4, mx.bfloat16, seven_b_ring), (8, mx.bfloat16, seven_b_ring),
-                                  (0, mx.float32, {**tiny, "slots": 7})):
-            fails += report(f"temporal step kernel {dtype} bits={bits} d={dims['d']}",
-                            check_temporal_kernel(dtype, bits, dims, reps=20 if bits else 3))
+        if not args.configs_only:
+            for bits, dtype, dims in ((4, mx.bfloat16, seven_b_ring), (8, mx.bfloat16, seven_b_ring),
+                                      (0, mx.float32, {**tiny, "slots": 7})):
+                fails += report(f"temporal step kernel {dtype} bits={bits} d={dims['d']}",
+                                check_temporal_kernel(dtype, bits, dims, reps=20 if bits else 3))
+        configs = [tuple(int(v) for v in c.split(",")) for c in args.configs]
+        for bits in (4, 8):
+            fails += report(f"temporal step kernel configurations, bf16 bits={bits}, 7B widths, "
+                            f"one launch of 8 layers",
+                            temporal_kernel_configs(mx.bfloat16, bits, seven_b_ring, configs))
         print("numerics:", "all ok" if not fails else f"{fails} FAILED")
         return
     if args.ring:

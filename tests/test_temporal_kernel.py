@@ -111,6 +111,46 @@ def test_each_launch_gets_its_layers_rings_and_the_stream_of_the_last(engine, mo
     assert calls[-1]["outs"]["y"].shape == (cfg.dim,)
 
 
+def test_more_blocks_an_sm_bound_the_registers_and_widen_the_grid(engine, monkeypatch):
+    """BLOCKS_PER_SM > 1: the grid has that many blocks an SM (its barrier counts them all) and
+    the kernel is declared with launch bounds that let them fit; LOADS reaches the template."""
+    from engine.lm import depth_kernel
+    gen = engine.gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    monkeypatch.setattr(depth_kernel, "sm_count", lambda: 10)
+    sources = {}
+    for bps, loads in ((1, 0), (2, 8)):
+        monkeypatch.setattr(temporal_kernel, "BLOCKS_PER_SM", bps)
+        monkeypatch.setattr(temporal_kernel, "LOADS", loads)
+        calls = []
+        _stand_in(monkeypatch, calls)
+        temporal_kernel.step(temporal, mx.zeros((1, 1, cfg.dim)), mx.array(3, dtype=mx.int32),
+                             kv.step_meta(), kv.counters(), temporal._barrier_state(),
+                             list(kv.keys), list(kv.values))
+        c = calls[0]
+        assert c["t"]["NB"] == 10 * bps and c["grid"][0] == 10 * bps * c["block"][0]
+        assert c["t"]["LOADS"] == loads and c["t"]["PROBE"] is False
+        sources[bps] = c["kw"]["header"]
+    assert "__launch_bounds__" not in sources[1]
+    bounds = sources[2][sources[2].index("#undef __global__"):]
+    assert "__launch_bounds__(256, 2)" in bounds and "namespace" not in bounds  # after all else
+
+
+def test_the_probe_returns_each_launchs_clock_ticks(engine, monkeypatch):
+    gen = engine.gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    monkeypatch.setattr(temporal_kernel, "LAYERS_PER_LAUNCH", 1)
+    calls = []
+    _stand_in(monkeypatch, calls)
+    out, ticks = temporal_kernel.step(temporal, mx.zeros((1, 1, cfg.dim)), mx.array(3, dtype=mx.int32),
+                                      kv.step_meta(), kv.counters(), temporal._barrier_state(),
+                                      list(kv.keys), list(kv.values), probe=True)
+    assert out.shape == (1, 1, cfg.dim) and len(ticks) == len(temporal.layers) == len(calls)
+    for c, t in zip(calls, ticks):
+        assert c["t"]["PROBE"] is True and t is c["outs"]["ticks"]
+        assert t.shape == (1 + 5 * c["t"]["L"],) and t.dtype == mx.uint64
+
+
 def test_the_engine_step_runs_it_and_the_warm_up_leaves_the_ring_alone(engine, monkeypatch):
     """A live temporal step is one compiled call of the kernel step (traced by the warm-up) at
     the ring's slot, and advances the ring; the warm-up evaluates the kernel at slot -1, which
@@ -184,3 +224,30 @@ def test_on_cuda_the_step_kernel_keeps_the_frames_the_same(tiny_dir, monkeypatch
     assert not k_engine.gen.model.temporal.step_kernel_failed()
     for a, b in zip(k_tokens, r_tokens):
         np.testing.assert_array_equal(a, b)
+
+
+@cuda
+def test_on_cuda_launch_configurations_agree_bit_for_bit(tiny_dir, monkeypatch):
+    """Blocks an SM and loads in flight change who computes what, not the sums: the step's output
+    and rings are the same bits under each configuration."""
+    from engine.duplex import DuplexEngine
+    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "1")
+    gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    x = mx.random.normal((1, 1, cfg.dim), key=mx.random.key(1))
+    keys = [mx.random.normal(k.shape, key=mx.random.key(i)) for i, k in enumerate(kv.keys)]
+    results = []
+    for bps, loads in ((1, 0), (2, 8), (2, 2)):
+        monkeypatch.setattr(temporal_kernel, "BLOCKS_PER_SM", bps)
+        monkeypatch.setattr(temporal_kernel, "LOADS", loads)
+        rings = [k + 0 for k in keys]
+        out = temporal_kernel.step(temporal, x, mx.array(4, dtype=mx.int32),
+                                   mx.array([4, 5], dtype=mx.int32), kv.counters(),
+                                   temporal._barrier_state(), rings, [r + 1 for r in rings])
+        mx.eval(out, rings)
+        results.append((np.array(out), [np.array(r) for r in rings]))
+    assert not temporal.step_kernel_failed()
+    for out, rings in results[1:]:
+        np.testing.assert_array_equal(out, results[0][0])
+        for a, b in zip(rings, results[0][1]):
+            np.testing.assert_array_equal(a, b)

@@ -39,15 +39,97 @@ WARPS = 8  # warps per block: 256 threads, as fused.ring_item's chunks are sized
 # Layers per launch; PARLEY_TEMPORAL_LAYERS_PER_LAUNCH overrides it, to measure. A launch's
 # kernel takes 16 arrays a layer, so fewer launches mean longer parameter lists.
 LAYERS_PER_LAUNCH = int(os.environ.get("PARLEY_TEMPORAL_LAYERS_PER_LAUNCH", "8"))
+# Blocks resident on each SM (PARLEY_TEMPORAL_BLOCKS_PER_SM): with 2 or more the kernel is
+# compiled with launch bounds that cap its registers, so that the grid still fits at once.
+BLOCKS_PER_SM = int(os.environ.get("PARLEY_TEMPORAL_BLOCKS_PER_SM", "1"))
+# Weight loads a lane keeps in flight in the products (PARLEY_TEMPORAL_LOADS); 0 leaves the
+# schedule to the compiler (fused.gemv_rows, fully unrolled: ~250 registers at 7B widths).
+LOADS = int(os.environ.get("PARLEY_TEMPORAL_LOADS", "0"))
+# The attention phase's layout, to measure: values of a key row a lane loads at once
+# (PARLEY_TEMPORAL_RING_DPL; 0: fused.ring_layout's) and most slots an item scores
+# (PARLEY_TEMPORAL_RING_CHUNK; 0: fused.RING_CHUNK). Other than the defaults they change the
+# order of the attention's sums (within float32 rounding of the fused step's).
+RING_DPL = int(os.environ.get("PARLEY_TEMPORAL_RING_DPL", "0"))
+RING_CHUNK = int(os.environ.get("PARLEY_TEMPORAL_RING_CHUNK", "0"))
 _PER_LAYER = 16  # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values
 
 _HELPERS = r"""
 namespace parley {
 
+// gemv_rows with its loads bounded: the K range is walked U lane-iterations at a time, each
+// step's RW x U weight loads (and their scales and biases) issued before any is used, so a lane
+// keeps about RW x U loads in flight and the registers stay few enough for more warps an SM.
+// The sums are those of gemv_rows, in the same order (bit-identical).
+template <typename T, int BITS, int K, int GROUP, int RW, int U>
+__device__ __forceinline__ void gemv_rows_u(const float* xs, const void* wp, const T* scales,
+                                            const T* biases, const int* rows, float* acc,
+                                            int lane) {
+  if constexpr (U == 0) {
+    gemv_rows<T, BITS, K, GROUP, RW>(xs, wp, scales, biases, rows, acc, lane);
+  } else {
+    constexpr int VPL = Pack<T, BITS>::VPL;
+    constexpr int KV = K / VPL;
+    constexpr int ITERS = (KV + 31) / 32;
+    constexpr int G = BITS ? K / GROUP : 1;
+    const uint4* w = reinterpret_cast<const uint4*>(wp);
+#pragma unroll
+    for (int r = 0; r < RW; ++r) acc[r] = 0.f;
+#pragma unroll 1
+    for (int i0 = 0; i0 < ITERS; i0 += U) {
+      uint4 wq[U][RW];
+      float sc[U][RW], bs[U][RW];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = lane + 32 * (i0 + u);
+        if ((ITERS % U == 0 || i0 + u < ITERS) && (KV % 32 == 0 || v < KV)) {
+#pragma unroll
+          for (int r = 0; r < RW; ++r) {
+            wq[u][r] = __ldg(w + (size_t)rows[r] * KV + v);
+            if constexpr (BITS != 0) {
+              const size_t g = (size_t)rows[r] * G + (v * VPL) / GROUP;
+              sc[u][r] = to_f(scales[g]);
+              bs[u][r] = to_f(biases[g]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = lane + 32 * (i0 + u);
+        if ((ITERS % U == 0 || i0 + u < ITERS) && (KV % 32 == 0 || v < KV)) {
+          float xv[VPL];
+#pragma unroll
+          for (int j = 0; j < VPL; ++j) xv[j] = xs[j * (KV + 1) + v];
+          float xsum = 0.f;
+          if constexpr (BITS != 0) {
+#pragma unroll
+            for (int j = 0; j < VPL; ++j) xsum += xv[j];
+          }
+#pragma unroll
+          for (int r = 0; r < RW; ++r) {
+            if constexpr (BITS != 0) {
+              acc[r] += sc[u][r] * dot_q<BITS>(wq[u][r], xv) + bs[u][r] * xsum;
+            } else {
+              acc[r] += dot_plain<T>(wq[u][r], xv);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RW; ++r) acc[r] = warp_sum(acc[r]);
+  }
+}
+
+// The loads a lane keeps in flight (LOADS) as lane-iterations for RW rows at a time.
+template <int RW> __device__ constexpr int unroll_for(int loads) {
+  return loads <= 0 ? 0 : (loads / RW > 1 ? loads / RW : 1);
+}
+
 // y[row] = T(res[row] + T(W[row] . staged xs)) for the rows of every task t of this warp: a
 // projection added to a residual stream (res may be y itself: each row is read and written by
 // one lane).
-template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
+template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW, int LOADS>
 __device__ __forceinline__ void add_rows(T* y, const T* res, const float* xs, const void* w,
                                          const T* s, const T* b, int gw, int lane) {
   for (int t = gw; t < N / RW; t += TW) {
@@ -56,7 +138,7 @@ __device__ __forceinline__ void add_rows(T* y, const T* res, const float* xs, co
 #pragma unroll
     for (int r = 0; r < RW; ++r) rows[r] = t * RW + r;
     const float resv = lane < RW ? ld_cg(res + t * RW + lane) : 0.f;
-    gemv_rows<T, BITS, K, GROUP, RW>(xs, w, s, b, rows, acc, lane);
+    gemv_rows_u<T, BITS, K, GROUP, RW, unroll_for<RW>(LOADS)>(xs, w, s, b, rows, acc, lane);
 #pragma unroll
     for (int r = 0; r < RW; ++r) {
       if (lane == r) y[rows[r]] = from_f<T>(resv + round_t<T>(acc[r]));
@@ -85,6 +167,17 @@ _BODY = r"""
   }
   __syncthreads();
   const int p = pos[0], slot = meta[0], n = meta[1];
+  // With PROBE, block 0 notes the GPU's clock (ns) at the start and after each phase's barrier.
+  auto tick = [&](int i) {
+    if constexpr (PROBE) {
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned long long now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        ticks[i] = now;
+      }
+    }
+  };
+  tick(0);
 
   for (int l = 0; l < L; ++l) {
     const void* const* pl = lp + l * PER_LAYER;  // this layer's arrays (see _layer_names)
@@ -113,7 +206,7 @@ _BODY = r"""
       float acc[RWQ];
 #pragma unroll
       for (int r = 0; r < RWQ; ++r) rows[r] = t * RWQ + r;
-      gemv_rows<T, BITS, D, GROUP, RWQ>(xs, wq, sq, bq, rows, acc, lane);
+      gemv_rows_u<T, BITS, D, GROUP, RWQ, unroll_for<RWQ>(LOADS)>(xs, wq, sq, bq, rows, acc, lane);
       if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < RWQ; r += 2) {
@@ -137,6 +230,7 @@ _BODY = r"""
       }
     }
     grid_sync<AR>(bar, NB);
+    tick(1 + 5 * l);
 
     // 2. Attention over the ring (and the ring write), a (head, chunk) item at a time.
     for (int it = blockIdx.x; it < H * C; it += NB) {
@@ -145,11 +239,13 @@ _BODY = r"""
                                                 &last_s);
     }
     grid_sync<AR>(bar, NB);
+    tick(2 + 5 * l);
 
     // 3. Out projection + residual.
     stage_x<T, VPL, D, NT, true, false>(attn, nullptr, 0.f, xs, red);
-    add_rows<T, BITS, D, GROUP, RWO, D, TW>(x, xr, xs, wo, so, bo, gw, lane);
+    add_rows<T, BITS, D, GROUP, RWO, D, TW, LOADS>(x, xr, xs, wo, so, bo, gw, lane);
     grid_sync<AR>(bar, NB);
+    tick(3 + 5 * l);
 
     // 4. RMSNorm + the gated half of the feed-forward.
     stage_x<T, VPL, D, NT, true, true>(x, n2, {eps}f, xs, red);
@@ -158,7 +254,8 @@ _BODY = r"""
       float acc[2 * RWG];
 #pragma unroll
       for (int r = 0; r < RWG; ++r) { rows[r] = t * RWG + r; rows[RWG + r] = HID + t * RWG + r; }
-      gemv_rows<T, BITS, D, GROUP, 2 * RWG>(xs, wi, si, bi, rows, acc, lane);
+      gemv_rows_u<T, BITS, D, GROUP, 2 * RWG, unroll_for<2 * RWG>(LOADS)>(xs, wi, si, bi, rows,
+                                                                           acc, lane);
 #pragma unroll
       for (int r = 0; r < RWG; ++r) {
         if (lane == r) {
@@ -170,11 +267,13 @@ _BODY = r"""
       }
     }
     grid_sync<AR>(bar, NB);
+    tick(4 + 5 * l);
 
     // 5. Down projection + residual.
     stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
-    add_rows<T, BITS, HID, GROUP, RWD, D, TW>(x, x, xs, wd, sd, bd, gw, lane);
+    add_rows<T, BITS, HID, GROUP, RWD, D, TW, LOADS>(x, x, xs, wd, sd, bd, gw, lane);
     if (l + 1 < L || LAST) grid_sync<AR>(bar, NB);
+    tick(5 + 5 * l);
   }
 
   if constexpr (LAST) {  // out_norm, each block writing its share
@@ -191,8 +290,17 @@ def _layer_names(l: int) -> list[str]:
             f"kr_{l}", f"vr_{l}"]
 
 
+# Launch bounds for BLOCKS_PER_SM > 1. MLX's cuda_kernel writes the kernel's signature itself,
+# so the bounds ride on the `__global__` it writes: redefined here, after every header that
+# uses it, to carry them (the kernel is the only function declared after our header).
+_LAUNCH_BOUNDS = """
+#undef __global__
+#define __global__ __attribute__((global)) __launch_bounds__({threads}, {blocks})
+"""
+
+
 @functools.cache
-def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float):
+def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float, blocks_per_sm: int = 1):
     names = ["x0", "pos", "meta", "cnt", "sync", "out_norm"]
     for l in range(layers):
         names += _layer_names(l)
@@ -202,9 +310,12 @@ def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float):
            .replace("{scale}", repr(float(scale)))
            .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
     header = fused._HEADER + fused._RING_HELPERS + depth_kernel._HELPERS + _HELPERS
+    if blocks_per_sm > 1:
+        header += _LAUNCH_BOUNDS.format(threads=WARPS * 32, blocks=blocks_per_sm)
     digest = hashlib.sha1((header + src).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"parley_temporal_{digest}", input_names=names,
-                               output_names=["y", "x", "q", "k", "v", "attn", "hb", "part"],
+                               output_names=["y", "x", "q", "k", "v", "attn", "hb", "part",
+                                             "ticks"],
                                source=src, header=header)
 
 
@@ -233,11 +344,12 @@ def _xs_floats(k: int, vpl: int) -> int:
 
 
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
-         barrier: mx.array, keys: list[mx.array], values: list[mx.array]) -> mx.array:
+         barrier: mx.array, keys: list[mx.array], values: list[mx.array], probe: bool = False):
     """The one-position step: x [1, 1, D] at position `offset` (int32 scalar), meta = [slot, n]
     of the KV ring (KVRing.step_meta), counters uint32 [H] zeros (left zero), barrier a grid
     barrier state (depth_kernel.new_barrier), keys/values each layer's ring [1, H, S, hd]
-    (written in place) -> out_norm(h) [1, 1, D]."""
+    (written in place) -> out_norm(h) [1, 1, D]. With `probe`, (out, ticks): for each launch the
+    GPU clock in ns at its start and after each layer's five phases (uint64 [1 + 5 L])."""
     dtype = x.dtype
     layers = temporal.layers
     H = temporal.num_heads
@@ -245,19 +357,21 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     HID = fused._shape(layers[0].linear_out)[1]
     hd = D // H
     S = int(keys[0].shape[2])
-    _, lpr = fused.ring_layout(hd)
-    chunks = -(-S // fused.RING_CHUNK)
+    lpr = _lanes_a_row(hd)
+    chunks = -(-S // (RING_CHUNK or fused.RING_CHUNK))
     cl = -(-S // chunks)
     lin = layers[0].in_proj
     bits = lin.bits if lin.quantized else 0
     vpl = 128 // bits if bits else 16 // dtype.size
-    nb = depth_kernel.sm_count()
+    bps = max(1, BLOCKS_PER_SM)
+    nb = depth_kernel.sm_count() * bps
     warps = nb * WARPS
     xs = max(_xs_floats(D, vpl), _xs_floats(HID, vpl), cl + WARPS * hd)
     c = -math.log(temporal.max_period) * 2 / hd
     pos = offset.reshape(1).astype(mx.int32)
     h = x.reshape(D)
     n = len(layers)
+    ticks = []
     for first in range(0, n, LAYERS_PER_LAUNCH):
         group = range(first, min(first + LAYERS_PER_LAUNCH, n))
         last = group[-1] == n - 1
@@ -273,18 +387,31 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
                     ("S", S), ("C", chunks), ("CL", cl), ("LPR", lpr), ("NB", nb),
                     ("WARPS", WARPS), ("XS", xs), ("PER_LAYER", _PER_LAYER), ("LAST", last),
                     ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
+                    ("PROBE", probe), ("LOADS", LOADS),
                     ("RWQ", _even_rows(3 * D, warps)),
                     ("RWO", depth_kernel._rows_per_warp(D, warps)),
                     ("RWG", depth_kernel._rows_per_warp(HID, warps)),
                     ("RWD", depth_kernel._rows_per_warp(D, warps))]
-        kern = _kernel(len(group), attention_scale(hd), c)
+        kern = _kernel(len(group), attention_scale(hd), c, bps)
         outs = kern(inputs=ins, template=template,
                     output_shapes=[(D if last else 1,), (D,), (D,), (D,), (D,), (D,), (HID,),
-                                   (H * chunks * (hd + 2),)],
-                    output_dtypes=[dtype] * 7 + [mx.float32],
+                                   (H * chunks * (hd + 2),), (1 + 5 * len(group) if probe else 1,)],
+                    output_dtypes=[dtype] * 7 + [mx.float32, mx.uint64],
                     grid=(nb * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1))
         h = outs[0] if last else outs[1]
-    return h.reshape(1, 1, D)
+        ticks.append(outs[8])
+    out = h.reshape(1, 1, D)
+    return (out, ticks) if probe else out
+
+
+def _lanes_a_row(hd: int) -> int:
+    """Lanes that share a key row in the attention phase: RING_DPL values each if that splits the
+    row into a power of two of lanes, at most a warp; else fused.ring_layout's choice."""
+    if RING_DPL > 0 and hd % RING_DPL == 0:
+        lpr = hd // RING_DPL
+        if 1 <= lpr <= 32 and not lpr & (lpr - 1):
+            return lpr
+    return fused.ring_layout(hd)[1]
 
 
 def _even_rows(n: int, warps: int) -> int:
