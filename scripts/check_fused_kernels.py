@@ -785,10 +785,12 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
     seven_b = {"d": 4096, "hidden": 11264, "heads": 32, "slots": 2999}
     tiny = {"d": 64, "hidden": 176, "heads": 4, "slots": 7}
     saved = temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS
-    for dims, bits, dtype, configs in ((seven_b, 4, mx.bfloat16, ((1, 0), (2, 8), (2, 4))),
-                                       (seven_b, 8, mx.bfloat16, ((1, 0), (2, 8))),
-                                       (seven_b, 0, mx.bfloat16, ((1, 0), (2, 8))),
-                                       (tiny, 0, mx.float32, ((1, 0), (2, 8)))):
+    smem = depth_kernel.shared_memory_per_sm
+    depth_kernel.shared_memory_per_sm = lambda: 228 * 1024  # an H100/H200 SM's, wherever this runs
+    for dims, bits, dtype, configs in ((seven_b, 4, mx.bfloat16, ((3, 4), (1, 0), (2, 4))),
+                                       (seven_b, 8, mx.bfloat16, ((3, 4), (1, 0))),
+                                       (seven_b, 0, mx.bfloat16, ((3, 4), (1, 0))),
+                                       (tiny, 0, mx.float32, ((3, 4), (1, 0)))):
         for (bps, loads), layers, probe in [(c, n, False) for c in configs for n in (8, 9)] + \
                 [(configs[0], 8, True)]:
             temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = bps, loads
@@ -804,6 +806,7 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
                         f"LAST={tpl['LAST']} blocks/SM={bps} LOADS={loads} PROBE={probe}",
                          _mlx_like_source(kw, ckw)))
     temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = saved
+    depth_kernel.shared_memory_per_sm = smem
     return out
 
 

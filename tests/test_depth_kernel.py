@@ -204,8 +204,9 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["depth_path"] == ("kernel" if fused.enabled() else "mlx")
-    on_cuda = fused.enabled()  # all three are CUDA defaults (sampled frames: the draws)
+    on_cuda = fused.enabled()  # all four are CUDA defaults (sampled frames: the draws)
     assert data["ring_attention"] is data["one_kernel_draws"] is data["early_submit"] is on_cuda
+    assert data["temporal_kernel"] is on_cuda
     lines = BenchResult({**data, "depth_path": "kernel", "temporal_fused": True}).summary_lines()
     assert "Depth transformer: one CUDA kernel a step; temporal: fused CUDA kernels" in lines
     lines = BenchResult({**data, "depth_path": "kernel", "temporal_fused": True, "ring_attention": True,
@@ -217,6 +218,8 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     engine = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
     engine.overlap_encode = False
     assert engine.gen.depth_path == "kernel"
+    assert engine.frame_path == "depth one kernel a step, temporal step kernel, one-kernel draws"
+    engine.gen.model.temporal.step_kernel = False
     assert engine.frame_path == ("depth one kernel a step, temporal fused + ring attention, "
                                  "one-kernel draws")
     engine.gen.depth_path = "fused"

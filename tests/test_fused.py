@@ -263,6 +263,7 @@ def test_the_fused_ring_attention_fits_the_temporal_step(tiny_dir, monkeypatch):
     monkeypatch.setattr(fused, "ring_attention", spy)
     monkeypatch.setattr(fused, "enabled", lambda: True)
     monkeypatch.setenv("PARLEY_RING_ATTENTION", "1")
+    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "0")  # the ring path itself, not its successor
     try:
         gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
         model = gen.model
@@ -300,8 +301,9 @@ def test_on_cuda_the_ring_attention_kernel_keeps_the_frames_the_same(tiny_dir, m
     in place) equal the frames without: six while the ring fills, then, the ring's position
     moved on to just before a wrap, six across it."""
     pcm = (0.1 * np.random.default_rng(2).standard_normal((12, 1920))).astype(np.float32)
-    ring_engine, ring_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_RING_ATTENTION": "1"},
-                                              pcm, wrap_after=6)
+    ring_engine, ring_tokens = _greedy_tokens(
+        tiny_dir, monkeypatch, {"PARLEY_RING_ATTENTION": "1", "PARLEY_TEMPORAL_KERNEL": "0"},
+        pcm, wrap_after=6)
     sdpa_engine, sdpa_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_RING_ATTENTION": "0"},
                                               pcm, wrap_after=6)
     assert ring_engine.gen.model.temporal.ring_attention

@@ -50,16 +50,23 @@ def engine(tiny_dir, monkeypatch):
     fused._kernel.cache_clear()
 
 
-def test_it_is_opt_in(tiny_dir, monkeypatch):
+def test_it_is_the_default_where_it_runs_and_can_be_turned_off(tiny_dir, monkeypatch):
     from engine.duplex import DuplexEngine
     monkeypatch.setattr(fused, "enabled", lambda: True)
     monkeypatch.delenv("PARLEY_TEMPORAL_KERNEL", raising=False)
     temporal = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen.model.temporal
+    assert temporal.ring_attention and temporal.step_kernel
+    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "0")
+    temporal = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen.model.temporal
     assert temporal.ring_attention and not temporal.step_kernel
-    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "1")
+    monkeypatch.delenv("PARLEY_TEMPORAL_KERNEL")
     monkeypatch.setenv("PARLEY_RING_ATTENTION", "0")  # the kernel is the ring path's next step
     temporal = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen.model.temporal
     assert not temporal.step_kernel
+    monkeypatch.setattr(fused, "enabled", lambda: False)  # no CUDA: neither
+    monkeypatch.delenv("PARLEY_RING_ATTENTION")
+    temporal = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen.model.temporal
+    assert not temporal.ring_attention and not temporal.step_kernel
 
 
 def test_it_takes_the_tiny_model_and_refuses_mixed_layouts(engine):
@@ -118,8 +125,9 @@ def test_more_blocks_an_sm_bound_the_registers_and_widen_the_grid(engine, monkey
     gen = engine.gen
     temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
     monkeypatch.setattr(depth_kernel, "sm_count", lambda: 10)
+    monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: 228 * 1024)
     sources = {}
-    for bps, loads in ((1, 0), (2, 8)):
+    for bps, loads in ((1, 0), (2, 8), (3, 4)):
         monkeypatch.setattr(temporal_kernel, "BLOCKS_PER_SM", bps)
         monkeypatch.setattr(temporal_kernel, "LOADS", loads)
         calls = []
@@ -132,8 +140,20 @@ def test_more_blocks_an_sm_bound_the_registers_and_widen_the_grid(engine, monkey
         assert c["t"]["LOADS"] == loads and c["t"]["PROBE"] is False
         sources[bps] = c["kw"]["header"]
     assert "__launch_bounds__" not in sources[1]
-    bounds = sources[2][sources[2].index("#undef __global__"):]
-    assert "__launch_bounds__(256, 2)" in bounds and "namespace" not in bounds  # after all else
+    bounds = sources[3][sources[3].index("#undef __global__"):]
+    assert "__launch_bounds__(256, 3)" in bounds and "namespace" not in bounds  # after all else
+
+
+def test_blocks_an_sm_are_as_many_as_its_shared_memory_holds(monkeypatch):
+    from engine.lm import depth_kernel
+    block = 46 * 1024  # the 7B's: the down projection's staged input
+    monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: 228 * 1024)  # H100/H200
+    assert temporal_kernel.blocks_that_fit(3, block) == 3
+    assert temporal_kernel.blocks_that_fit(1, block) == 1
+    monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: 100 * 1024)  # Ada
+    assert temporal_kernel.blocks_that_fit(3, block) == 2
+    monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: None)  # the driver cannot say
+    assert temporal_kernel.blocks_that_fit(3, block) == 1
 
 
 def test_the_probe_returns_each_launchs_clock_ticks(engine, monkeypatch):

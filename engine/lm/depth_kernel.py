@@ -319,6 +319,23 @@ def sm_count() -> int:
         return 32
 
 
+@functools.cache
+def shared_memory_per_sm() -> int | None:
+    """Bytes of shared memory an SM of CUDA device 0 has for its resident blocks (from the
+    driver), or None if the driver cannot say."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        dev, n = ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0):
+            return None
+        # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR = 81
+        if cuda.cuDeviceGetAttribute(ctypes.byref(n), 81, dev) or n.value <= 0:
+            return None
+        return int(n.value)
+    except OSError:
+        return None
+
+
 def _rows_per_warp(n: int, warps: int) -> int:
     """Rows per warp task: the smallest of 1, 2, 4 dividing n that leaves no more tasks than the
     grid has warps (more rows per warp = more loads in flight per warp)."""

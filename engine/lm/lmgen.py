@@ -127,10 +127,10 @@ class LMGen:
                                          and os.environ.get("PARLEY_RING_ATTENTION") != "0"
                                          and model.temporal.can_attend_fused(
                                              model.cfg.dim // model.cfg.num_heads))
-        # The temporal step as engine/lm/temporal_kernel.py's kernels (a few layers a launch):
-        # opt-in while unmeasured (PARLEY_TEMPORAL_KERNEL=1).
+        # The temporal step as engine/lm/temporal_kernel.py's kernels (a few layers a launch),
+        # where they run; PARLEY_TEMPORAL_KERNEL=0 keeps the fused step.
         model.temporal.step_kernel = (model.temporal.ring_attention
-                                      and os.environ.get("PARLEY_TEMPORAL_KERNEL") == "1"
+                                      and os.environ.get("PARLEY_TEMPORAL_KERNEL") != "0"
                                       and model.temporal.can_run_step_kernel(
                                           model.dtype, model.cfg.dim // model.cfg.num_heads))
         self._key = None

@@ -45,7 +45,7 @@ class Temporal:
         # (fused.ring_attention; on by default with use_fused, PARLEY_RING_ATTENTION=0 turns it off).
         self.ring_attention = False
         # With ring_attention: the whole step as engine/lm/temporal_kernel.py's kernels, a few
-        # layers a launch (opt-in while unmeasured: PARLEY_TEMPORAL_KERNEL=1).
+        # layers a launch (LMGen's default where they run; PARLEY_TEMPORAL_KERNEL=0 turns it off).
         self.step_kernel = False
         self._barrier = None  # the step kernel's grid-barrier state, made on first use
         self._step_fns = {}

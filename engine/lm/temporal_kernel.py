@@ -19,8 +19,10 @@ phases separated by grid-wide barriers, a layer being
 and the last launch ends with the out_norm. Numerics are those of the fused temporal step with
 ring attention (the same products summed in the same order, the same attention chunks), except
 that each block normalises its staged input with a block-wide sum of squares instead of a warp's:
-within float32 summation order of it. Opt-in while unmeasured (PARLEY_TEMPORAL_KERNEL=1, with ring
-attention on). Values written in a launch and read by other blocks of it are read through L2.
+within float32 summation order of it. The default on MLX's CUDA backend since session 7, where
+with three blocks an SM and four loads in flight a lane it took the H200's 4-bit frame from 12.3
+to ~10.9 ms (docs/benchmarks.md); PARLEY_TEMPORAL_KERNEL=0 keeps the fused step. Values written
+in a launch and read by other blocks of it are read through L2.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ WARPS = 8  # warps per block: 256 threads, as fused.ring_item's chunks are sized
 # Layers per launch; PARLEY_TEMPORAL_LAYERS_PER_LAUNCH overrides it, to measure. A launch's
 # kernel takes 16 arrays a layer, so fewer launches mean longer parameter lists.
 LAYERS_PER_LAUNCH = int(os.environ.get("PARLEY_TEMPORAL_LAYERS_PER_LAUNCH", "8"))
-# Blocks resident on each SM (PARLEY_TEMPORAL_BLOCKS_PER_SM): with 2 or more the kernel is
-# compiled with launch bounds that cap its registers, so that the grid still fits at once.
-BLOCKS_PER_SM = int(os.environ.get("PARLEY_TEMPORAL_BLOCKS_PER_SM", "1"))
+# Blocks resident on each SM (PARLEY_TEMPORAL_BLOCKS_PER_SM; fewer where the SM's shared memory
+# cannot hold them): with 2 or more the kernel is compiled with launch bounds that cap its
+# registers, so that the grid still fits at once. One block (~250 registers) left 8 warps an SM
+# and the kernel ~2x slower than with three (H200, session 7).
+BLOCKS_PER_SM = int(os.environ.get("PARLEY_TEMPORAL_BLOCKS_PER_SM", "3"))
 # Weight loads a lane keeps in flight in the products (PARLEY_TEMPORAL_LOADS); 0 leaves the
 # schedule to the compiler (fused.gemv_rows, fully unrolled: ~250 registers at 7B widths).
-LOADS = int(os.environ.get("PARLEY_TEMPORAL_LOADS", "0"))
+LOADS = int(os.environ.get("PARLEY_TEMPORAL_LOADS", "4"))
 # The attention phase's layout, to measure: values of a key row a lane loads at once
 # (PARLEY_TEMPORAL_RING_DPL; 0: fused.ring_layout's) and most slots an item scores
 # (PARLEY_TEMPORAL_RING_CHUNK; 0: fused.RING_CHUNK). Other than the defaults they change the
@@ -363,10 +367,10 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     lin = layers[0].in_proj
     bits = lin.bits if lin.quantized else 0
     vpl = 128 // bits if bits else 16 // dtype.size
-    bps = max(1, BLOCKS_PER_SM)
+    xs = max(_xs_floats(D, vpl), _xs_floats(HID, vpl), cl + WARPS * hd)
+    bps = blocks_that_fit(BLOCKS_PER_SM, 4 * (xs + 33) + 8 * LAYERS_PER_LAUNCH * _PER_LAYER)
     nb = depth_kernel.sm_count() * bps
     warps = nb * WARPS
-    xs = max(_xs_floats(D, vpl), _xs_floats(HID, vpl), cl + WARPS * hd)
     c = -math.log(temporal.max_period) * 2 / hd
     pos = offset.reshape(1).astype(mx.int32)
     h = x.reshape(D)
@@ -402,6 +406,17 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
         ticks.append(outs[8])
     out = h.reshape(1, 1, D)
     return (out, ticks) if probe else out
+
+
+def blocks_that_fit(wanted: int, block_shared_bytes: int) -> int:
+    """Blocks an SM for the grid: `wanted`, fewer if the SM's shared memory cannot hold them all
+    at once (each block also takes 1 KB the runtime reserves), 1 if the driver cannot say."""
+    if wanted <= 1:
+        return 1
+    per_sm = depth_kernel.shared_memory_per_sm()
+    if per_sm is None:
+        return 1
+    return max(1, min(wanted, per_sm // (block_shared_bytes + 1024)))
 
 
 def _lanes_a_row(hd: int) -> int:
