@@ -74,6 +74,8 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
               full_context: bool = True) -> BenchResult:
     import mlx.core as mx
 
+    from engine.lm import temporal_kernel
+
     rng = np.random.default_rng(0)
     frame = engine.frame_size
 
@@ -132,6 +134,9 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "temporal_fused": bool(engine.gen.model.temporal.use_fused),
         "ring_attention": bool(engine.gen.model.temporal.ring_attention),
         "temporal_kernel": bool(engine.gen.model.temporal.step_kernel),
+        "temporal_kernel_launch": (temporal_kernel.launch_settings(
+            engine.gen.model.temporal, engine.gen.model.dtype, kv.slots)
+            if engine.gen.model.temporal.step_kernel else None),
         "one_kernel_draws": bool(getattr(engine.gen, "one_kernel_draws", False)),
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
         "attended_positions": kv.filled,

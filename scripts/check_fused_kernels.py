@@ -673,7 +673,8 @@ def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
                      f"{'unchanged' if rest_ok else 'CHANGED'}")
     failed = depth_kernel.barrier_failed(barrier)
     lines.append(f"{'FAIL' if failed else 'ok  '} temporal step kernel grid barriers "
-                 f"({depth_kernel.sm_count() * temporal_kernel.BLOCKS_PER_SM} blocks)"
+                 f"({depth_kernel.sm_count() * temporal_kernel.launch_settings(t, dtype, S)['blocks_per_sm']}"
+                 " blocks)"
                  f"{' gave up' if failed else ''}")
     x = mx.zeros((1, 1, dims["d"]), dtype=dtype)
     offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([7, S], dtype=mx.int32)

@@ -223,7 +223,12 @@ def test_the_frame_path_and_the_bench_name_it(engine, tiny_dir, capsys):
         assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1",
                      "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["temporal_kernel"] is False
+    assert data["temporal_kernel"] is False and data["temporal_kernel_launch"] is None
+    gen = engine.gen
+    launch = temporal_kernel.launch_settings(gen.model.temporal, gen.model.dtype, gen.kv.slots)
+    assert launch["layers_per_launch"] == temporal_kernel.LAYERS_PER_LAUNCH
+    assert launch["blocks_per_sm"] == 1  # no driver here to say what an SM holds
+    assert launch["loads_in_flight"] == temporal_kernel.LOADS
     lines = BenchResult({**data, "temporal_fused": True, "ring_attention": True,
                          "temporal_kernel": True}).summary_lines()
     assert any("; temporal: CUDA kernels of several layers each" in line for line in lines)

@@ -347,6 +347,28 @@ def _xs_floats(k: int, vpl: int) -> int:
     return vpl * (k // vpl + 1)
 
 
+def _geometry(temporal, dtype: mx.Dtype, slots: int) -> tuple[int, int, int, int]:
+    """(attention chunks a head, slots a chunk, floats of a block's staged input, blocks an SM)
+    of a launch over a ring of `slots`."""
+    D = fused._shape(temporal.layers[0].out_proj)[0]
+    HID = fused._shape(temporal.layers[0].linear_out)[1]
+    hd = D // temporal.num_heads
+    chunks = -(-slots // (RING_CHUNK or fused.RING_CHUNK))
+    cl = -(-slots // chunks)
+    lin = temporal.layers[0].in_proj
+    vpl = 128 // lin.bits if lin.quantized else 16 // dtype.size
+    xs = max(_xs_floats(D, vpl), _xs_floats(HID, vpl), cl + WARPS * hd)
+    bps = blocks_that_fit(BLOCKS_PER_SM, 4 * (xs + 33) + 8 * LAYERS_PER_LAUNCH * _PER_LAYER)
+    return chunks, cl, xs, bps
+
+
+def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
+    """How the step's launches are laid out on this GPU (for `parley bench --json`)."""
+    _, _, _, bps = _geometry(temporal, dtype, slots)
+    return {"layers_per_launch": LAYERS_PER_LAUNCH, "blocks_per_sm": bps,
+            "sms": depth_kernel.sm_count(), "loads_in_flight": LOADS}
+
+
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
          barrier: mx.array, keys: list[mx.array], values: list[mx.array], probe: bool = False):
     """The one-position step: x [1, 1, D] at position `offset` (int32 scalar), meta = [slot, n]
@@ -362,13 +384,9 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     hd = D // H
     S = int(keys[0].shape[2])
     lpr = _lanes_a_row(hd)
-    chunks = -(-S // (RING_CHUNK or fused.RING_CHUNK))
-    cl = -(-S // chunks)
+    chunks, cl, xs, bps = _geometry(temporal, dtype, S)
     lin = layers[0].in_proj
     bits = lin.bits if lin.quantized else 0
-    vpl = 128 // bits if bits else 16 // dtype.size
-    xs = max(_xs_floats(D, vpl), _xs_floats(HID, vpl), cl + WARPS * hd)
-    bps = blocks_that_fit(BLOCKS_PER_SM, 4 * (xs + 33) + 8 * LAYERS_PER_LAUNCH * _PER_LAYER)
     nb = depth_kernel.sm_count() * bps
     warps = nb * WARPS
     c = -math.log(temporal.max_period) * 2 / hd
