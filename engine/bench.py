@@ -42,7 +42,7 @@ class BenchResult:
             f"max {tot['max_ms']:.2f} ms (budget 80 ms; attending over "
             f"{d['attended_positions']} positions, context {d['context']})",
             f"Stages (p50 ms): {split}" + (
-                f" (encode overlapped with the LM step)" if d.get("overlap_encode") else ""),
+                " (encode overlapped with the LM step)" if d.get("overlap_encode") else ""),
             "Depth transformer: " + _DEPTH_PATHS.get(d.get("depth_path", ""), "MLX operations")
             + "; temporal: " + ("CUDA kernels of several layers each" if d.get("temporal_kernel")
                                 else "fused CUDA kernels" if d.get("temporal_fused")

@@ -81,7 +81,7 @@ def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
     y = lin_in(rms_norm_f32(x, alpha))
     want_mid = (lambda g, u: g * mx.sigmoid(g) * u)(y[..., :h], y[..., h:])
     report(f"gated {2 * h}x{d}", hmid, want_mid)
-    report(f"ffn (gated + down+res)", fused.gemv(hmid, lin_out, res=res),
+    report("ffn (gated + down+res)", fused.gemv(hmid, lin_out, res=res),
            res + gated_ffn(rms_norm_f32(x, alpha), lin_in, lin_out))
     inp = make_linear(3 * d, d, bits, dtype, next(key))
     pos = 2345
