@@ -127,6 +127,32 @@ template <> __device__ __forceinline__ float dot_plain<__nv_bfloat16>(const uint
   return s;
 }
 
+// The input values weight chunk v multiplies (from the transposed staged copy xs), and with
+// BITS their sum (for the groups' biases).
+template <int BITS, int VPL, int KV>
+__device__ __forceinline__ float chunk_x(const float* xs, int v, float* xv) {
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) xv[j] = xs[j * (KV + 1) + v];
+  float xsum = 0.f;
+  if constexpr (BITS != 0) {
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) xsum += xv[j];
+  }
+  return xsum;
+}
+
+// One 16-byte weight chunk times its input values: with BITS, scaled and biased by its group's
+// scale s and bias b.
+template <typename T, int BITS>
+__device__ __forceinline__ float chunk_dot(const uint4 wq, float s, float b, const float* xv,
+                                           float xsum) {
+  if constexpr (BITS != 0) {
+    return fmaf(s, dot_q<BITS>(wq, xv), b * xsum);  // as nvcc contracts s * dot + b * xsum
+  } else {
+    return dot_plain<T>(wq, xv);
+  }
+}
+
 // acc[r] = row rows[r] of W times x (staged in xs), summed over the warp (every lane gets it).
 template <typename T, int BITS, int K, int GROUP, int RW>
 __device__ __forceinline__ void gemv_rows(const float* xs, const void* wp, const T* scales,
@@ -143,22 +169,13 @@ __device__ __forceinline__ void gemv_rows(const float* xs, const void* wp, const
     const int v = lane + 32 * it;
     if (KV % 32 == 0 || v < KV) {
       float xv[VPL];
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) xv[j] = xs[j * (KV + 1) + v];
-      float xsum = 0.f;
-      if constexpr (BITS != 0) {
-#pragma unroll
-        for (int j = 0; j < VPL; ++j) xsum += xv[j];
-      }
+      const float xsum = chunk_x<BITS, VPL, KV>(xs, v, xv);
 #pragma unroll
       for (int r = 0; r < RW; ++r) {
         const uint4 wq = __ldg(w + (size_t)rows[r] * KV + v);
-        if constexpr (BITS != 0) {
-          const size_t g = (size_t)rows[r] * G + (v * VPL) / GROUP;
-          acc[r] += to_f(scales[g]) * dot_q<BITS>(wq, xv) + to_f(biases[g]) * xsum;
-        } else {
-          acc[r] += dot_plain<T>(wq, xv);
-        }
+        const size_t g = BITS ? (size_t)rows[r] * G + (v * VPL) / GROUP : 0;
+        acc[r] += chunk_dot<T, BITS>(wq, BITS ? to_f(scales[g]) : 0.f,
+                                     BITS ? to_f(biases[g]) : 0.f, xv, xsum);
       }
     }
   }

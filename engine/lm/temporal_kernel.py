@@ -81,7 +81,7 @@ __device__ __forceinline__ void gemv_rows_u(const float* xs, const void* wp, con
 #pragma unroll 1
     for (int i0 = 0; i0 < ITERS; i0 += U) {
       uint4 wq[U][RW];
-      float sc[U][RW], bs[U][RW];
+      float sc[U][RW] = {}, bs[U][RW] = {};
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int v = lane + 32 * (i0 + u);
@@ -102,21 +102,10 @@ __device__ __forceinline__ void gemv_rows_u(const float* xs, const void* wp, con
         const int v = lane + 32 * (i0 + u);
         if ((ITERS % U == 0 || i0 + u < ITERS) && (KV % 32 == 0 || v < KV)) {
           float xv[VPL];
+          const float xsum = chunk_x<BITS, VPL, KV>(xs, v, xv);
 #pragma unroll
-          for (int j = 0; j < VPL; ++j) xv[j] = xs[j * (KV + 1) + v];
-          float xsum = 0.f;
-          if constexpr (BITS != 0) {
-#pragma unroll
-            for (int j = 0; j < VPL; ++j) xsum += xv[j];
-          }
-#pragma unroll
-          for (int r = 0; r < RW; ++r) {
-            if constexpr (BITS != 0) {
-              acc[r] += sc[u][r] * dot_q<BITS>(wq[u][r], xv) + bs[u][r] * xsum;
-            } else {
-              acc[r] += dot_plain<T>(wq[u][r], xv);
-            }
-          }
+          for (int r = 0; r < RW; ++r)
+            acc[r] += chunk_dot<T, BITS>(wq[u][r], sc[u][r], bs[u][r], xv, xsum);
         }
       }
     }
