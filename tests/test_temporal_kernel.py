@@ -224,11 +224,16 @@ def test_the_frame_path_and_the_bench_name_it(engine, tiny_dir, capsys):
                      "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["temporal_kernel"] is False and data["temporal_kernel_launch"] is None
+    from engine.lm import depth_kernel
     gen = engine.gen
-    launch = temporal_kernel.launch_settings(gen.model.temporal, gen.model.dtype, gen.kv.slots)
-    assert launch["layers_per_launch"] == temporal_kernel.LAYERS_PER_LAUNCH
-    assert launch["blocks_per_sm"] == 1  # no driver here to say what an SM holds
-    assert launch["loads_in_flight"] == temporal_kernel.LOADS
+    for smem, blocks in ((None, 1), (228 * 1024, temporal_kernel.BLOCKS_PER_SM)):
+        with pytest.MonkeyPatch.context() as mp:  # what an SM holds: unknown, an H100/H200's
+            mp.setattr(depth_kernel, "shared_memory_per_sm", lambda: smem)
+            launch = temporal_kernel.launch_settings(gen.model.temporal, gen.model.dtype,
+                                                     gen.kv.slots)
+        assert launch["layers_per_launch"] == temporal_kernel.LAYERS_PER_LAUNCH
+        assert launch["blocks_per_sm"] == blocks
+        assert launch["loads_in_flight"] == temporal_kernel.LOADS
     lines = BenchResult({**data, "temporal_fused": True, "ring_attention": True,
                          "temporal_kernel": True}).summary_lines()
     assert any("; temporal: CUDA kernels of several layers each" in line for line in lines)
