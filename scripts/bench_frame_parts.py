@@ -50,11 +50,12 @@ def timed_stage(build, frames: int) -> dict:
 
 
 def compare_options(engine, mic, frames: int, only: list[str] | None = None,
-                    tkernel_configs: list[str] = ()) -> dict:
+                    tkernel_configs: list[str] = (), plain_mimi=None) -> dict:
     """Whole frames over a full attention window under each opt-in speed path and the defaults,
     interleaved frame by frame in this process -> {variant: p50/p95/max ms}. Each of
     `tkernel_configs` ("BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK]") adds the temporal step kernel
-    under those launch settings (engine/lm/temporal_kernel.py) as a variant."""
+    under those launch settings (engine/lm/temporal_kernel.py) as a variant. `plain_mimi`, the
+    same codec with its transformers on MLX operations, adds "Mimi kernels off"."""
     from engine.lm import sample_kernel
     gen, model = engine.gen, engine.gen.model
     gen.kv.end += gen.kv.slots
@@ -68,6 +69,11 @@ def compare_options(engine, mic, frames: int, only: list[str] | None = None,
                 "temporal step kernel": default | {"tkernel"},
                 "temporal step kernel, 4 layers a launch": default | {"tkernel4"},
                 "products take x 16 bytes at a time": default | {"split"}}
+    codecs = {False: engine.mimi}
+    if plain_mimi is not None:
+        variants["Mimi kernels off"] = default | {"mimi off"}
+        codecs[True] = plain_mimi
+        plain_mimi.encoder_resets = engine.mimi.encoder_resets  # the worker must not reset either
     if only:
         variants = {k: v for k, v in variants.items() if k in only or k == "defaults"}
     configs = {}
@@ -115,6 +121,7 @@ def compare_options(engine, mic, frames: int, only: list[str] | None = None,
     model.temporal.step_kernel = False
 
     def use(opts):
+        engine.mimi = codecs["mimi off" in opts]
         gen.early_submit = "early" in opts
         gen._frame = built["sampling" in opts]
         model.temporal.ring_attention = "ring" in opts
@@ -183,8 +190,17 @@ def main() -> None:
             engine.step(mic())
         result = {"load_s": round(load_s, 1), "prefill_s": round(prefill_s, 1)}
         if args.options:
+            plain_mimi = None
+            if scratch is not None and engine.mimi.decoder_transformer.kernel:
+                from engine.mimi import Mimi
+                os.environ["PARLEY_MIMI_KERNEL"] = "0"
+                plain_mimi = Mimi.load(scratch / "tokenizer-e351c8d8-checkpoint125.safetensors",
+                                       engine.mimi.cfg, num_codebooks=engine.mimi.num_codebooks)
+                os.environ.pop("PARLEY_MIMI_KERNEL")
+                plain_mimi.reset()
+                mx.eval(plain_mimi.encoder_state_arrays())
             result["frames"] = compare_options(engine, mic, args.frames, args.variants,
-                                               args.tkernel_configs)
+                                               args.tkernel_configs, plain_mimi)
             result["temporal step kernel barrier gave up"] = \
                 engine.gen.model.temporal.step_kernel_failed()
             print(json.dumps(result, indent=1))

@@ -174,6 +174,18 @@ PY
         --variants "temporal step kernel" --tkernel-configs ${TK_FRAMES:-2,4} "$@" | tee "$out/options.json"
     fi
     ;;
+  mimi)
+    # Mimi's transformer kernels (engine/mimi/transformer_kernel.py): their CUDA tests, numerics
+    # against the MLX operations at Mimi's widths across a ring wrap and frame timings, then whole
+    # 4-bit frames with them on (the default) and off, interleaved (FRAMES=0 skips). After `stage`.
+    install
+    timeout ${PYTEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_mimi_kernel.py 2>&1 | tail -5 || true
+    timeout ${CHECK_TIMEOUT:-180} python3 scripts/check_fused_kernels.py --mimi 2>&1 | tee "$out/mimi.txt" || true
+    if [ "${FRAMES:-40}" != 0 ]; then
+      timeout ${PARTS_TIMEOUT:-330} python3 scripts/bench_frame_parts.py --options --frames ${FRAMES:-40} \
+        --variants "Mimi kernels off" "$@" | tee "$out/options.json"
+    fi
+    ;;
   probe)
     # A short call: the ring attention kernel's check, then Nsight Compute on the depth step
     # kernel alone (stall reasons). Right after `stage`.
@@ -188,7 +200,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|options|tkernel|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

@@ -551,7 +551,7 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
     lib = ctypes.CDLL(lib_path)
     failures = 0
     sources = (_product_sources() + _depth_kernel_sources() + _temporal_kernel_sources()
-               + [_barrier_probe_source()])
+               + [_barrier_probe_source()] + _mimi_kernel_sources())
     for label, src in sources:
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
@@ -836,6 +836,130 @@ def _captured(fn) -> tuple[dict, dict]:
     return calls[0]
 
 
+def _mimi_transformer(d: int, heads: int, ffn: int, context: int, kernel: bool, seed: int = 0,
+                      layers: int = 8):
+    """A Mimi transformer of random weights of the given widths (kernels on or off)."""
+    from engine.mimi.transformer import MimiTransformer
+    rng = np.random.default_rng(seed)
+
+    def m(n, k):
+        return (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+
+    def v(n, lo, hi):
+        return rng.uniform(lo, hi, n).astype(np.float32)
+
+    params = [{"norm1.weight": v(d, 0.5, 1.5), "norm1.bias": v(d, -0.1, 0.1),
+               "norm2.weight": v(d, 0.5, 1.5), "norm2.bias": v(d, -0.1, 0.1),
+               "self_attn.in_proj_weight": m(3 * d, d), "self_attn.out_proj.weight": m(d, d),
+               "linear1.weight": m(ffn, d), "linear2.weight": m(d, ffn),
+               "layer_scale_1.scale": v(d, 0.05, 0.3), "layer_scale_2.scale": v(d, 0.05, 0.3)}
+              for _ in range(layers)]
+    return MimiTransformer(params, d_model=d, num_heads=heads, context=context,
+                           max_period=10000.0, positions_per_frame=2, kernel=kernel)
+
+
+def _mimi_kernel_sources() -> list[tuple[str, str]]:
+    """Mimi's five transformer kernels as MLX would build them, at Mimi's widths and the tiny's."""
+    from engine.mimi import transformer_kernel
+    out = []
+    for d, heads, ffn in ((512, 8, 2048), (32, 2, 64)):
+        tr = _mimi_transformer(d, heads, ffn, 250, kernel=True, layers=1)
+        calls = []
+        orig = mx.fast.cuda_kernel
+
+        def capture(**kw):
+            def call(**ckw):
+                calls.append((kw, ckw))
+                return [mx.zeros(sh, dtype=dt) for sh, dt in zip(ckw["output_shapes"], ckw["output_dtypes"])]
+            return call
+
+        mx.fast.cuda_kernel = capture
+        transformer_kernel._kernel.cache_clear()
+        try:
+            tr.apply(mx.zeros((2, d)), tr.plan(2))
+        finally:
+            mx.fast.cuda_kernel = orig
+            transformer_kernel._kernel.cache_clear()
+        for kw, ckw in calls:
+            out.append((f"{kw['name'].split('_')[2]} (Mimi transformer d={d})", _mlx_like_source(kw, ckw)))
+    return out
+
+
+def check_mimi_kernel(frames: int = 140, reps: int = 30) -> list[str]:
+    """engine/mimi/transformer_kernel.py at Mimi's widths (8 layers, d 512, 8 heads, 2048, a ring
+    of 250): frames through the kernels against the MLX operations across a ring wrap; then a
+    compiled frame's time each way (Python build / MLX encode / device wait), and whole codec
+    frames (full-size Mimi, random weights) with the kernels on and off."""
+    from engine.config import default_mimi_config
+    from engine.mimi import Mimi
+    from engine.mimi.weights import random_mimi_weights
+    lines = []
+    ref = _mimi_transformer(512, 8, 2048, 250, kernel=False)
+    kern = _mimi_transformer(512, 8, 2048, 250, kernel=True)
+    worst = worst_ring = 0.0
+    rng = np.random.default_rng(1)
+    for i in range(frames):
+        x = mx.array(rng.standard_normal((2, 512)).astype(np.float32))
+        got, want = kern(x), ref(x)
+        mx.eval(got, want, kern.state_arrays(), ref.state_arrays())
+        worst = max(worst, rel_err(got, want))
+        if i in (0, 124, 125, frames - 1):
+            worst_ring = max(worst_ring, max(rel_err(a, b) for a, b in zip(kern.state_arrays(),
+                                                                          ref.state_arrays())))
+    ok = worst <= 1e-3 and worst_ring <= 1e-3
+    lines.append(f"{'ok  ' if ok else 'FAIL'} Mimi transformer kernels, {frames} frames (ring wraps "
+                 f"at 125): worst out rel err {worst:.2e}, rings {worst_ring:.2e}")
+
+    def compiled(tr):
+        def f(x, plan_arrays, states):
+            tr.set_state_arrays(states)
+            out = tr.apply(x, plan.with_arrays(plan_arrays))
+            return out, tr.state_arrays()
+        return mx.compile(f)
+
+    for name, tr in (("MLX operations", ref), ("kernels", kern)):
+        tr.reset()
+        for _ in range(3):
+            tr(mx.zeros((2, 512)))
+        plan = tr.plan(2)
+        fn = compiled(tr)
+        b, h, w = [], [], []
+        for _ in range(reps):
+            plan = tr.plan(2)
+            t0 = time.perf_counter()
+            out, states = fn(mx.zeros((2, 512)), plan.arrays(), tr.state_arrays())
+            t1 = time.perf_counter()
+            mx.async_eval(out, states)
+            t2 = time.perf_counter()
+            mx.eval(out, states)
+            t3 = time.perf_counter()
+            tr.set_state_arrays(states)
+            b.append((t1 - t0) * 1e3), h.append((t2 - t1) * 1e3), w.append((t3 - t2) * 1e3)
+        lines.append(f"     transformer frame, {name:15s}: build {np.median(b):.3f} / MLX encode "
+                     f"{np.median(h):.3f} / wait {np.median(w):.3f} ms (p50)")
+    cfg = default_mimi_config()
+    weights = random_mimi_weights(cfg, 0)
+    codecs = {}
+    for name, env in (("kernels off", "0"), ("kernels on", "1")):
+        os.environ["PARLEY_MIMI_KERNEL"] = env
+        codecs[name] = Mimi.from_weights(weights, cfg)
+        codecs[name].reset()
+    os.environ.pop("PARLEY_MIMI_KERNEL")
+    pcm = (0.1 * rng.standard_normal(cfg.frame_size)).astype(np.float32)
+    codes = rng.integers(0, cfg.quantizer.bins, 8)
+    times = {(n, k): [] for n in codecs for k in ("encode", "decode")}
+    for i in range(reps + 5):
+        for name, m in codecs.items():
+            for kind, fn in (("encode", lambda: m.encode_step(pcm)), ("decode", lambda: m.decode_step(codes))):
+                t0 = time.perf_counter()
+                mx.eval(fn())
+                if i >= 5:
+                    times[(name, kind)].append((time.perf_counter() - t0) * 1e3)
+    for (name, kind), t in times.items():
+        lines.append(f"     full-size Mimi {kind} frame, {name}: p50 {np.median(t):.3f} ms")
+    return lines
+
+
 def _barrier_probe_source() -> tuple[str, str]:
     kw, ckw = _captured(lambda: barrier_cost(1))  # only the captured source matters here
     return "grid barrier probe", _mlx_like_source(kw, ckw)
@@ -933,6 +1057,9 @@ def main() -> None:
                          "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK] (0: the default)")
     ap.add_argument("--configs-only", action="store_true",
                     help="with --temporal-kernel: only the configurations' comparison")
+    ap.add_argument("--mimi", action="store_true",
+                    help="only Mimi's transformer kernels: numerics against the MLX operations "
+                         "across a ring wrap, then frame timings")
     ap.add_argument("--depth-only", action="store_true",
                     help="with --quick: only the depth step kernel (numerics, frame timings)")
     args = ap.parse_args()
@@ -951,6 +1078,11 @@ def main() -> None:
             print("  " + line)
         return sum(line.startswith("FAIL") for line in lines)
 
+    if args.mimi:
+        fails += report("Mimi transformer kernels (engine/mimi/transformer_kernel.py)",
+                        check_mimi_kernel())
+        print("numerics:", "all ok" if not fails else f"{fails} FAILED")
+        return
     if args.sampler:
         fails += report("top-k sampler (engine/lm/sample_kernel.py)", check_sampler())
         fails += report("products taking x 16 bytes at a time (PARLEY_GEMV_SPLIT)",

@@ -30,6 +30,8 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from engine.mimi import transformer_kernel
+
 _SQRT1_2 = 0.7071067811865476
 
 # h above: how many of the ring's oldest keys a frame's queries lose once the ring is full.
@@ -63,12 +65,17 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 class _Layer:
-    def __init__(self, p: dict[str, np.ndarray]):
+    def __init__(self, p: dict[str, np.ndarray], out_in: bool = False):
+        # Weights as contiguous [in, out] (x @ W, fast on the CPU), or with `out_in` as PyTorch's
+        # [out, in] rows, which the CUDA kernels read (the MLX path then takes x @ W.T).
+        self.out_in = out_in
+
         def vec(name):
             return mx.array(np.asarray(p[name], dtype=np.float32))
 
-        def mat(name):  # PyTorch [out, in] -> contiguous [in, out]: x @ W, fast on the CPU
-            return mx.array(np.ascontiguousarray(np.asarray(p[name], dtype=np.float32).T))
+        def mat(name):
+            w = np.asarray(p[name], dtype=np.float32)
+            return mx.array(np.ascontiguousarray(w if out_in else w.T))
 
         self.norm1_w, self.norm1_b = vec("norm1.weight"), vec("norm1.bias")
         self.norm2_w, self.norm2_b = vec("norm2.weight"), vec("norm2.bias")
@@ -78,6 +85,9 @@ class _Layer:
         self.linear2 = mat("linear2.weight")  # [F, D]
         self.scale1 = vec("layer_scale_1.scale")
         self.scale2 = vec("layer_scale_2.scale")
+
+    def matmul(self, x: mx.array, w: mx.array) -> mx.array:
+        return x @ (w.T if self.out_in else w)
 
 
 class MimiTransformer:
@@ -91,7 +101,8 @@ class MimiTransformer:
     MAX_BLOCK = 256
 
     def __init__(self, layer_params: list[dict], *, d_model: int, num_heads: int, context: int,
-                 max_period: float, positions_per_frame: int, window: str = "personaplex"):
+                 max_period: float, positions_per_frame: int, window: str = "personaplex",
+                 kernel: bool | None = None):
         if window not in WINDOWS:
             raise ValueError(f"unknown attention window {window!r}; use one of {list(WINDOWS)}")
         self.window = window
@@ -102,7 +113,13 @@ class MimiTransformer:
         self.context = context
         self.max_period = max_period
         self.P = positions_per_frame
-        self.layers = [_Layer(p) for p in layer_params]
+        # A frame's step through the CUDA kernels of transformer_kernel.py (None: where they run).
+        ffn = int(np.asarray(layer_params[0]["linear1.weight"]).shape[0]) if layer_params else 4
+        if kernel is None:
+            kernel = transformer_kernel.enabled()
+        self.kernel = bool(kernel and layer_params
+                           and transformer_kernel.supports(d_model, num_heads, ffn))
+        self.layers = [_Layer(p, out_in=self.kernel) for p in layer_params]
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.block = max(self.P, (self.MAX_BLOCK // self.P) * self.P)
         self.reset()
@@ -113,6 +130,8 @@ class MimiTransformer:
         shape = (self.num_heads, self.context, self.head_dim)
         self.ring_k = [mx.zeros(shape, dtype=mx.float32) for _ in self.layers]
         self.ring_v = [mx.zeros(shape, dtype=mx.float32) for _ in self.layers]
+        if self.kernel:  # the kernels write the rings in place: they must be real buffers
+            mx.eval(self.ring_k, self.ring_v)
 
     def get_state(self):
         return (self.offset, self.slot_pos.copy(), list(self.ring_k), list(self.ring_v))
@@ -181,11 +200,13 @@ class MimiTransformer:
         """The device side: x [T, D] through the layers, keys written into the rings. Uses only
         `plan`'s arrays, so it can be traced by `mx.compile` for a fixed segment layout."""
         T = x.shape[0]
+        if self.kernel and T == self.P and x.dtype == mx.float32:
+            return transformer_kernel.apply(self, x, plan)
         H, d = self.num_heads, self.head_dim
         cos, sin, mask = plan.cos, plan.sin, plan.mask
         for i, L in enumerate(self.layers):
             h = mx.fast.layer_norm(x, L.norm1_w, L.norm1_b, 1e-5)
-            qkv = (h @ L.in_proj).reshape(T, 3, H, d)  # views below, not gathers (engine/mxops.py)
+            qkv = L.matmul(h, L.in_proj).reshape(T, 3, H, d)  # views below, not gathers (engine/mxops.py)
             q = apply_rope(qkv[:, 0].transpose(1, 0, 2), cos, sin)  # [H, T, d]
             k = apply_rope(qkv[:, 1].transpose(1, 0, 2), cos, sin)
             v = qkv[:, 2].transpose(1, 0, 2)
@@ -193,10 +214,10 @@ class MimiTransformer:
             values = mx.concatenate([self.ring_v[i], v], axis=1)
             scores = (q @ keys.transpose(0, 2, 1)) * self.scale + mask
             attn = mx.softmax(scores, axis=-1) @ values  # [H, T, d]
-            attn = attn.transpose(1, 0, 2).reshape(T, self.d_model) @ L.out_proj
+            attn = L.matmul(attn.transpose(1, 0, 2).reshape(T, self.d_model), L.out_proj)
             x = x + L.scale1 * attn
             h = mx.fast.layer_norm(x, L.norm2_w, L.norm2_b, 1e-5)
-            x = x + L.scale2 * (gelu_exact(h @ L.linear1) @ L.linear2)
+            x = x + L.scale2 * L.matmul(gelu_exact(L.matmul(h, L.linear1)), L.linear2)
             rk, rv = self.ring_k[i], self.ring_v[i]
             for start, (a, b) in zip(plan.starts, plan.segments):
                 rk = mx.slice_update(rk, k[:, a:b], start, axes=(1,))
