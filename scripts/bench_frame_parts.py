@@ -197,6 +197,11 @@ def main() -> None:
                 plain_mimi = Mimi.load(scratch / "tokenizer-e351c8d8-checkpoint125.safetensors",
                                        engine.mimi.cfg, num_codebooks=engine.mimi.num_codebooks)
                 os.environ.pop("PARLEY_MIMI_KERNEL")
+                # As DuplexEngine does: everything derived from the weights evaluated on this
+                # thread (arrays left lazy here fail on the encode worker's stream).
+                plain_mimi.reset()
+                codes = plain_mimi.encode_step(np.zeros(n, np.float32))
+                mx.eval(codes, plain_mimi.decode_step(codes))
                 plain_mimi.reset()
                 mx.eval(plain_mimi.encoder_state_arrays())
             result["frames"] = compare_options(engine, mic, args.frames, args.variants,
