@@ -50,7 +50,8 @@ class BenchResult:
             + (" with ring attention" if d.get("ring_attention") and not d.get("temporal_kernel")
                else "")
             + ("; top-k draws: one CUDA kernel each" if d.get("one_kernel_draws") else "")
-            + ("; stages submitted as built" if d.get("early_submit") else ""),
+            + ("; stages submitted as built" if d.get("early_submit") else "")
+            + ("; Mimi transformers: CUDA kernels" if d.get("mimi_kernels") else ""),
             f"Generation: {d['frames']} frames, {d['frames_per_s']:.1f} frames-per-sec, "
             f"{d['text_tokens_per_s']:.1f} text tokens-per-sec, real-time factor {d['rtf']:.3f}",
             f"Peak memory: {d['peak_memory_gb']:.3f} GB"
@@ -139,6 +140,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
             if engine.gen.model.temporal.step_kernel else None),
         "one_kernel_draws": bool(getattr(engine.gen, "one_kernel_draws", False)),
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
+        "mimi_kernels": bool(getattr(engine.mimi.decoder_transformer, "kernel", False)),
         "attended_positions": kv.filled,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "model_memory_gb": model_gb,

@@ -278,6 +278,8 @@ class DuplexEngine:
             parts.append("one-kernel draws")
         if self.gen.early_submit:
             parts.append("stages submitted early")
+        if self.mimi.decoder_transformer.kernel:
+            parts.append("Mimi transformer kernels")
         return ", ".join(parts)
 
     @property

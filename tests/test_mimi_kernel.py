@@ -255,3 +255,20 @@ def test_on_cuda_compiled_codec_frames_match(tiny_dir, monkeypatch):
         got, want = kern.decode_step(codes), plain.decode_step(codes)
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-2, atol=1e-4,
                                    err_msg=f"frame {i}")
+
+
+def test_the_frame_path_and_the_bench_name_them(tiny_dir, monkeypatch, capsys):
+    import json
+
+    from engine.duplex import DuplexEngine
+    from engine.mimi import Mimi
+    from tui.cli import main
+    engine = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
+    assert "Mimi" not in engine.frame_path  # this CPU: MLX operations
+    monkeypatch.setattr(transformer_kernel, "enabled", lambda: True)
+    engine.mimi = Mimi.load(tiny_dir / "tokenizer-e351c8d8-checkpoint125.safetensors",
+                            _tiny_mimi_config(tiny_dir))
+    assert engine.frame_path.endswith("Mimi transformer kernels")
+    monkeypatch.undo()
+    assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mimi_kernels"] is fused.enabled()
