@@ -24,3 +24,20 @@ TINY_DIR = FIXTURES / "personaplex-tiny"
 def tiny_dir() -> Path:
     """The tiny model directory in the real checkpoint layout, plus NVIDIA's reference outputs."""
     return TINY_DIR
+
+
+def _real_cuda() -> bool:
+    from engine.lm import fused
+    return fused.enabled()
+
+
+_REAL_CUDA = _real_cuda()
+
+
+@pytest.fixture(autouse=True)
+def _mimi_kernels_only_where_cuda_runs(monkeypatch):
+    """Many tests stand in for MLX's CUDA backend (fused.enabled patched true) to check the LM's
+    kernels on this CPU; Mimi's transformer kernels, which would follow, stay off there (their
+    own tests, tests/test_mimi_kernel.py, turn them on explicitly)."""
+    if not _REAL_CUDA:
+        monkeypatch.setenv("PARLEY_MIMI_KERNEL", "0")

@@ -213,6 +213,7 @@ def _tiny_mimi_config(tiny_dir):
 
 
 def test_enabled_only_on_cuda_and_off_by_switch(monkeypatch):
+    monkeypatch.delenv("PARLEY_MIMI_KERNEL", raising=False)
     monkeypatch.setattr(fused, "enabled", lambda: True)
     assert transformer_kernel.enabled()
     monkeypatch.setenv("PARLEY_MIMI_KERNEL", "0")
