@@ -61,6 +61,9 @@ def test_the_doctor_shows_it_where_cuda_kernels_run(tmp_path, monkeypatch):
     detail = doctor._frame_path_check().detail
     assert "temporal transformer in fused CUDA kernels with ring attention" in detail
     assert "top-k draws one kernel each" in detail
+    assert "Mimi's transformers" not in detail  # the tests keep Mimi's kernels off where CUDA is stood in for
+    monkeypatch.delenv("PARLEY_MIMI_KERNEL", raising=False)
+    assert "Mimi's transformers in CUDA kernels" in doctor._frame_path_check().detail
     monkeypatch.setenv("PARLEY_RING_ATTENTION", "0")
     monkeypatch.setenv("PARLEY_FUSED_SAMPLING", "0")
     monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "1")

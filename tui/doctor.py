@@ -74,6 +74,9 @@ def _frame_path_check() -> Check:
               else "Mimi's encode before the LM step")
     if default_early_submit():
         encode += "; each stage handed to the device as soon as it is built"
+    from engine.mimi import transformer_kernel
+    if transformer_kernel.enabled():
+        encode += "; Mimi's transformers in CUDA kernels (PARLEY_MIMI_KERNEL=0 turns them off)"
     return Check("Frame path", INFO, f"{depth}; {encode}")
 
 
