@@ -811,8 +811,8 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
     return out
 
 
-def _captured(fn) -> tuple[dict, dict]:
-    """(declaration, call) of the one fused kernel `fn` builds, captured instead of run."""
+def _captured_all(fn) -> list[tuple[dict, dict]]:
+    """(declaration, call) of every kernel `fn` builds, captured instead of run."""
     calls = []
     orig = mx.fast.cuda_kernel
 
@@ -823,7 +823,9 @@ def _captured(fn) -> tuple[dict, dict]:
         return call
 
     from engine.lm import sample_kernel, temporal_kernel
-    caches = (fused._kernel, depth_kernel._kernel, sample_kernel._kernel, temporal_kernel._kernel)
+    from engine.mimi import transformer_kernel
+    caches = (fused._kernel, depth_kernel._kernel, sample_kernel._kernel, temporal_kernel._kernel,
+              transformer_kernel._kernel)
     mx.fast.cuda_kernel = capture
     for cache in caches:
         cache.cache_clear()
@@ -833,7 +835,12 @@ def _captured(fn) -> tuple[dict, dict]:
         mx.fast.cuda_kernel = orig
         for cache in caches:
             cache.cache_clear()
-    return calls[0]
+    return calls
+
+
+def _captured(fn) -> tuple[dict, dict]:
+    """(declaration, call) of the one fused kernel `fn` builds, captured instead of run."""
+    return _captured_all(fn)[0]
 
 
 def _mimi_transformer(d: int, heads: int, ffn: int, context: int, kernel: bool, seed: int = 0,
@@ -860,27 +867,10 @@ def _mimi_transformer(d: int, heads: int, ffn: int, context: int, kernel: bool, 
 
 def _mimi_kernel_sources() -> list[tuple[str, str]]:
     """Mimi's five transformer kernels as MLX would build them, at Mimi's widths and the tiny's."""
-    from engine.mimi import transformer_kernel
     out = []
     for d, heads, ffn in ((512, 8, 2048), (32, 2, 64)):
         tr = _mimi_transformer(d, heads, ffn, 250, kernel=True, layers=1)
-        calls = []
-        orig = mx.fast.cuda_kernel
-
-        def capture(**kw):
-            def call(**ckw):
-                calls.append((kw, ckw))
-                return [mx.zeros(sh, dtype=dt) for sh, dt in zip(ckw["output_shapes"], ckw["output_dtypes"])]
-            return call
-
-        mx.fast.cuda_kernel = capture
-        transformer_kernel._kernel.cache_clear()
-        try:
-            tr.apply(mx.zeros((2, d)), tr.plan(2))
-        finally:
-            mx.fast.cuda_kernel = orig
-            transformer_kernel._kernel.cache_clear()
-        for kw, ckw in calls:
+        for kw, ckw in _captured_all(lambda: tr.apply(mx.zeros((2, d)), tr.plan(2))):
             out.append((f"{kw['name'].split('_')[2]} (Mimi transformer d={d})", _mlx_like_source(kw, ckw)))
     return out
 
