@@ -135,6 +135,16 @@ def _frames(n: int, seed: int = 1) -> list[mx.array]:
     return [mx.array(rng.standard_normal((P, D)).astype(np.float32)) for _ in range(n)]
 
 
+def _assert_same_stream(kern: MimiTransformer, ref: MimiTransformer, rtol: float, atol: float):
+    """Frames streamed through both (the ring wraps three times) give the same outputs, and leave
+    the same keys and values in every layer's ring."""
+    for i, x in enumerate(_frames(3 * C // P + 3)):
+        np.testing.assert_allclose(np.array(kern(x)), np.array(ref(x)), rtol=rtol, atol=atol,
+                                   err_msg=f"frame {i}")
+    for a, b in zip(kern.state_arrays(), ref.state_arrays()):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=rtol, atol=atol)
+
+
 def test_weights_as_rows_give_the_same_transformer():
     """The kernels read PyTorch's [out, in] rows; the MLX path on those (x @ W.T) is the same
     transformer as on the CPU's [in, out] copies."""
@@ -153,15 +163,7 @@ def test_frames_through_the_kernels_match_the_mlx_path_across_ring_wraps(monkeyp
     params = _params(2)
     ref, kern = _transformer(params, False), _transformer(params, True)
     assert kern.kernel and not ref.kernel
-    for i, x in enumerate(_frames(3 * C // P + 3)):  # the ring wraps three times
-        got, want = kern(x), ref(x)
-        np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-4, atol=2e-5,
-                                   err_msg=f"frame {i}")
-    for layer in range(2):
-        np.testing.assert_allclose(np.array(kern.ring_k[layer]), np.array(ref.ring_k[layer]),
-                                   rtol=2e-4, atol=2e-5)
-        np.testing.assert_allclose(np.array(kern.ring_v[layer]), np.array(ref.ring_v[layer]),
-                                   rtol=2e-4, atol=2e-5)
+    _assert_same_stream(kern, ref, rtol=2e-4, atol=2e-5)
     assert calls[:10] == ["qkv", "attn", "out", "ffn", "down"] * 2  # five kernels a layer
 
 
@@ -229,13 +231,7 @@ def test_enabled_only_on_cuda_and_off_by_switch(monkeypatch):
 def test_on_cuda_the_kernels_match_the_mlx_operations():
     params = _params(6)
     ref, kern = _transformer(params, False), _transformer(params, True)
-    for i, x in enumerate(_frames(3 * C // P + 3)):
-        got, want = kern(x), ref(x)
-        np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-3, atol=2e-4,
-                                   err_msg=f"frame {i}")
-    for layer in range(2):
-        np.testing.assert_allclose(np.array(kern.ring_k[layer]), np.array(ref.ring_k[layer]),
-                                   rtol=2e-3, atol=2e-4)
+    _assert_same_stream(kern, ref, rtol=2e-3, atol=2e-4)
 
 
 @cuda
