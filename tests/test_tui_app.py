@@ -637,3 +637,13 @@ async def _detailed_timing(engine):
             assert any("Detailed timing off" in m and "1 frame in 8" in m for m in seen), seen
     finally:
         session.stop()
+
+
+def test_a_refresh_tick_after_the_screens_are_gone_does_nothing():
+    """Timers can fire once more while the app shuts down, after its screen stack is emptied: the
+    tick is skipped (it used to fail on the missing dashboard, then again reporting that)."""
+    app = ParleyApp(starter=lambda: None, personas=PERSONAS, tty_check=False)
+    assert not app.screen_stack
+    ran = []
+    app._timed(lambda: ran.append(app.dashboard))
+    assert ran == [] and app.ui_frame_ms == []

@@ -458,6 +458,8 @@ class ParleyApp(App[int]):
         self.notify(f"Refresh: {PRESETS[self.preset_index].name}", timeout=2)
 
     def _timed(self, fn: Callable[[], None]) -> None:
+        if not self.screen_stack:  # a tick after the app's screens are gone (shutting down)
+            return
         t0 = time.perf_counter()
         try:
             fn()
