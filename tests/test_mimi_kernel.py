@@ -4,7 +4,9 @@ The kernels need MLX's CUDA backend: on a CUDA machine the tests marked `cuda` r
 the MLX operations; `scripts/check_fused_kernels.py --mimi` times them there and `--nvrtc`
 compiles them anywhere. Here each kernel is stood in for by numpy code doing what its docstring
 says (the rings written in place, as the kernel does), which checks how the transformer hands a
-frame to the five kernels and takes it back: arguments, layouts, ring slots across a wrap.
+frame to the five kernels and takes it back: arguments, layouts, ring slots across a wrap. With
+bfloat16 weights (`MimiTransformer(weights="bfloat16")`) the stand-ins get the bf16 matrices,
+widened exactly as the kernels widen them, so they compute what the kernels should.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from engine.mimi.transformer import MimiTransformer, _Layer
 from tests.test_fused import cuda
 
 D, H, F, C, P = 32, 2, 64, 24, 2  # a small transformer with a short ring, so frames wrap it
+WEIGHTS = ["float32", "bfloat16"]  # how the matrices are stored (MimiTransformer's `weights`)
 
 
 def _params(seed: int, layers: int = 2) -> list[dict]:
@@ -40,13 +43,15 @@ def _params(seed: int, layers: int = 2) -> list[dict]:
             for _ in range(layers)]
 
 
-def _transformer(params, kernel: bool, context: int = C) -> MimiTransformer:
+def _transformer(params, kernel: bool, context: int = C,
+                 weights: str = "float32") -> MimiTransformer:
     return MimiTransformer(params, d_model=D, num_heads=H, context=context, max_period=10000.0,
-                           positions_per_frame=P, kernel=kernel)
+                           positions_per_frame=P, kernel=kernel, weights=weights)
 
 
 def _np(a) -> np.ndarray:
-    return np.array(a, dtype=np.float64)
+    """float64 values of an array (bf16 ones widened first: numpy has no bfloat16)."""
+    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a, dtype=np.float64)
 
 
 def _layer_norm(x, w, b):
@@ -73,6 +78,10 @@ def _stand_in(monkeypatch, calls: list) -> None:
             a = dict(zip(kw["input_names"], inputs))
             mx.eval(list(a.values()))
             calls.append(kind)
+            if "w" in a:  # the weight element type the kernel is compiled for is the array's
+                assert t["W"] == a["w"].dtype
+            else:
+                assert "W" not in t
             p, d = t["P"], t["D"]
             if kind == "qkv":
                 hd = t["HD"]
@@ -145,24 +154,28 @@ def _assert_same_stream(kern: MimiTransformer, ref: MimiTransformer, rtol: float
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=rtol, atol=atol)
 
 
-def test_weights_as_rows_give_the_same_transformer():
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_weights_as_rows_give_the_same_transformer(weights):
     """The kernels read PyTorch's [out, in] rows; the MLX path on those (x @ W.T) is the same
     transformer as on the CPU's [in, out] copies."""
     params = _params(0)
-    a, b = _transformer(params, False), _transformer(params, False)
-    b.layers = [_Layer(p, out_in=True) for p in params]
+    a, b = _transformer(params, False, weights=weights), _transformer(params, False)
+    b.layers = [_Layer(p, out_in=True, weight_dtype=a.layers[0].in_proj.dtype) for p in params]
     assert b.layers[0].in_proj.shape == (3 * D, D) and a.layers[0].in_proj.shape == (D, 3 * D)
     for x in _frames(3 * C // P):
         np.testing.assert_allclose(np.array(b(x)), np.array(a(x)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(b.ring_k[1]), np.array(a.ring_k[1]), rtol=1e-5, atol=1e-5)
 
 
-def test_frames_through_the_kernels_match_the_mlx_path_across_ring_wraps(monkeypatch):
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_frames_through_the_kernels_match_the_mlx_path_across_ring_wraps(monkeypatch, weights):
     calls: list[str] = []
     _stand_in(monkeypatch, calls)
     params = _params(2)
-    ref, kern = _transformer(params, False), _transformer(params, True)
+    ref = _transformer(params, False, weights=weights)
+    kern = _transformer(params, True, weights=weights)
     assert kern.kernel and not ref.kernel
+    assert kern.layers[0].linear2.dtype == ref.layers[0].linear2.dtype == getattr(mx, weights)
     _assert_same_stream(kern, ref, rtol=2e-4, atol=2e-5)
     assert calls[:10] == ["qkv", "attn", "out", "ffn", "down"] * 2  # five kernels a layer
 
@@ -178,7 +191,8 @@ def test_chunks_longer_than_a_frame_keep_to_the_mlx_operations(monkeypatch):
     assert calls == []
 
 
-def test_codec_frames_through_the_kernels(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_codec_frames_through_the_kernels(tiny_dir, monkeypatch, weights):
     """The tiny Mimi's streamed decode and encode with its transformers on the stand-in kernels
     equal the plain codec's (uncompiled frames: the stand-ins evaluate eagerly)."""
     from engine.mimi import Mimi
@@ -186,11 +200,11 @@ def test_codec_frames_through_the_kernels(tiny_dir, monkeypatch):
     _stand_in(monkeypatch, calls)
     monkeypatch.setenv("PARLEY_MIMI_KERNEL", "0")
     plain = Mimi.load(tiny_dir / "tokenizer-e351c8d8-checkpoint125.safetensors",
-                      _tiny_mimi_config(tiny_dir))
+                      _tiny_mimi_config(tiny_dir), transformer_weights=weights)
     monkeypatch.delenv("PARLEY_MIMI_KERNEL")
     monkeypatch.setattr(transformer_kernel, "enabled", lambda: True)
     kern = Mimi.load(tiny_dir / "tokenizer-e351c8d8-checkpoint125.safetensors",
-                     _tiny_mimi_config(tiny_dir))
+                     _tiny_mimi_config(tiny_dir), transformer_weights=weights)
     assert kern.decoder_transformer.kernel and kern.encoder_transformer.kernel
     assert not plain.decoder_transformer.kernel
     for m in (plain, kern):
@@ -228,21 +242,27 @@ def test_enabled_only_on_cuda_and_off_by_switch(monkeypatch):
 
 
 @cuda
-def test_on_cuda_the_kernels_match_the_mlx_operations():
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_on_cuda_the_kernels_match_the_mlx_operations(weights):
+    """With bf16 weights both sides read the same bf16 matrices (the MLX path widens them for its
+    products, the kernels as they load them): they agree as closely as with float32."""
     params = _params(6)
-    ref, kern = _transformer(params, False), _transformer(params, True)
+    ref = _transformer(params, False, weights=weights)
+    kern = _transformer(params, True, weights=weights)
+    assert kern.layers[0].in_proj.dtype == getattr(mx, weights)
     _assert_same_stream(kern, ref, rtol=2e-3, atol=2e-4)
 
 
 @cuda
-def test_on_cuda_compiled_codec_frames_match(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_on_cuda_compiled_codec_frames_match(tiny_dir, monkeypatch, weights):
     """The tiny Mimi's compiled streaming frames, kernels on and off, across a ring wrap."""
     from engine.mimi import Mimi
     path = tiny_dir / "tokenizer-e351c8d8-checkpoint125.safetensors"
     monkeypatch.setenv("PARLEY_MIMI_KERNEL", "0")
-    plain = Mimi.load(path, _tiny_mimi_config(tiny_dir))
+    plain = Mimi.load(path, _tiny_mimi_config(tiny_dir), transformer_weights=weights)
     monkeypatch.delenv("PARLEY_MIMI_KERNEL")
-    kern = Mimi.load(path, _tiny_mimi_config(tiny_dir))
+    kern = Mimi.load(path, _tiny_mimi_config(tiny_dir), transformer_weights=weights)
     assert kern.decoder_transformer.kernel and not plain.decoder_transformer.kernel
     plain.reset()
     kern.reset()

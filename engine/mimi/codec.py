@@ -16,6 +16,10 @@ Attention window: past `context` transformer positions (10 s) the two PyTorch re
 one key; `window="personaplex"` (default, NVIDIA's fork) or `window="moshi"` (Kyutai's 0.2.13,
 which made the golden fixtures) picks one. See engine/mimi/transformer.py.
 
+Transformer weights: `transformer_weights="bfloat16"` stores the two transformers' weight
+matrices in bf16 (half their ~0.2 GB at full size), for quantized models, already lossy;
+activations and arithmetic stay float32. The default "float32" is the parity mode.
+
 Whole-clip calls (`encode`, `decode`, `encode_latent`) start from a fresh state, leave the
 streaming state untouched, evaluate as they go and return evaluated arrays. They run exactly the
 streaming computation (the same convolution states and the same attention window, applied frame by
@@ -51,10 +55,13 @@ def _transformer_params(w: dict, side: str, num_layers: int) -> list[dict]:
 
 
 class Mimi:
-    """Streaming Mimi codec, batch size 1, float32 throughout."""
+    """Streaming Mimi codec, batch size 1, float32 throughout (the transformers' weight matrices
+    optionally stored in bfloat16)."""
 
     def __init__(self, weights: dict[str, np.ndarray], cfg: MimiConfig, num_codebooks: int,
-                 n_q_stored: int, window: str = "personaplex", compile: bool = True):
+                 n_q_stored: int, window: str = "personaplex", compile: bool = True,
+                 transformer_weights: str = "float32"):
+        self.transformer_weights = transformer_weights
         if not 1 <= num_codebooks <= n_q_stored:
             raise CheckpointError(
                 f"the Mimi checkpoint stores {n_q_stored} quantizer levels, so it cannot provide "
@@ -76,7 +83,8 @@ class Mimi:
             return MimiTransformer(_transformer_params(weights, side, t.num_layers),
                                    d_model=t.d_model, num_heads=t.num_heads, context=t.context,
                                    max_period=t.max_period,
-                                   positions_per_frame=self._positions_per_frame, window=window)
+                                   positions_per_frame=self._positions_per_frame, window=window,
+                                   weights=transformer_weights)
 
         self.encoder = SeanetEncoder(weights, cfg)
         self.encoder_transformer = transformer("encoder")
@@ -92,29 +100,37 @@ class Mimi:
 
     @classmethod
     def load(cls, path: str | Path, cfg: MimiConfig | None = None, num_codebooks: int = 8,
-             window: str = "personaplex") -> "Mimi":
+             window: str = "personaplex", transformer_weights: str = "float32") -> "Mimi":
         """Loads a PyTorch-named safetensors checkpoint, validated against `cfg` (default: the
         built-in full-size Mimi). The stored level count is taken from the file.
 
         `window` picks the reference whose streaming attention window is reproduced once the
         transformers pass `context` positions (10 s): "personaplex" (NVIDIA's fork, the default)
         or "moshi" (Kyutai's moshi 0.2.13); see engine/mimi/transformer.py.
+
+        `transformer_weights` is how the transformers' weight matrices are stored: "float32"
+        (the default, parity with the reference) or "bfloat16" (half the memory, float32 math;
+        for quantized models).
         """
         cfg = default_mimi_config() if cfg is None else cfg
         weights = read_mimi_checkpoint(path)
-        return cls.from_weights(weights, cfg, num_codebooks, source=str(path), window=window)
+        return cls.from_weights(weights, cfg, num_codebooks, source=str(path), window=window,
+                                transformer_weights=transformer_weights)
 
     @classmethod
     def from_weights(cls, weights: dict[str, np.ndarray], cfg: MimiConfig,
                      num_codebooks: int = 8, validate: bool = True,
-                     source: str = "the Mimi checkpoint", window: str = "personaplex") -> "Mimi":
-        """Builds from a PyTorch-named state dict of numpy arrays."""
+                     source: str = "the Mimi checkpoint", window: str = "personaplex",
+                     transformer_weights: str = "float32") -> "Mimi":
+        """Builds from a PyTorch-named state dict of numpy arrays (`transformer_weights`: see
+        `load`)."""
         if validate:
             n_q = validate_mimi_weights(weights, cfg, source)
         else:
             n_q = stored_levels(weights.keys())
         weights = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
-        return cls(weights, cfg, num_codebooks, n_q, window=window)
+        return cls(weights, cfg, num_codebooks, n_q, window=window,
+                   transformer_weights=transformer_weights)
 
     # -- state --------------------------------------------------------------------------------
 

@@ -28,13 +28,13 @@ def codebook_vectors(embedding_sum: np.ndarray, cluster_usage: np.ndarray) -> np
 class _Codebook:
     def __init__(self, centroids: np.ndarray, table: mx.array | None = None):
         self.c = mx.array(centroids) if table is None else table  # [bins, d]
-        self.ct = mx.array(np.ascontiguousarray(centroids.T))  # [d, bins]
         self.c_norm = mx.sum(self.c * self.c, axis=-1)  # [bins]
 
     def nearest(self, x: mx.array) -> mx.array:
         """x [T, d] -> int32 codes [T]."""
         x_norm = mx.sum(x * x, axis=-1, keepdims=True)
-        dist = (x_norm - 2.0 * (x @ self.ct)) + self.c_norm
+        # c.T is a view (no transposed copy kept): the product reads c's rows as its columns.
+        dist = (x_norm - 2.0 * (x @ self.c.T)) + self.c_norm
         return mx.argmin(dist, axis=-1).astype(mx.int32)
 
     def lookup(self, codes: mx.array) -> mx.array:

@@ -37,6 +37,10 @@ _SQRT1_2 = 0.7071067811865476
 # h above: how many of the ring's oldest keys a frame's queries lose once the ring is full.
 WINDOWS = {"personaplex": 1, "moshi": 0}
 
+# How the layers' weight matrices may be stored. bfloat16 halves their memory (quantized models,
+# already lossy, fit their budget with it); activations and arithmetic stay float32 either way.
+WEIGHT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
 
 def gelu_exact(x: mx.array) -> mx.array:
     """GELU with the exact erf form (not the tanh approximation)."""
@@ -65,7 +69,8 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 class _Layer:
-    def __init__(self, p: dict[str, np.ndarray], out_in: bool = False):
+    def __init__(self, p: dict[str, np.ndarray], out_in: bool = False,
+                 weight_dtype: mx.Dtype = mx.float32):
         # Weights as contiguous [in, out] (x @ W, fast on the CPU), or with `out_in` as PyTorch's
         # [out, in] rows, which the CUDA kernels read (the MLX path then takes x @ W.T).
         self.out_in = out_in
@@ -75,7 +80,12 @@ class _Layer:
 
         def mat(name):
             w = np.asarray(p[name], dtype=np.float32)
-            return mx.array(np.ascontiguousarray(w if out_in else w.T))
+            w = mx.array(np.ascontiguousarray(w if out_in else w.T))
+            if weight_dtype == mx.float32:
+                return w
+            w = w.astype(weight_dtype)
+            mx.eval(w)  # now, so that the float32 source is freed rather than kept by the graph
+            return w
 
         self.norm1_w, self.norm1_b = vec("norm1.weight"), vec("norm1.bias")
         self.norm2_w, self.norm2_b = vec("norm2.weight"), vec("norm2.bias")
@@ -87,6 +97,8 @@ class _Layer:
         self.scale2 = vec("layer_scale_2.scale")
 
     def matmul(self, x: mx.array, w: mx.array) -> mx.array:
+        if w.dtype != x.dtype:  # stored narrower: widened for this product only, float32 math
+            w = w.astype(x.dtype)
         return x @ (w.T if self.out_in else w)
 
 
@@ -95,6 +107,8 @@ class MimiTransformer:
 
     `layer_params` holds, per layer, the tensors named relative to `…transformer.layers.{i}.`
     (PyTorch naming, numpy arrays). `positions_per_frame` is P, the number of positions one codec frame feeds.
+    `weights` ("float32" or "bfloat16") is how the matrices (not norms, biases, layer scales) are
+    stored; see WEIGHT_DTYPES.
     """
 
     # Longest chunk of positions run through the layers at once (bounds attention memory).
@@ -102,9 +116,13 @@ class MimiTransformer:
 
     def __init__(self, layer_params: list[dict], *, d_model: int, num_heads: int, context: int,
                  max_period: float, positions_per_frame: int, window: str = "personaplex",
-                 kernel: bool | None = None):
+                 kernel: bool | None = None, weights: str = "float32"):
         if window not in WINDOWS:
             raise ValueError(f"unknown attention window {window!r}; use one of {list(WINDOWS)}")
+        if weights not in WEIGHT_DTYPES:
+            raise ValueError(f"unknown transformer weight type {weights!r}; "
+                             f"use one of {list(WEIGHT_DTYPES)}")
+        self.weights = weights
         self.window = window
         self._hide = WINDOWS[window]
         self.d_model = d_model
@@ -119,7 +137,8 @@ class MimiTransformer:
             kernel = transformer_kernel.enabled()
         self.kernel = bool(kernel and layer_params
                            and transformer_kernel.supports(d_model, num_heads, ffn))
-        self.layers = [_Layer(p, out_in=self.kernel) for p in layer_params]
+        self.layers = [_Layer(p, out_in=self.kernel, weight_dtype=WEIGHT_DTYPES[weights])
+                       for p in layer_params]
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.block = max(self.P, (self.MAX_BLOCK // self.P) * self.P)
         self.reset()

@@ -18,10 +18,11 @@ launches:
 
 No grid-wide barriers: a persistent kernel could deadlock beside the LM's (the encoder side runs
 on a worker thread's stream, concurrently with the temporal step kernel, and neither grid could
-become resident). Weights are float32 [out, in] rows, as the checkpoint stores them (the MLX
-path reads the same arrays transposed), a warp per row (or pair of rows, for RoPE's pairs), each
-lane taking 16-byte chunks; sums are float32 like the MLX path's, in another order, so results
-agree within float32 rounding (not bit for bit).
+become resident). Weights are [out, in] rows, as the checkpoint stores them (the MLX path reads
+the same arrays transposed), in float32 or, with the transformers' bfloat16 option, bf16 (the
+template type W, widened exactly as it is loaded), a warp per row (or pair of rows, for RoPE's
+pairs), each lane taking four weights at a time (16 bytes, or 8 in bf16); sums are float32 like
+the MLX path's, in another order, so results agree within float32 rounding (not bit for bit).
 
 The ring arrays must be materialised, contiguous and used by nothing else at the same time
 (`MimiTransformer.reset` evaluates them when the kernels are on).
@@ -94,13 +95,23 @@ __device__ __forceinline__ void layer_norm_rows(const float* x, const float* w, 
   __syncthreads();
 }
 
-// acc[r][p] = W[row0 + r] . x[p] for RW rows of W [*][K] (float32 rows) and P rows of x [P][K]
-// (shared or global memory), summed over the warp (every lane gets them).
-template <int K, int RW, int P>
-__device__ __forceinline__ void rows_dot(const float* x, const float* w, int row0,
+// Weights 4i .. 4i+3 of w as floats: one 16-byte load of float32, or one 8-byte load of bf16
+// (a bf16 is the top half of the float it widens to, so the widening is exact).
+__device__ __forceinline__ float4 load4(const float* w, size_t i) {
+  return __ldg(reinterpret_cast<const float4*>(w) + i);
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* w, size_t i) {
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(w) + i);
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                     __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
+
+// acc[r][p] = w[row0 + r] . x[p] for RW rows of w [*][K] (float32 or bf16 rows) and P rows of
+// x [P][K] (shared or global memory), summed over the warp (every lane gets them).
+template <int K, int RW, int P, typename W>
+__device__ __forceinline__ void rows_dot(const float* x, const W* w, int row0,
                                          float (&acc)[RW][P], int lane) {
   constexpr int KV = K / 4;
-  const float4* w4 = reinterpret_cast<const float4*>(w);
   const float4* x4 = reinterpret_cast<const float4*>(x);
 #pragma unroll
   for (int r = 0; r < RW; ++r) {
@@ -111,7 +122,7 @@ __device__ __forceinline__ void rows_dot(const float* x, const float* w, int row
   for (int c = lane; c < KV; c += 32) {
     float4 wv[RW];
 #pragma unroll
-    for (int r = 0; r < RW; ++r) wv[r] = __ldg(w4 + (size_t)(row0 + r) * KV + c);
+    for (int r = 0; r < RW; ++r) wv[r] = load4(w, (size_t)(row0 + r) * KV + c);
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const float4 xv = x4[p * KV + c];
@@ -154,7 +165,7 @@ _QKV = r"""
   const int t = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (t * 2 >= 3 * D) return;
   float acc[2][P];
-  rows_dot<D, 2, P>(xs, w, t * 2, acc, lane);
+  rows_dot<D, 2, P, W>(xs, w, t * 2, acc, lane);
   if (lane == 0) {
     const int row = t * 2;
     const int i = (row % HD) / 2;
@@ -255,7 +266,7 @@ _OUT = r"""
   const int t = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (t >= D) return;
   float acc[1][P];
-  rows_dot<D, 1, P>(attn, w, t, acc, lane);
+  rows_dot<D, 1, P, W>(attn, w, t, acc, lane);
   if (lane == 0) {
 #pragma unroll
     for (int p = 0; p < P; ++p) y[p * D + t] = x[p * D + t] + ls[t] * acc[0][p];
@@ -271,7 +282,7 @@ _FFN = r"""
   const int t = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (t * 2 >= F) return;
   float acc[2][P];
-  rows_dot<D, 2, P>(xs, w, t * 2, acc, lane);
+  rows_dot<D, 2, P, W>(xs, w, t * 2, acc, lane);
   if (lane < 2) {
 #pragma unroll
     for (int p = 0; p < P; ++p) {
@@ -288,7 +299,7 @@ _DOWN = r"""
   const int t = blockIdx.x * WARPS + (threadIdx.x >> 5);
   if (t >= D) return;
   float acc[1][P];
-  rows_dot<F, 1, P>(hg, w, t, acc, lane);
+  rows_dot<F, 1, P, W>(hg, w, t, acc, lane);
   if (lane == 0) {
 #pragma unroll
     for (int p = 0; p < P; ++p) y[p * D + t] = x[p * D + t] + ls[t] * acc[0][p];
@@ -334,7 +345,8 @@ def _blocks(warp_tasks: int) -> int:
 
 def apply(tr, x: mx.array, plan) -> mx.array:
     """`MimiTransformer.apply` for one frame's P positions (x [P, D] float32), through the
-    kernels: the same result within float32 rounding, the rings written in place."""
+    kernels: the same result within float32 rounding, the rings written in place. The weight
+    kernels take the matrices' storage type as W (float32 or bfloat16)."""
     P, D = x.shape
     H, HD, C = tr.num_heads, tr.head_dim, tr.context
     F = int(tr.layers[0].linear1.shape[0])
@@ -348,7 +360,8 @@ def apply(tr, x: mx.array, plan) -> mx.array:
         kr, vr = tr.ring_k[i], tr.ring_v[i]
         (qkv,) = _kernel("qkv")(
             inputs=[x, L.norm1_w, L.norm1_b, L.in_proj, cos, sin],
-            template=base + [("HD", HD)], output_shapes=[(P * 3 * D,)], output_dtypes=[f32],
+            template=base + [("HD", HD), ("W", L.in_proj.dtype)], output_shapes=[(P * 3 * D,)],
+            output_dtypes=[f32],
             grid=(_blocks(3 * D // 2) * NT, 1, 1), threadgroup=(NT, 1, 1))
         (attn,) = _kernel("attn", tr.scale)(
             inputs=[qkv, kr, vr, mask], template=base + [("HD", HD), ("C", C)],
@@ -356,15 +369,17 @@ def apply(tr, x: mx.array, plan) -> mx.array:
             grid=(H * P * NT, 1, 1), threadgroup=(NT, 1, 1))
         (x1,) = _kernel("out")(
             inputs=[x, attn, L.out_proj, L.scale1, qkv, kr, vr, start],
-            template=base + [("HD", HD), ("C", C)], output_shapes=[(P * D,)],
-            output_dtypes=[f32],
+            template=base + [("HD", HD), ("C", C), ("W", L.out_proj.dtype)],
+            output_shapes=[(P * D,)], output_dtypes=[f32],
             grid=(max(_blocks(D), -(-P * 2 * D // NT)) * NT, 1, 1), threadgroup=(NT, 1, 1))
         (hg,) = _kernel("ffn")(
-            inputs=[x1, L.norm2_w, L.norm2_b, L.linear1], template=base + [("F", F)],
+            inputs=[x1, L.norm2_w, L.norm2_b, L.linear1],
+            template=base + [("F", F), ("W", L.linear1.dtype)],
             output_shapes=[(P * F,)], output_dtypes=[f32],
             grid=(_blocks(F // 2) * NT, 1, 1), threadgroup=(NT, 1, 1))
         (x,) = _kernel("down")(
-            inputs=[x1, hg, L.linear2, L.scale2], template=base + [("F", F)],
+            inputs=[x1, hg, L.linear2, L.scale2],
+            template=base + [("F", F), ("W", L.linear2.dtype)],
             output_shapes=[(P * D,)], output_dtypes=[f32],
             grid=(_blocks(D) * NT, 1, 1), threadgroup=(NT, 1, 1))
     return x.reshape(P, D)
