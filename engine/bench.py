@@ -56,7 +56,8 @@ class BenchResult:
             f"{d['text_tokens_per_s']:.1f} text tokens-per-sec, real-time factor {d['rtf']:.3f}",
             f"Peak memory: {d['peak_memory_gb']:.3f} GB"
             + (f" (the model after loading {d['model_memory_gb']:.3f} GB, the KV ring "
-               f"{d['kv_ring_gb']:.3f} GB)" if "model_memory_gb" in d else ""),
+               f"{d['kv_ring_gb']:.3f} GB" + (f" in {d['kv_bits']} bits" if d.get("kv_bits") else "")
+               + ")" if "model_memory_gb" in d else ""),
         ]
 
 
@@ -141,10 +142,12 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "one_kernel_draws": bool(getattr(engine.gen, "one_kernel_draws", False)),
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
         "mimi_kernels": bool(getattr(engine.mimi.decoder_transformer, "kernel", False)),
+        "mimi_transformer_weights": str(getattr(engine.mimi, "transformer_weights", "float32")),
         "attended_positions": kv.filled,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "model_memory_gb": model_gb,
-        "kv_ring_gb": sum(a.nbytes for a in kv.arrays()) / 1e9,
+        "kv_ring_gb": kv.nbytes() / 1e9,
+        "kv_bits": kv.bits,  # None: the compute dtype
         "active_memory_gb": mx.get_active_memory() / 1e9,
         "quantize": quantize,
         "quantize_label": f"{quantize}-bit" if quantize else "unquantized",
@@ -206,15 +209,17 @@ class _RandomLMWeights:
 
 
 def random_full_size_engine(shape: str = "personaplex-7b", *, quantize: int | None = 4,
-                            dtype: str = "bfloat16", seed: int = 0):
+                            dtype: str = "bfloat16", seed: int = 0, quantize_tables: bool = True,
+                            kv_bits: int | None | str = "auto", mimi_weights: str = "auto"):
     """A DuplexEngine of the real PersonaPlex-7B shape with random weights generated on the
     device (LM) and a random full-size Mimi, for timing and memory figures. The scratch folder
-    (Mimi file, tokenizer, a voice) is returned too, to be removed by the caller."""
+    (Mimi file, tokenizer, a voice) is returned too, to be removed by the caller.
+    `quantize_tables`, `kv_bits`, `mimi_weights`: as DuplexEngine.load takes them."""
     from safetensors.numpy import save_file
 
     from engine.audiofile import write_wav
     from engine.config import parse_model_config
-    from engine.duplex import DuplexEngine
+    from engine.duplex import DuplexEngine, resolve_kv_bits, resolve_mimi_weights
     from engine.lm import LMModel
     from engine.mimi import Mimi
     from engine.mimi.weights import random_mimi_weights
@@ -235,12 +240,14 @@ def random_full_size_engine(shape: str = "personaplex-7b", *, quantize: int | No
     write_wav(scratch / "voices" / "BENCH.wav", babble(rng, 3.0), cfg.mimi.sample_rate)
     (scratch / "RANDOM_WEIGHTS").write_text("random weights for benchmarking\n")
     model_dir = ModelDir(path=scratch, config=cfg, source=f"{shape} (random weights)")
-    mimi = Mimi.load(mimi_path, cfg.mimi, num_codebooks=cfg.lmgen.mimi_num_codebooks)
+    mimi = Mimi.load(mimi_path, cfg.mimi, num_codebooks=cfg.lmgen.mimi_num_codebooks,
+                     transformer_weights=resolve_mimi_weights(mimi_weights, quantize))
     lm = LMModel.from_weights(_RandomLMWeights(cfg.lm, seed), cfg.lm, dtype=dtype,
-                              quantize=quantize)
+                              quantize=quantize, quantize_embeddings=quantize_tables,
+                              quantize_heads=quantize_tables)
     tokenizer = TextTokenizer.from_model_dir(scratch)
     engine = DuplexEngine(model_dir, lm, mimi, tokenizer, dtype=dtype, quantize=quantize,
-                          greedy=False, seed=seed)
+                          greedy=False, seed=seed, kv_bits=resolve_kv_bits(kv_bits, quantize))
     return engine, scratch
 
 
@@ -258,11 +265,13 @@ def bench_command(args) -> int:
                 raise ParleyError("--shape needs --random-weights (no real weights are downloaded "
                                   "for a shape); or pass --model instead.")
             engine, scratch = random_full_size_engine(
-                args.shape, quantize=args.quantize or None, dtype=args.dtype or "bfloat16")
+                args.shape, quantize=args.quantize or None, dtype=args.dtype or "bfloat16",
+                kv_bits=getattr(args, "kv_bits", "auto"))
             label = f"{args.shape}, random weights"
         else:
             label = args.model or "nvidia/personaplex-7b-v1"
-            engine = DuplexEngine.load(args.model, quantize=args.quantize, dtype=args.dtype, seed=0)
+            engine = DuplexEngine.load(args.model, quantize=args.quantize, dtype=args.dtype, seed=0,
+                                       kv_bits=getattr(args, "kv_bits", "auto"))
         load_s = time.perf_counter() - t0
         if engine.model_dir.is_tiny_random and not args.shape:
             label += ", random weights"

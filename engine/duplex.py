@@ -40,6 +40,28 @@ class PreparedPrompt:
         return voice + self.frames.shape[0]
 
 
+def resolve_kv_bits(kv_bits: int | None | str, quantize: int | None) -> int | None:
+    """The KV ring's width for a `kv_bits` setting ("auto", 8, 16 or None) and the weights'
+    quantization: 8 or None (the model's dtype)."""
+    if kv_bits == "auto":
+        return 8 if quantize else None
+    if kv_bits in (None, 16):
+        return None
+    if kv_bits == 8:
+        return 8
+    raise ValueError(f"kv_bits must be 'auto', 8 or 16, got {kv_bits!r}")
+
+
+def resolve_mimi_weights(mimi_weights: str, quantize: int | None) -> str:
+    """How Mimi's transformer matrices are stored for a setting ("auto", "float32",
+    "bfloat16") and the LM's quantization: bf16 with quantized weights under "auto"."""
+    if mimi_weights == "auto":
+        return "bfloat16" if quantize else "float32"
+    if mimi_weights in ("float32", "bfloat16"):
+        return mimi_weights
+    raise ValueError(f"mimi_weights must be 'auto', 'float32' or 'bfloat16', got {mimi_weights!r}")
+
+
 def default_overlap_encode() -> bool:
     """Whether Mimi's encode overlaps the LM step by default: on MLX's CUDA backend only."""
     import mlx.core as mx
@@ -54,7 +76,7 @@ class DuplexEngine:
 
     def __init__(self, model_dir: ModelDir, lm, mimi, tokenizer: TextTokenizer, *,
                  dtype: str, quantize: int | None, greedy: bool = False, seed: int | None = None,
-                 overlap_encode: bool | None = None):
+                 overlap_encode: bool | None = None, kv_bits: int | None = None):
         import mlx.core as mx
         from engine.lm import LMGen
 
@@ -70,7 +92,10 @@ class DuplexEngine:
         self.seed = seed
         self.sample_rate = self.config.mimi.sample_rate
         self.frame_size = self.config.mimi.frame_size
-        self.gen = LMGen(lm, self.config.lmgen, greedy=greedy, seed=seed)
+        # kv_bits=8 stores the temporal KV ring in 8 bits (engine/lm/kv_ring.py): half its
+        # memory, and half the bytes the attention reads each frame.
+        self.kv_bits = kv_bits
+        self.gen = LMGen(lm, self.config.lmgen, greedy=greedy, seed=seed, kv_bits=kv_bits)
         self.profile_stages = False  # per-stage barriers on every frame (the benchmark)
         # Live telemetry samples the stage split on one frame in this many (0: never); the
         # other frames keep one evaluation barrier.
@@ -107,7 +132,16 @@ class DuplexEngine:
     @classmethod
     def load(cls, model: str | ModelDir | None = None, *, quantize: int | None = None,
              dtype: str | None = None, greedy: bool = False, seed: int | None = None,
-             depformer_steps: int | None = None, group_size: int = 64) -> "DuplexEngine":
+             depformer_steps: int | None = None, group_size: int = 64,
+             kv_bits: int | None | str = "auto", quantize_tables: bool = True,
+             mimi_weights: str = "auto") -> "DuplexEngine":
+        """Quantized weights (`quantize`) make a memory-lean engine, already not the reference's
+        numbers, so by default three more cuts come with them (the 7B at 4 bits: ~7.0 -> ~5.4 GB):
+        kv_bits "auto": an 8-bit KV ring (0.83 instead of 1.57 GB; 16 or None: the model's
+        dtype); quantize_tables: the embedding tables and output heads quantized too
+        (LMModel.load's quantize_embeddings / quantize_heads; ~0.26 instead of ~0.92 GB);
+        mimi_weights "auto": Mimi's transformer matrices stored in bf16 ("float32" keeps them;
+        0.1 GB). Without `quantize` all three keep the reference's precision."""
         from engine.lm import LMModel
         from engine.mimi import Mimi
 
@@ -118,12 +152,14 @@ class DuplexEngine:
         if quantize is None:  # 8 bits is the safe default for the 7B (MODEL.md §4.4)
             quantize = 8 if cfg.lm.dim >= 1024 else 0
         quantize = quantize or None
-        mimi = Mimi.load(model_dir.mimi_path, cfg.mimi, num_codebooks=cfg.lmgen.mimi_num_codebooks)
+        mimi = Mimi.load(model_dir.mimi_path, cfg.mimi, num_codebooks=cfg.lmgen.mimi_num_codebooks,
+                         transformer_weights=resolve_mimi_weights(mimi_weights, quantize))
         lm = LMModel.load(model_dir.lm_path, cfg.lm, dtype=dtype, quantize=quantize,
-                          group_size=group_size, depformer_steps=depformer_steps)
+                          group_size=group_size, depformer_steps=depformer_steps,
+                          quantize_embeddings=quantize_tables, quantize_heads=quantize_tables)
         tokenizer = TextTokenizer.from_model_dir(model_dir.path)
         return cls(model_dir, lm, mimi, tokenizer, dtype=dtype, quantize=quantize,
-                   greedy=greedy, seed=seed)
+                   greedy=greedy, seed=seed, kv_bits=resolve_kv_bits(kv_bits, quantize))
 
     def available_voices(self) -> list[str]:
         ensure_voices_unpacked(self.model_dir.path)

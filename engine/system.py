@@ -173,13 +173,21 @@ def mimi_parameter_bytes(cfg: MimiConfig) -> int:
 
 
 def estimate_model_bytes(lm: LMConfig, mimi: MimiConfig, bits: int | None,
-                         group_size: int = 64, depformer_steps: int | None = 8) -> int:
-    """Resident bytes for weights (bf16, or `bits`-bit quantized linears), KV ring and Mimi."""
+                         group_size: int = 64, depformer_steps: int | None = 8,
+                         kv_bits: int | None | str = "auto", quantize_tables: bool = True) -> int:
+    """Resident bytes for weights (bf16, or `bits`-bit quantized linears, and with
+    `quantize_tables` embeddings and heads too), KV ring (bf16, or 8-bit rows with a float32
+    scale and low each: kv_bits "auto" is 8 with quantized weights) and Mimi."""
     counts = lm_parameter_counts(lm, depformer_steps)
-    if bits is None:
-        linear = counts["linear"] * 2
-    else:
-        linear = counts["linear"] * bits // 8 + counts["linear"] // group_size * 4
-    dense = counts["dense"] * 2
-    kv = 2 * lm.num_layers * lm.context * lm.dim * 2
+
+    def quantized(n: int) -> int:
+        return n * bits // 8 + n // group_size * 4
+
+    linear = counts["linear"] * 2 if bits is None else quantized(counts["linear"])
+    dense = counts["dense"] * 2 if bits is None or not quantize_tables else quantized(counts["dense"])
+    if kv_bits == "auto":
+        kv_bits = 8 if bits else None
+    rows = 2 * lm.num_layers * lm.context * lm.num_heads  # key and value rows of the ring
+    head_dim = lm.dim // lm.num_heads
+    kv = rows * (head_dim + 8) if kv_bits == 8 else rows * head_dim * 2
     return linear + dense + kv + mimi_parameter_bytes(mimi)

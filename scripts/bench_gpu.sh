@@ -42,6 +42,12 @@ case "$phase" in
       python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize "$bits" \
         --frames ${FRAMES:-200} --json "$@" | tee "$out/parley-q$bits.json"
     done
+    # KV16=1: one more 4-bit run with the KV ring in bf16 (the default with quantized weights is
+    # the 8-bit ring), for the memory and time it costs.
+    if [ -n "${KV16:-}" ]; then
+      python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 --kv-bits 16 \
+        --frames ${FRAMES:-200} --json "$@" | tee "$out/parley-q4-kv16.json"
+    fi
     # EXTRA="PARLEY_FUSED_TEMPORAL=0 PARLEY_FUSED_TEMPORAL=0,PARLEY_GEMV_LOADS=16": one more
     # 4-bit run per entry (commas join variables), on the same machine as the runs above.
     for env in ${EXTRA:-}; do
@@ -53,7 +59,7 @@ import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 ref = json.loads(pathlib.Path("/root/reference.json").read_text())
 print(f"reference LMGen.step: p50 {ref['p50_ms']:.2f} ms, p95 {ref['p95_ms']:.2f} ms, peak {ref['peak_gb']:.1f} GiB ({ref['gpu']}, torch {ref['torch']})")
-for bits in (4, 8):
+for bits in (4, 8, "4-kv16"):
     if not (out / f"parley-q{bits}.json").exists():
         continue
     d = json.loads((out / f"parley-q{bits}.json").read_text())
@@ -61,7 +67,7 @@ for bits in (4, 8):
     split = ", ".join(f"{k} {st[k]['p50_ms']:.2f}" for k in ("encode", "temporal", "depth", "decode"))
     tot = st["total"]["p50_ms"]
     print(f"parley {bits}-bit full frame: p50 {tot:.2f} ms, p95 {st['total']['p95_ms']:.2f} ms ({split}); "
-          f"peak {d['peak_memory_gb']:.2f} GB (model {d.get('model_memory_gb', 0):.2f}, ring {d.get('kv_ring_gb', 0):.2f}); depth {d.get('depth_path')}, temporal fused {d.get('temporal_fused')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
+          f"peak {d['peak_memory_gb']:.2f} GB (model {d.get('model_memory_gb', 0):.2f}, ring {d.get('kv_ring_gb', 0):.2f} at {d.get('kv_bits') or 16} bits); depth {d.get('depth_path')}, temporal fused {d.get('temporal_fused')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
 PY
     ;;
   variants)
@@ -186,6 +192,33 @@ PY
         --variants "Mimi kernels off" "$@" | tee "$out/options.json"
     fi
     ;;
+  memory)
+    # The memory cuts of session 9 (8-bit KV ring, quantized tables, Mimi's transformer weights
+    # in bf16): their CUDA tests, the 8-bit ring attention's numerics and timings against the
+    # bf16 ring, and the temporal step kernel over an 8-bit ring against the fused step. After
+    # `stage`; then `run` (KV16=1) on the same machine for the figures.
+    install
+    timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider ${PYTEST:-tests/test_kv_ring_8bit.py \
+      tests/test_temporal_kernel.py tests/test_fused.py tests/test_depth_kernel.py tests/test_mimi_kernel.py} \
+      2>&1 | tail -12 | tee "$out/pytest.txt" || true
+    timeout ${RING_TIMEOUT:-120} python3 scripts/check_fused_kernels.py --ring 2>&1 | tee "$out/ring.txt" || true
+    timeout ${CHECK_TIMEOUT:-200} python3 scripts/check_fused_kernels.py --temporal-kernel --q8-only \
+      --configs 3,4 2>&1 | tee "$out/tkernel.txt" || true
+    ;;
+  lean)
+    # Session 9's memory cuts in one call after `stage` (8-bit KV ring, quantized tables and
+    # heads, Mimi's transformer matrices in bf16: the defaults with quantized weights): the 8-bit
+    # ring attention's numerics and speed, whole 4-bit frames (time, peak memory), the CUDA tests
+    # of the new kernels, then 8-bit frames. Each step has its own time limit.
+    install
+    timeout ${RING_TIMEOUT:-70} python3 scripts/check_fused_kernels.py --ring 2>&1 | tee "$out/ring.txt" || true
+    timeout ${BENCH_TIMEOUT:-230} python3 -m tui.cli bench --shape personaplex-7b --random-weights \
+      --quantize 4 --frames ${FRAMES:-100} --json "$@" | tee "$out/parley-q4.json" || true
+    timeout ${PYTEST_TIMEOUT:-130} python3 -m pytest -q -p no:cacheprovider -k on_cuda \
+      tests/test_kv_ring_8bit.py tests/test_mimi_kernel.py 2>&1 | tail -8 | tee "$out/pytest.txt" || true
+    timeout ${BENCH8_TIMEOUT:-150} python3 -m tui.cli bench --shape personaplex-7b --random-weights \
+      --quantize 8 --frames 60 --json "$@" | tee "$out/parley-q8.json" || true
+    ;;
   probe)
     # A short call: the ring attention kernel's check, then Nsight Compute on the depth step
     # kernel alone (stall reasons). Right after `stage`.
@@ -200,7 +233,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

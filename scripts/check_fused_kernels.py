@@ -31,7 +31,7 @@ from engine.lm import depth_kernel, fused  # noqa: E402
 from engine.lm.layers import Linear, gated_ffn, merge_heads, rms_norm_f32, split_heads  # noqa: E402
 
 CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float32: "float", mx.uint32: "uint32_t",
-              mx.int32: "int32_t", mx.uint64: "uint64_t"}
+              mx.int32: "int32_t", mx.uint64: "uint64_t", mx.uint8: "uint8_t"}
 
 
 def make_linear(n: int, k: int, bits: int, dtype, key: int, group: int = 64) -> Linear:
@@ -114,40 +114,50 @@ def check_numerics(dtype, bits: int, dims: dict) -> list[str]:
     return lines
 
 
-def make_depformer(dims: dict, bits: int, dtype, steps: int = 8, seed: int = 0):
+def make_depformer(dims: dict, bits: int, dtype, steps: int = 8, seed: int = 0,
+                   table_bits: int = 0, head_bits: int = 0, table_group: int = 64):
     """A random depth transformer of the given widths (StackedLinear weights as the loader makes
-    them, plain embedding tables and heads), for the step kernel's checks."""
+    them; embedding tables and heads plain, or quantized with `table_bits` / `head_bits` as the
+    loader's quantize_embeddings / quantize_heads make them), for the step kernel's checks."""
     from engine.lm.depformer import Depformer, DepformerLayer
     from engine.lm.layers import Embedding, StackedLinear
     d, h, heads, hin, card = dims["d"], dims["hidden"], dims["heads"], dims["hin"], dims["card"]
     key = iter(range(seed * 1000, seed * 1000 + 1000))
 
-    def stacked(n, k, b=bits, gain=1.0):
+    def stacked(n, k, b=bits, gain=1.0, group=64):
         w = (gain * mx.random.normal((steps, n, k), key=mx.random.key(next(key))) / math.sqrt(k))
         w = w.astype(dtype)
         if not b:
             return StackedLinear(w)
-        q, s_, b_ = mx.quantize(w, group_size=64, bits=b)
-        return StackedLinear(q, s_, b_, b, 64)
+        q, s_, b_ = mx.quantize(w, group_size=group, bits=b)
+        return StackedLinear(q, s_, b_, b, group)
 
     def norm():
         return mx.random.uniform(0.5, 1.5, (d,), key=mx.random.key(next(key))).astype(mx.float32)
 
     def table(rows):
-        return Embedding(mx.random.normal((rows, d), key=mx.random.key(next(key))).astype(dtype))
+        w = mx.random.normal((rows, d), key=mx.random.key(next(key))).astype(dtype)
+        if not table_bits:
+            return Embedding(w)
+        q, s_, b_ = mx.quantize(w, group_size=table_group, bits=table_bits)
+        return Embedding(q, s_, b_, table_bits, table_group)
 
     layers = [DepformerLayer(norm(), stacked(3 * d, d), stacked(d, d), norm(), stacked(2 * h, d),
                              stacked(d, h)) for _ in range(dims.get("layers", 6))]
     return Depformer(layers, stacked(d, hin), table(dims.get("text_card", 4000)),
                      [table(card + 1) for _ in range(steps - 1)],
-                     stacked(card, d, b=0, gain=5.0), heads, capacity=steps)
+                     stacked(card, d, b=head_bits, gain=5.0, group=table_group), heads,
+                     capacity=steps)
 
 
-def check_depth_step_kernel(dtype, bits: int, dims: dict, steps: int = 8) -> list[str]:
+def check_depth_step_kernel(dtype, bits: int, dims: dict, steps: int = 8,
+                            tables: int = 0) -> list[str]:
     """engine/lm/depth_kernel.py's whole step against the unfused depth step, step by step:
-    logits and each layer's key and value."""
+    logits and each layer's key and value. `tables` = b quantizes the embedding tables and the
+    heads to b bits, as the loader does by default."""
     from engine.lm import depth_kernel
-    dep = make_depformer(dims, bits, dtype, steps)
+    dep = make_depformer(dims, bits, dtype, steps, table_bits=tables, head_bits=tables,
+                         table_group=32 if dims["d"] % 64 else 64)
     hn = mx.random.normal((1, 1, dims["hin"]), key=mx.random.key(99)).astype(dtype)
     cache, kvs, lines = dep.new_cache(), [], []
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
@@ -175,7 +185,8 @@ def time_depth_steps(bits: int, steps: int = 8) -> list[str]:
     """A frame's depth chain (8 steps, greedy argmax between) through MLX ops, the per-layer fused
     kernels and the step kernel, compiled; ms per frame."""
     dims = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
-    dep = make_depformer(dims, bits, mx.bfloat16, steps)
+    # Tables and heads quantized with the linears, as the loader makes them by default.
+    dep = make_depformer(dims, bits, mx.bfloat16, steps, table_bits=bits, head_bits=bits)
     hn = mx.random.normal((1, 1, 4096)).astype(mx.bfloat16)
 
     def chain(path):
@@ -364,6 +375,56 @@ def dispatch_costs(n: int = 200) -> list[str]:
     return out
 
 
+def _random_q8_ring(shape, key) -> tuple[mx.array, mx.array]:
+    """An 8-bit ring (kv_ring.py's layout) of random rows: bytes and (scale, low) pairs."""
+    from engine.lm.kv_ring import quantize_rows
+    return quantize_rows(mx.random.normal(shape, key=key))
+
+
+def check_ring_attention_q8(dtype, heads: int, hd: int, slots: int) -> list[str]:
+    """fused.ring_attention over an 8-bit ring against engine/lm/kv_ring.py's MLX operations
+    (the new key and value quantized into the ring, scaled_dot_product_attention over the
+    dequantized slots): output, the new slot (bytes within one step, scales and lows within
+    float rounding), and nothing else written."""
+    from engine.lm.kv_ring import dequantize_rows, quantize_rows
+    lines = []
+    scale = 1 / math.sqrt(hd)
+    counters = mx.zeros((heads,), dtype=mx.uint32)
+    for pos in (0, 5, slots - 1, slots + 7, 3 * slots + 1):
+        k1, k2, k3, k4, k5 = mx.random.split(mx.random.key(pos + 29), 5)
+        keys, kp = _random_q8_ring((1, heads, slots, hd), k1)
+        values, vp = _random_q8_ring((1, heads, slots, hd), k2)
+        q, k, v = (mx.random.normal((1, heads, 1, hd), key=kk).astype(dtype) for kk in (k3, k4, k5))
+        slot, n = pos % slots, (pos + 1 if pos + 1 < slots else slots)
+        (kq, kqp), (vq, vqp) = quantize_rows(k), quantize_rows(v)
+
+        def put(ring, row):
+            return mx.concatenate([ring[:, :, :slot], row, ring[:, :, slot + 1:]], axis=2)
+
+        want_k, want_kp, want_v, want_vp = put(keys, kq), put(kp, kqp), put(values, vq), put(vp, vqp)
+        K = dequantize_rows(want_k, want_kp, dtype)[:, :, :n]
+        V = dequantize_rows(want_v, want_vp, dtype)[:, :, :n]
+        want = mx.fast.scaled_dot_product_attention(q, K, V, scale=scale)
+        mx.eval(keys, values, kp, vp, want, want_k, want_v, want_kp, want_vp, counters)
+        got = fused.ring_attention(q, k, v, keys, values, mx.array([slot, n], dtype=mx.int32),
+                                   counters, scale, kp, vp)
+        mx.eval(got)
+        e = rel_err(got, want)
+        tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
+        step = int(mx.max(mx.abs(keys.astype(mx.int32) - want_k.astype(mx.int32))).item())
+        step = max(step, int(mx.max(mx.abs(values.astype(mx.int32) - want_v.astype(mx.int32))).item()))
+        par_e = max(rel_err(kp, want_kp), rel_err(vp, want_vp))
+        others = (bool(mx.array_equal(put(keys, want_k[:, :, slot:slot + 1]), want_k).item())
+                  and bool(mx.array_equal(put(vp, want_vp[:, :, slot:slot + 1]), want_vp).item()))
+        left = int(mx.max(counters).item())
+        ok = e <= tol and step <= 1 and par_e <= 1e-5 and others and left == 0
+        lines.append(f"{'ok  ' if ok else 'FAIL'} 8-bit ring attention pos={pos:5d} (slot {slot}, "
+                     f"n {n}): rel err {e:.2e}, new slot bytes within {step}, params rel err "
+                     f"{par_e:.1e}, other slots {'unchanged' if others else 'CHANGED'}, "
+                     f"counters {left}")
+    return lines
+
+
 def check_ring_attention(dtype, heads: int, hd: int, slots: int) -> list[str]:
     """fused.ring_attention against the ring written with MLX and scaled_dot_product_attention
     over its filled slots: for a ring still filling, one just full and one wrapped around; the
@@ -536,12 +597,22 @@ def ceilings_and_attention(layers: int = 32, ctx: int = 2999) -> list[str]:
         i = next(attend) % layers
         return fused.ring_attention(q, q, q, keys[i], vals[i], meta, counters, 128 ** -0.5)
 
+    q8 = [_random_q8_ring((1, 32, ctx, 128), mx.random.key(900 + i)) for i in range(layers)]
+    mx.eval(q8)
+
+    def q8_one(q):  # the same over an 8-bit ring (kv_ring.py's layout)
+        i = next(attend) % layers
+        return fused.ring_attention(q, q, q, q8[i][0], q8[i][0], meta, counters, 128 ** -0.5,
+                                    q8[i][1], q8[i][1])
+
     gb = 2 * layers * keys[0].nbytes / 1e9
-    for name, fn in (("MLX sdpa", one), ("ring_attention", fused_one)):
+    gb8 = 2 * layers * (q8[0][0].nbytes + q8[0][1].nbytes) / 1e9
+    for name, fn, g in (("MLX sdpa", one, gb), ("ring_attention", fused_one, gb),
+                        ("ring_attention, 8-bit ring", q8_one, gb8)):
         s = wall_per_call(fn, q0, layers) * layers / 1e6
         out.append(f"attention ({name}), 1 query over {ctx} positions x 32 heads, {layers} layers "
-                   f"chained: {s / layers * 1e6:.1f} us/layer ({gb:.2f} GB in {s * 1e3:.2f} ms, "
-                   f"{gb / s / 1e3:.2f} TB/s)")
+                   f"chained: {s / layers * 1e6:.1f} us/layer ({g:.2f} GB in {s * 1e3:.2f} ms, "
+                   f"{g / s / 1e3:.2f} TB/s)")
     return out
 
 
@@ -575,12 +646,18 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
     out = []
     seven_b = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
     tiny = {"d": 32, "hidden": 88, "heads": 2, "hin": 64, "card": 64, "layers": 1, "text_card": 70}
-    for dims, bits, dtype in ((seven_b, 4, mx.bfloat16), (seven_b, 8, mx.bfloat16),
-                              (seven_b, 0, mx.bfloat16), (tiny, 0, mx.float32)):
-        dep = make_depformer(dims, bits, dtype, steps=3)
+    # (dims, bits, dtype, table bits, table group): the 4- and 8-bit loads quantize the tables
+    # and heads too (the loader's default), and a 3-bit table reads values straddling two words.
+    for dims, bits, dtype, tb, tg in ((seven_b, 4, mx.bfloat16, 0, 64),
+                                      (seven_b, 4, mx.bfloat16, 4, 64),
+                                      (seven_b, 8, mx.bfloat16, 8, 64),
+                                      (seven_b, 0, mx.bfloat16, 0, 64),
+                                      (tiny, 0, mx.float32, 0, 64), (tiny, 0, mx.float32, 3, 32)):
+        dep = make_depformer(dims, bits, dtype, steps=3, table_bits=tb, head_bits=tb if bits else 0,
+                             table_group=tg)
         hn = mx.zeros((1, 1, dims["hin"]), dtype=dtype)
         kv_size = len(dep.layers) * 2 * dims["d"]
-        variants = [(0, "fences"), (2, "fences")] + ([(2, "acqrel")] if bits == 4 else [])
+        variants = [(0, "fences"), (2, "fences")] + ([(2, "acqrel")] if bits == 4 and not tb else [])
         for nkv, barrier in variants:
             os.environ["PARLEY_DEPTH_BARRIER"] = barrier
             try:
@@ -588,8 +665,8 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
                     nkv, hn, mx.array([1], dtype=mx.int32), [mx.zeros((kv_size,), dtype=dtype)] * nkv))
             finally:
                 os.environ.pop("PARLEY_DEPTH_BARRIER")
-            out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} NKV={nkv} "
-                        f"barrier={barrier}", _mlx_like_source(kw, ckw)))
+            out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} EBITS={tb} "
+                        f"NKV={nkv} barrier={barrier}", _mlx_like_source(kw, ckw)))
     return out
 
 
@@ -615,9 +692,26 @@ def shaped_temporal(dims: dict, bits: int, dtype, layers: int, weights=None):
                     norm(), dims["heads"], dims.get("context", 3000), 10000.0)
 
 
-def _temporal_setup(dtype, bits: int, dims: dict, layers: int):
-    """A Temporal of random weights of the given widths (fused, ring attention), random rings,
-    zero counters, a barrier, and its fused whole step (the engine's default)."""
+def _split_rings(rings: list[mx.array]) -> list[list[mx.array]]:
+    """KVRing.kernel_inputs()-ordered rings -> [keys, values, key params, value params]."""
+    n = len(rings) // 4
+    return [list(rings[i * n:(i + 1) * n]) for i in range(4)]
+
+
+def _slot_rows(rings: list[mx.array], slot: int, dtype) -> list[mx.array]:
+    """Every layer's key and value at `slot` as `dtype` (dequantized from an 8-bit ring)."""
+    from engine.lm.kv_ring import dequantize_rows
+    keys, values, kp, vp = _split_rings(rings)
+    if keys[0].dtype != mx.uint8:
+        return [r[:, :, slot] for r in keys + values]
+    return [dequantize_rows(r[:, :, slot], p[:, :, slot], dtype)
+            for r, p in zip(keys + values, kp + vp)]
+
+
+def _temporal_setup(dtype, bits: int, dims: dict, layers: int, q8: bool = False):
+    """A Temporal of random weights of the given widths (fused, ring attention), random rings
+    (KVRing.kernel_inputs order; 8-bit with q8), zero counters, a barrier, and its fused whole
+    step (the engine's default)."""
     keys_ = iter(range(5000, 9000))
 
     def weights(n, k):
@@ -632,8 +726,13 @@ def _temporal_setup(dtype, bits: int, dims: dict, layers: int):
     for i, layer in enumerate(t.layers):
         layer.norm1, layer.norm2 = norms[2 * i], norms[2 * i + 1]
     t.out_norm = norms[-1]
-    rings = [mx.random.normal((1, H, S, hd), key=mx.random.key(next(keys_))).astype(dtype)
-             for _ in range(2 * layers)]
+    if q8:
+        pairs = [_random_q8_ring((1, H, S, hd), mx.random.key(next(keys_))) for _ in range(2 * layers)]
+        rings = [b for b, _ in pairs] + [p for _, p in pairs]
+    else:
+        rings = [mx.random.normal((1, H, S, hd), key=mx.random.key(next(keys_))).astype(dtype)
+                 for _ in range(2 * layers)]
+        rings += [mx.zeros((1,), dtype=mx.float32)] * (2 * layers)
     counters = mx.zeros((H,), dtype=mx.uint32)
     barrier = depth_kernel.new_barrier()
     mx.eval(t.arrays(), rings, counters)
@@ -641,15 +740,16 @@ def _temporal_setup(dtype, bits: int, dims: dict, layers: int):
 
 
 def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
-                          reps: int = 20) -> list[str]:
+                          reps: int = 20, q8: bool = False) -> list[str]:
     """engine/lm/temporal_kernel.py's step against the fused step with ring attention (the
     engine's default), on random weights of the given widths and random rings: the output and
     every ring (the new slot written, nothing else) for a filling ring, a full one and a wrapped
     one; then each step's wall time (build + issue + wait), same process."""
     from engine.lm import temporal_kernel
-    t, rings, counters, barrier, whole = _temporal_setup(dtype, bits, dims, layers)
+    t, rings, counters, barrier, whole = _temporal_setup(dtype, bits, dims, layers, q8)
     S = dims["slots"]
     lines, tol = [], (2e-2 if dtype == mx.bfloat16 else 1e-4)
+    ring_tol = max(tol, 1e-2) if q8 else tol  # one byte step apart where k or v round apart
     for pos in (5, S - 1, S + 7):
         x = mx.random.normal((1, 1, dims["d"]), key=mx.random.key(pos)).astype(dtype)
         offset = mx.array(pos, dtype=mx.int32)
@@ -659,15 +759,16 @@ def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
         mx.eval(ra, rb)
         want = whole(x, offset, meta, counters, *ra)
         mx.eval(want)
-        got = temporal_kernel.step(t, x, offset, meta, counters, barrier, rb[:layers], rb[layers:])
+        got = temporal_kernel.step(t, x, offset, meta, counters, barrier, *_split_rings(rb))
         mx.eval(got)
         e = rel_err(got, want)
         slot = pos % S
-        ring_e = max(rel_err(a[:, :, slot], b[:, :, slot]) for a, b in zip(ra, rb))
-        rest_ok = all(bool(mx.array_equal(mx.concatenate([a[:, :, :slot], a[:, :, slot + 1:]], 2),
-                                          mx.concatenate([b[:, :, :slot], b[:, :, slot + 1:]], 2)).item())
-                      for a, b in zip(ra, rb))
-        ok = e <= tol and ring_e <= tol and rest_ok and int(mx.max(counters).item()) == 0
+        ring_e = max(rel_err(a, b) for a, b in zip(_slot_rows(ra, slot, dtype),
+                                                   _slot_rows(rb, slot, dtype)))
+        rest_ok = all(a.size == 1 or bool(mx.array_equal(
+            mx.concatenate([a[:, :, :slot], a[:, :, slot + 1:]], 2),
+            mx.concatenate([b[:, :, :slot], b[:, :, slot + 1:]], 2)).item()) for a, b in zip(ra, rb))
+        ok = e <= tol and ring_e <= ring_tol and rest_ok and int(mx.max(counters).item()) == 0
         lines.append(f"{'ok  ' if ok else 'FAIL'} temporal step kernel pos={pos:5d}: out rel err "
                      f"{e:.2e}, new slot rel err {ring_e:.2e}, rest of the rings "
                      f"{'unchanged' if rest_ok else 'CHANGED'}")
@@ -679,7 +780,7 @@ def check_temporal_kernel(dtype, bits: int, dims: dict, layers: int = 9,
     x = mx.zeros((1, 1, dims["d"]), dtype=dtype)
     offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([7, S], dtype=mx.int32)
     kern = mx.compile(lambda x, *r: temporal_kernel.step(t, x, offset, meta, counters, barrier,
-                                                         list(r[:layers]), list(r[layers:])))
+                                                         *_split_rings(r)))
     for name, fn in (("fused step, ring attention", lambda: whole(x, offset, meta, counters, *rings)),
                      ("temporal step kernel", lambda: kern(x, *rings))):
         mx.eval(fn())
@@ -724,7 +825,7 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
             rb = [r + 0 for r in rings]
             mx.eval(rb)
             try:
-                out = tk.step(t, x, offset, meta, counters, barrier, rb[:layers], rb[layers:])
+                out = tk.step(t, x, offset, meta, counters, barrier, *_split_rings(rb))
                 mx.eval(out)
             except Exception as e:  # a launch that does not compile or fit: say so, go on
                 lines.append(f"FAIL {name}: {str(e).splitlines()[0][:200]}")
@@ -742,11 +843,12 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
                 same = "equal to the first bit for bit" if ok else "DIFFERS from the first"
             else:
                 e = rel_err(out, first[0])
-                ring_e = max(rel_err(a[:, :, slot], b[:, :, slot]) for a, b in zip(rb, first[1]))
+                ring_e = max(rel_err(a, b) for a, b in zip(_slot_rows(rb, slot, dtype),
+                                                           _slot_rows(first[1], slot, dtype)))
                 ok = e <= tol and ring_e <= tol
                 same = f"rel err {e:.2e} from the first (new slot {ring_e:.2e})"
             kern = mx.compile(lambda x, *r: tk.step(
-                t, x, offset, meta, counters, barrier, list(r[:layers]), list(r[layers:])))
+                t, x, offset, meta, counters, barrier, *_split_rings(r)))
             mx.eval(kern(x, *rings))
             times, phases = [], [[] for _ in PHASES]
             for _ in range(reps):
@@ -754,8 +856,8 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
                 mx.eval(kern(x, *rings))
                 times.append((time.perf_counter() - t0) * 1e3)
             for _ in range(reps):
-                _, ticks = tk.step(t, x, offset, meta, counters, barrier, rings[:layers],
-                                   rings[layers:], probe=True)
+                _, ticks = tk.step(t, x, offset, meta, counters, barrier, *_split_rings(rings),
+                                   probe=True)
                 d = np.diff(np.array(ticks[0].tolist(), dtype=np.float64)) / 1e3  # us
                 for i in range(len(d)):
                     phases[i % 5].append(d[i])
@@ -788,24 +890,30 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
     saved = temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS
     smem = depth_kernel.shared_memory_per_sm
     depth_kernel.shared_memory_per_sm = lambda: 228 * 1024  # an H100/H200 SM's, wherever this runs
-    for dims, bits, dtype, configs in ((seven_b, 4, mx.bfloat16, ((3, 4), (1, 0), (2, 4))),
-                                       (seven_b, 8, mx.bfloat16, ((3, 4), (1, 0))),
-                                       (seven_b, 0, mx.bfloat16, ((3, 4), (1, 0))),
-                                       (tiny, 0, mx.float32, ((3, 4), (1, 0)))):
+    for dims, bits, dtype, configs, q8 in ((seven_b, 4, mx.bfloat16, ((3, 4), (1, 0), (2, 4)), False),
+                                           (seven_b, 4, mx.bfloat16, ((3, 4),), True),
+                                           (seven_b, 8, mx.bfloat16, ((3, 4), (1, 0)), False),
+                                           (seven_b, 8, mx.bfloat16, ((3, 4),), True),
+                                           (seven_b, 0, mx.bfloat16, ((3, 4), (1, 0)), False),
+                                           (tiny, 0, mx.float32, ((3, 4), (1, 0)), False),
+                                           (tiny, 0, mx.float32, ((3, 4),), True)):
         for (bps, loads), layers, probe in [(c, n, False) for c in configs for n in (8, 9)] + \
                 [(configs[0], 8, True)]:
             temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = bps, loads
             t = shaped_temporal(dims, bits, dtype, layers)
             H, hd = dims["heads"], dims["d"] // dims["heads"]
-            ring = mx.zeros((1, H, dims["slots"], hd), dtype=dtype)
+            shape = (1, H, dims["slots"], hd)
+            ring = mx.zeros(shape, dtype=mx.uint8 if q8 else dtype)
+            params = mx.zeros(shape[:-1] + (2,) if q8 else (1,), dtype=mx.float32)
             kw, ckw = _captured(lambda: temporal_kernel.step(
                 t, mx.zeros((1, 1, dims["d"]), dtype=dtype), mx.array(5, dtype=mx.int32),
                 mx.array([5, 6], dtype=mx.int32), mx.zeros((H,), dtype=mx.uint32),
-                mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers, probe=probe))
+                mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers,
+                [params] * layers, [params] * layers, probe=probe))
             tpl = dict(ckw["template"])
             out.append((f"temporal step kernel d={dims['d']} {dtype} BITS={bits} L={tpl['L']} "
-                        f"LAST={tpl['LAST']} blocks/SM={bps} LOADS={loads} PROBE={probe}",
-                         _mlx_like_source(kw, ckw)))
+                        f"LAST={tpl['LAST']} blocks/SM={bps} LOADS={loads} PROBE={probe}"
+                        f"{' 8-bit ring' if q8 else ''}", _mlx_like_source(kw, ckw)))
     temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = saved
     depth_kernel.shared_memory_per_sm = smem
     return out
@@ -844,8 +952,9 @@ def _captured(fn) -> tuple[dict, dict]:
 
 
 def _mimi_transformer(d: int, heads: int, ffn: int, context: int, kernel: bool, seed: int = 0,
-                      layers: int = 8):
-    """A Mimi transformer of random weights of the given widths (kernels on or off)."""
+                      layers: int = 8, weights: str = "float32"):
+    """A Mimi transformer of random weights of the given widths (kernels on or off), its matrices
+    stored as `weights` ("float32" or "bfloat16")."""
     from engine.mimi.transformer import MimiTransformer
     rng = np.random.default_rng(seed)
 
@@ -862,30 +971,28 @@ def _mimi_transformer(d: int, heads: int, ffn: int, context: int, kernel: bool, 
                "layer_scale_1.scale": v(d, 0.05, 0.3), "layer_scale_2.scale": v(d, 0.05, 0.3)}
               for _ in range(layers)]
     return MimiTransformer(params, d_model=d, num_heads=heads, context=context,
-                           max_period=10000.0, positions_per_frame=2, kernel=kernel)
+                           max_period=10000.0, positions_per_frame=2, kernel=kernel,
+                           weights=weights)
 
 
 def _mimi_kernel_sources() -> list[tuple[str, str]]:
-    """Mimi's five transformer kernels as MLX would build them, at Mimi's widths and the tiny's."""
+    """Mimi's five transformer kernels as MLX would build them, at Mimi's widths and the tiny's,
+    with float32 and bf16 weights."""
     out = []
-    for d, heads, ffn in ((512, 8, 2048), (32, 2, 64)):
-        tr = _mimi_transformer(d, heads, ffn, 250, kernel=True, layers=1)
-        for kw, ckw in _captured_all(lambda: tr.apply(mx.zeros((2, d)), tr.plan(2))):
-            out.append((f"{kw['name'].split('_')[2]} (Mimi transformer d={d})", _mlx_like_source(kw, ckw)))
+    for weights in ("float32", "bfloat16"):
+        for d, heads, ffn in ((512, 8, 2048), (32, 2, 64)):
+            tr = _mimi_transformer(d, heads, ffn, 250, kernel=True, layers=1, weights=weights)
+            for kw, ckw in _captured_all(lambda: tr.apply(mx.zeros((2, d)), tr.plan(2))):
+                out.append((f"{kw['name'].split('_')[2]} (Mimi transformer d={d}, {weights} "
+                            f"weights)", _mlx_like_source(kw, ckw)))
     return out
 
 
-def check_mimi_kernel(frames: int = 140, reps: int = 30) -> list[str]:
-    """engine/mimi/transformer_kernel.py at Mimi's widths (8 layers, d 512, 8 heads, 2048, a ring
-    of 250): frames through the kernels against the MLX operations across a ring wrap; then a
-    compiled frame's time each way (Python build / MLX encode / device wait), and whole codec
-    frames (full-size Mimi, random weights) with the kernels on and off."""
-    from engine.config import default_mimi_config
-    from engine.mimi import Mimi
-    from engine.mimi.weights import random_mimi_weights
-    lines = []
-    ref = _mimi_transformer(512, 8, 2048, 250, kernel=False)
-    kern = _mimi_transformer(512, 8, 2048, 250, kernel=True)
+def _mimi_kernel_numerics(weights: str, frames: int) -> tuple[str, object, object]:
+    """Frames through the kernels against the MLX operations (both with `weights` matrices) at
+    Mimi's widths across a ring wrap: the report line, and the two transformers (MLX, kernels)."""
+    ref = _mimi_transformer(512, 8, 2048, 250, kernel=False, weights=weights)
+    kern = _mimi_transformer(512, 8, 2048, 250, kernel=True, weights=weights)
     worst = worst_ring = 0.0
     rng = np.random.default_rng(1)
     for i in range(frames):
@@ -897,9 +1004,13 @@ def check_mimi_kernel(frames: int = 140, reps: int = 30) -> list[str]:
             worst_ring = max(worst_ring, max(rel_err(a, b) for a, b in zip(kern.state_arrays(),
                                                                           ref.state_arrays())))
     ok = worst <= 1e-3 and worst_ring <= 1e-3
-    lines.append(f"{'ok  ' if ok else 'FAIL'} Mimi transformer kernels, {frames} frames (ring wraps "
-                 f"at 125): worst out rel err {worst:.2e}, rings {worst_ring:.2e}")
+    line = (f"{'ok  ' if ok else 'FAIL'} Mimi transformer kernels, {weights} weights, {frames} "
+            f"frames (ring wraps at 125): worst out rel err {worst:.2e}, rings {worst_ring:.2e}")
+    return line, ref, kern
 
+
+def _mimi_frame_timings(transformers: dict, reps: int) -> list[str]:
+    """A compiled transformer frame's time (Python build / MLX encode / device wait), each way."""
     def compiled(tr):
         def f(x, plan_arrays, states):
             tr.set_state_arrays(states)
@@ -907,7 +1018,8 @@ def check_mimi_kernel(frames: int = 140, reps: int = 30) -> list[str]:
             return out, tr.state_arrays()
         return mx.compile(f)
 
-    for name, tr in (("MLX operations", ref), ("kernels", kern)):
+    lines = []
+    for name, tr in transformers.items():
         tr.reset()
         for _ in range(3):
             tr(mx.zeros((2, 512)))
@@ -925,16 +1037,39 @@ def check_mimi_kernel(frames: int = 140, reps: int = 30) -> list[str]:
             t3 = time.perf_counter()
             tr.set_state_arrays(states)
             b.append((t1 - t0) * 1e3), h.append((t2 - t1) * 1e3), w.append((t3 - t2) * 1e3)
-        lines.append(f"     transformer frame, {name:15s}: build {np.median(b):.3f} / MLX encode "
+        lines.append(f"     transformer frame, {name:24s}: build {np.median(b):.3f} / MLX encode "
                      f"{np.median(h):.3f} / wait {np.median(w):.3f} ms (p50)")
+    return lines
+
+
+def check_mimi_kernel(frames: int = 140, reps: int = 30) -> list[str]:
+    """engine/mimi/transformer_kernel.py at Mimi's widths (8 layers, d 512, 8 heads, 2048, a ring
+    of 250), with float32 and with bf16 weights: frames through the kernels against the MLX
+    operations across a ring wrap; then a compiled frame's time each way (Python build / MLX
+    encode / device wait), and whole codec frames (full-size Mimi, random weights) with the
+    kernels on and off."""
+    from engine.config import default_mimi_config
+    from engine.mimi import Mimi
+    from engine.mimi.weights import random_mimi_weights
+    lines, transformers = [], {}
+    for kind in ("float32", "bfloat16"):
+        line, ref, kern = _mimi_kernel_numerics(kind, frames)
+        lines.append(line)
+        transformers[f"MLX operations, {kind}"] = ref
+        transformers[f"kernels, {kind}"] = kern
+    lines += _mimi_frame_timings(transformers, reps)
     cfg = default_mimi_config()
     weights = random_mimi_weights(cfg, 0)
     codecs = {}
-    for name, env in (("kernels off", "0"), ("kernels on", "1")):
-        os.environ["PARLEY_MIMI_KERNEL"] = env
-        codecs[name] = Mimi.from_weights(weights, cfg)
-        codecs[name].reset()
+    for kind in ("float32", "bfloat16"):
+        for name, env in (("kernels off", "0"), ("kernels on", "1")):
+            os.environ["PARLEY_MIMI_KERNEL"] = env
+            codecs[f"{name}, {kind} weights"] = Mimi.from_weights(weights, cfg,
+                                                                  transformer_weights=kind)
     os.environ.pop("PARLEY_MIMI_KERNEL")
+    for m in codecs.values():
+        m.reset()
+    rng = np.random.default_rng(1)
     pcm = (0.1 * rng.standard_normal(cfg.frame_size)).astype(np.float32)
     codes = rng.integers(0, cfg.quantizer.bins, 8)
     times = {(n, k): [] for n in codecs for k in ("encode", "decode")}
@@ -994,6 +1129,16 @@ def _product_sources() -> list[tuple[str, str]]:
                                         mx.zeros((heads,), dtype=mx.uint32), 0.125)
         kw, ckw = _captured(ring)
         out.append((f"ring attention {dtype} hd={hd} S={slots}", _mlx_like_source(kw, ckw)))
+
+        def ring_q8():
+            q = mx.zeros((1, heads, 1, hd), dtype=dtype)
+            keys = mx.zeros((1, heads, slots, hd), dtype=mx.uint8)
+            params = mx.zeros((1, heads, slots, 2), dtype=mx.float32)
+            return fused.ring_attention(q, q, q, keys, keys, mx.array([3, 4], dtype=mx.int32),
+                                        mx.zeros((heads,), dtype=mx.uint32), 0.125, params, params)
+        kw, ckw = _captured(ring_q8)
+        out.append((f"ring attention {dtype} hd={hd} S={slots} 8-bit ring",
+                    _mlx_like_source(kw, ckw)))
     from engine.lm import sample_kernel
     for dtype, V, k in ((mx.bfloat16, 2048, 250), (mx.bfloat16, 32000, 25), (mx.float32, 64, 0)):
         forced = mx.zeros((9, 2), dtype=mx.int32)
@@ -1047,6 +1192,8 @@ def main() -> None:
                          "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK] (0: the default)")
     ap.add_argument("--configs-only", action="store_true",
                     help="with --temporal-kernel: only the configurations' comparison")
+    ap.add_argument("--q8-only", action="store_true",
+                    help="with --temporal-kernel: only the step over an 8-bit KV ring")
     ap.add_argument("--mimi", action="store_true",
                     help="only Mimi's transformer kernels: numerics against the MLX operations "
                          "across a ring wrap, then frame timings")
@@ -1082,12 +1229,19 @@ def main() -> None:
     if args.temporal_kernel:
         seven_b_ring = {**seven_b, "slots": 2999}
         if not args.configs_only:
-            for bits, dtype, dims in ((4, mx.bfloat16, seven_b_ring), (8, mx.bfloat16, seven_b_ring),
-                                      (0, mx.float32, {**tiny, "slots": 7})):
-                fails += report(f"temporal step kernel {dtype} bits={bits} d={dims['d']}",
-                                check_temporal_kernel(dtype, bits, dims, reps=20 if bits else 3))
+            for bits, dtype, dims, q8 in ((4, mx.bfloat16, seven_b_ring, False),
+                                          (4, mx.bfloat16, seven_b_ring, True),
+                                          (8, mx.bfloat16, seven_b_ring, False),
+                                          (0, mx.float32, {**tiny, "slots": 7}, False),
+                                          (0, mx.float32, {**tiny, "slots": 7}, True)):
+                if args.q8_only and not q8:
+                    continue
+                fails += report(f"temporal step kernel {dtype} bits={bits} d={dims['d']}"
+                                f"{', 8-bit ring' if q8 else ''}",
+                                check_temporal_kernel(dtype, bits, dims, reps=20 if bits else 3,
+                                                      q8=q8))
         configs = [tuple(int(v) for v in c.split(",")) for c in args.configs]
-        for bits in (4, 8):
+        for bits in () if args.q8_only else (4, 8):
             fails += report(f"temporal step kernel configurations, bf16 bits={bits}, 7B widths, "
                             f"one launch of 8 layers",
                             temporal_kernel_configs(mx.bfloat16, bits, seven_b_ring, configs))
@@ -1096,6 +1250,10 @@ def main() -> None:
     if args.ring:
         fails += report("ring attention bf16, 7B shape", check_ring_attention(mx.bfloat16, 32, 128, 2999))
         fails += report("ring attention float32, tiny shape", check_ring_attention(mx.float32, 4, 16, 7))
+        fails += report("8-bit ring attention bf16, 7B shape",
+                        check_ring_attention_q8(mx.bfloat16, 32, 128, 2999))
+        fails += report("8-bit ring attention float32, tiny shape",
+                        check_ring_attention_q8(mx.float32, 4, 16, 7))
         for line in ceilings_and_attention()[1:]:
             print(line, flush=True)
         print("numerics:", "all ok" if not fails else f"{fails} FAILED")
@@ -1124,14 +1282,17 @@ def main() -> None:
     seven_b_depth = {"d": 1024, "hidden": 2816, "heads": 16, "hin": 4096, "card": 2048}
     tiny_depth = {"d": 16, "hidden": 44, "heads": 2, "hin": 32, "card": 64, "layers": 2,
                   "text_card": 70}
-    for dtype, bits, dims, name in ((mx.bfloat16, 4, seven_b_depth, "7B depth"),
-                                    (mx.bfloat16, 8, seven_b_depth, "7B depth"),
-                                    (mx.bfloat16, 0, seven_b_depth, "7B depth"),
-                                    (mx.float32, 0, tiny_depth, "tiny depth")):
-        if args.quick and bits in (8, 0) and dtype == mx.bfloat16:
+    tiny_depth_q = {**tiny_depth, "d": 32}  # tables and heads quantizable in groups of 32
+    for dtype, bits, dims, name, tables in ((mx.bfloat16, 4, seven_b_depth, "7B depth", 4),
+                                            (mx.bfloat16, 4, seven_b_depth, "7B depth", 0),
+                                            (mx.bfloat16, 8, seven_b_depth, "7B depth", 8),
+                                            (mx.bfloat16, 0, seven_b_depth, "7B depth", 0),
+                                            (mx.float32, 0, tiny_depth, "tiny depth", 0),
+                                            (mx.float32, 0, tiny_depth_q, "tiny depth", 4)):
+        if args.quick and (bits in (8, 0) and dtype == mx.bfloat16 or bits == 4 and not tables):
             continue
-        fails += report(f"step kernel, {name} {dtype} bits={bits}",
-                        check_depth_step_kernel(dtype, bits, dims))
+        fails += report(f"step kernel, {name} {dtype} bits={bits} tables/heads bits={tables}",
+                        check_depth_step_kernel(dtype, bits, dims, tables=tables))
     os.environ["PARLEY_DEPTH_BARRIER"] = "acqrel"  # the experimental barrier, same checks
     lines = check_depth_step_kernel(mx.bfloat16, 4, seven_b_depth)
     os.environ.pop("PARLEY_DEPTH_BARRIER")

@@ -246,26 +246,28 @@ def test_ring_attention_lays_rows_over_lanes():
     assert fused.ring_layout(96) is None
 
 
-def test_the_fused_ring_attention_fits_the_temporal_step(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_the_fused_ring_attention_fits_the_temporal_step(tiny_dir, monkeypatch, kv_bits):
     """PARLEY_RING_ATTENTION=1 on the fused temporal step: the whole step is one compiled call
     whose layers each take one ring_attn kernel given that layer's ring (written in place, so the
-    ring keeps its arrays: no slice updates) and the step's [slot, n]; the warm-up builds the
-    kernel on a throwaway ring (kernels stood in for)."""
+    ring keeps its arrays: no slice updates; an 8-bit ring's bytes and row scales alike) and the
+    step's [slot, n]; the warm-up builds the kernel on a throwaway ring (kernels stood in for)."""
     from engine.duplex import DuplexEngine
     made, calls = {}, []
     _fake_cuda_kernels(monkeypatch, made)
     real = fused.ring_attention
 
-    def spy(q, k, v, keys, values, meta, counters, scale):
-        calls.append((keys.shape, values.shape, meta.shape, counters.shape))
-        return real(q, k, v, keys, values, meta, counters, scale)
+    def spy(q, k, v, keys, values, meta, counters, scale, key_params, value_params):
+        calls.append((keys.shape, values.shape, keys.dtype, key_params.shape,
+                      value_params.shape, meta.shape, counters.shape))
+        return real(q, k, v, keys, values, meta, counters, scale, key_params, value_params)
 
     monkeypatch.setattr(fused, "ring_attention", spy)
     monkeypatch.setattr(fused, "enabled", lambda: True)
     monkeypatch.setenv("PARLEY_RING_ATTENTION", "1")
     monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "0")  # the ring path itself, not its successor
     try:
-        gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
+        gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32", kv_bits=kv_bits).gen
         model = gen.model
         assert model.temporal.use_fused and model.temporal.ring_attention
         model.temporal.warm_up(mx.zeros((1, 1, model.cfg.dim)), gen.kv)
@@ -273,16 +275,19 @@ def test_the_fused_ring_attention_fits_the_temporal_step(tiny_dir, monkeypatch):
         calls.clear()
         kv = gen.kv
         kv.end = kv.slots + 5  # a wrapped ring
-        rings = list(kv.keys) + list(kv.values)
+        rings = kv.arrays()
         for _ in range(2):  # traced by the warm-up, so replayed: no Python call of the kernels
             hn = model.hidden(mx.zeros((1, 1, model.cfg.dim)), kv, compiled=True)
             mx.eval(hn)
     finally:
         fused._kernel.cache_clear()
     ring = (1, model.cfg.num_heads, kv.slots, model.cfg.dim // model.cfg.num_heads)
-    assert traced[1:] == [(ring, ring, (2,), (model.cfg.num_heads,))] * model.cfg.num_layers
+    dtype, params = (mx.uint8, ring[:3] + (2,)) if kv_bits else (mx.float32, (1,))
+    assert traced[1:] == [(ring, ring, dtype, params, params, (2,), (model.cfg.num_heads,))] * \
+        model.cfg.num_layers
     assert calls == []
-    assert all(a is b for a, b in zip(list(kv.keys) + list(kv.values), rings))  # no slice updates
+    assert len(rings) == (4 if kv_bits else 2) * model.cfg.num_layers
+    assert all(a is b for a, b in zip(kv.arrays(), rings))  # no slice updates
     assert kv.end == kv.slots + 7 and hn.shape == (1, 1, model.cfg.dim)
     assert any("_ring_attn_" in name for name in made)
 

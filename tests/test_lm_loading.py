@@ -1,6 +1,6 @@
 """LM loading: checkpoint validation (CheckpointError naming the key), naming variants, the Moshi
 layout, random weights, quantization (8 and 4 bits, the group-size predicate, embeddings and heads
-left alone, the −1 zero token) and the converted-weights cache."""
+quantized with the linears by default, the −1 zero token) and the converted-weights cache."""
 
 from __future__ import annotations
 
@@ -230,9 +230,10 @@ def test_quantized_loading(tiny_dir, cfg, bits, group):
     assert dl.in_proj.quantized == (32 % group == 0)  # depformer dim 32
     assert not dl.linear_out.quantized  # 88
     assert q.depformer.depformer_in.quantized  # input dim 64
-    # Embeddings and heads stay in the compute dtype.
-    assert q.text_emb.scales is None and q.emb[0].scales is None
-    assert not q.text_linear.quantized and not q.depformer.heads.quantized
+    # Embeddings and heads are quantized with them (the default) where the group divides.
+    assert q.text_emb.scales is not None and q.emb[0].scales is not None and q.text_linear.quantized
+    assert (q.depformer.text_emb.scales is not None) == (32 % group == 0)
+    assert q.depformer.heads.quantized == (32 % group == 0)
     assert q.nbytes() < ref.nbytes()
     # Same inputs (the prompt frames): the last prefill position's text logits.
     la = _run(ref, cfg, n_user=3)[1][0]

@@ -39,6 +39,12 @@ def _stand_in(monkeypatch, calls: list) -> None:
     temporal_kernel._kernel.cache_clear()
 
 
+def _rings(kv) -> list[list[mx.array]]:
+    """The ring's kernel inputs as step() takes them: keys, values, key params, value params."""
+    arrays, n = kv.kernel_inputs(), kv.num_layers
+    return [arrays[i * n:(i + 1) * n] for i in range(4)]
+
+
 @pytest.fixture
 def engine(tiny_dir, monkeypatch):
     from engine.duplex import DuplexEngine
@@ -97,7 +103,7 @@ def test_each_launch_gets_its_layers_rings_and_the_stream_of_the_last(engine, mo
     offset, meta = mx.array(7, dtype=mx.int32), kv.step_meta()
     barrier = temporal._barrier_state()
     out = temporal_kernel.step(temporal, x, offset, meta, kv.counters(), barrier,
-                               list(kv.keys), list(kv.values))
+                               *_rings(kv))
     assert len(calls) == n
     for i, c in enumerate(calls):
         ins, t = c["inputs"], c["t"]
@@ -134,7 +140,7 @@ def test_more_blocks_an_sm_bound_the_registers_and_widen_the_grid(engine, monkey
         _stand_in(monkeypatch, calls)
         temporal_kernel.step(temporal, mx.zeros((1, 1, cfg.dim)), mx.array(3, dtype=mx.int32),
                              kv.step_meta(), kv.counters(), temporal._barrier_state(),
-                             list(kv.keys), list(kv.values))
+                             *_rings(kv))
         c = calls[0]
         assert c["t"]["NB"] == 10 * bps and c["grid"][0] == 10 * bps * c["block"][0]
         assert c["t"]["LOADS"] == loads and c["t"]["PROBE"] is False
@@ -164,7 +170,7 @@ def test_the_probe_returns_each_launchs_clock_ticks(engine, monkeypatch):
     _stand_in(monkeypatch, calls)
     out, ticks = temporal_kernel.step(temporal, mx.zeros((1, 1, cfg.dim)), mx.array(3, dtype=mx.int32),
                                       kv.step_meta(), kv.counters(), temporal._barrier_state(),
-                                      list(kv.keys), list(kv.values), probe=True)
+                                      *_rings(kv), probe=True)
     assert out.shape == (1, 1, cfg.dim) and len(ticks) == len(temporal.layers) == len(calls)
     for c, t in zip(calls, ticks):
         assert c["t"]["PROBE"] is True and t is c["outs"]["ticks"]
@@ -273,7 +279,8 @@ def test_on_cuda_launch_configurations_agree_bit_for_bit(tiny_dir, monkeypatch):
         rings = [k + 0 for k in keys]
         out = temporal_kernel.step(temporal, x, mx.array(4, dtype=mx.int32),
                                    mx.array([4, 5], dtype=mx.int32), kv.counters(),
-                                   temporal._barrier_state(), rings, [r + 1 for r in rings])
+                                   temporal._barrier_state(), rings, [r + 1 for r in rings],
+                                   *_rings(kv)[2:])
         mx.eval(out, rings)
         results.append((np.array(out), [np.array(r) for r in rings]))
     assert not temporal.step_kernel_failed()

@@ -139,7 +139,8 @@ def run_offline(args) -> int:
     console = Console(stderr=True)
     t0 = time.perf_counter()
     engine = DuplexEngine.load(model, quantize=args.quantize, dtype=args.dtype,
-                               greedy=args.greedy, seed=args.seed)
+                               greedy=args.greedy, seed=args.seed,
+                               kv_bits=getattr(args, "kv_bits", "auto"))
     load_s = time.perf_counter() - t0
     persona = persona_from_args(args, model)
     label = model.source + (" (random weights)" if model.is_tiny_random else "")
@@ -190,7 +191,8 @@ def run_live(args) -> int:
 
     def build():  # runs on the session's model thread, which owns every MLX array
         return DuplexEngine.load(model, quantize=args.quantize, dtype=args.dtype,
-                                 greedy=args.greedy, seed=args.seed)
+                                 greedy=args.greedy, seed=args.seed,
+                                 kv_bits=getattr(args, "kv_bits", "auto"))
 
     print(f"parley run: {label}, persona {persona.name} (voice {persona.voice}); "
           f"{'input ' + args.input if args.input else 'microphone'} -> "

@@ -199,10 +199,11 @@ class _Starter:
         dtype = getattr(args, "dtype", None)
         greedy = bool(getattr(args, "greedy", False))
         seed = getattr(args, "seed", None)
+        kv_bits = getattr(args, "kv_bits", "auto")
 
         def load_model():  # runs on the session's model thread
             return DuplexEngine.load(model_dir, quantize=quantize, dtype=dtype, greedy=greedy,
-                                     seed=seed)
+                                     seed=seed, kv_bits=kv_bits)
 
         config = SessionConfig()
         if not isinstance(backend, _file_backend_type()):

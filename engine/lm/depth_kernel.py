@@ -4,7 +4,8 @@ Why: with the per-layer fused kernels (engine/lm/fused.py) a live frame's depth 
 still ~200 kernels (8 steps x 6 layers x 4, plus the input projection and the head), and on CUDA
 each costs MLX 5-10 µs of host time to issue however little it computes (docs/benchmarks.md).
 This kernel runs one step — the
-input projection plus the previous token's embedding, every layer (RMSNorm + QKV, attention over
+input projection plus the previous token's embedding (a plain table, or an MLX-quantized one
+dequantized as MLX's CUDA backend does, `table_value`), every layer (RMSNorm + QKV, attention over
 the frame's keys + out projection + residual, RMSNorm + gated FFN half, down projection +
 residual) and the step's head — in one launch, so a step costs one kernel plus its sampling.
 
@@ -72,7 +73,8 @@ _BODY = r"""
 #pragma unroll
       for (int r = 0; r < RW0; ++r) rows[r] = t * RW0 + r;
       // Lane r's embedding value, loaded before the product so the two overlap.
-      const float e = (lane < RW0 && tk >= 0) ? to_f(emb[(size_t)tk * D + t * RW0 + lane]) : 0.f;
+      const float e = (lane < RW0 && tk >= 0)
+          ? table_value<T, EBITS, EGROUP, D>(emb, emb_s, emb_b, tk, t * RW0 + lane) : 0.f;
       gemv_rows<T, BITS, HIN, GROUP, RW0>(xs, win, win_s, win_b, rows, acc, lane);
 #pragma unroll
       for (int r = 0; r < RW0; ++r) {
@@ -210,6 +212,38 @@ _BODY = r"""
 _HELPERS = r"""
 namespace parley {
 
+// scale * q + bias as MLX's CUDA dequantization computes it: one fused multiply-add, rounded once
+// to T (measured: MLX 0.32.4's CUDA `dequantize` equals this for bf16 and float32, whereas its
+// CPU backend rounds the product first).
+template <typename T> __device__ __forceinline__ float dequant(T s, uint32_t q, T b);
+template <> __device__ __forceinline__ float dequant<float>(float s, uint32_t q, float b) {
+  return fmaf(s, (float)q, b);
+}
+template <> __device__ __forceinline__ float dequant<__nv_bfloat16>(__nv_bfloat16 s, uint32_t q,
+                                                                    __nv_bfloat16 b) {
+  return __bfloat162float(__hfma(s, __float2bfloat16((float)q), b));  // q < 256: exact in bf16
+}
+
+// Value `col` of row `tk` of an embedding table [rows, D]: plain T (EBITS = 0), or MLX's affine
+// quantization: a row's values packed little-endian into uint32 words (value i at bit i * EBITS
+// of the row, so 3, 5 and 6 bits can straddle two words), a scale and a bias every EGROUP values.
+template <typename T, int EBITS, int EGROUP, int D>
+__device__ __forceinline__ float table_value(const void* emb, const T* scales, const T* biases,
+                                             int tk, int col) {
+  if constexpr (EBITS == 0) {
+    return to_f(reinterpret_cast<const T*>(emb)[(size_t)tk * D + col]);
+  } else {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(emb) + (size_t)tk * (D * EBITS / 32);
+    const int bit = col * EBITS;
+    uint32_t u = w[bit / 32] >> (bit % 32);
+    if constexpr (32 % EBITS != 0) {
+      if (bit % 32 + EBITS > 32) u |= w[bit / 32 + 1] << (32 - bit % 32);
+    }
+    const size_t g = (size_t)tk * (D / EGROUP) + col / EGROUP;
+    return dequant<T>(scales[g], u & ((1u << EBITS) - 1u), biases[g]);
+  }
+}
+
 // x[row] += T(W[row] . staged xs) for the rows of every task t of this warp (RW rows a task):
 // a projection added to the residual stream in place (each row read and written by one lane).
 template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
@@ -283,7 +317,7 @@ def _layer_names(l: int) -> list[str]:
 
 @functools.cache
 def _kernel(layers: int, nkv: int, scale: float):
-    names = ["hn", "tok", "emb", "win", "win_s", "win_b"]
+    names = ["hn", "tok", "emb", "emb_s", "emb_b", "win", "win_s", "win_b"]
     for l in range(layers):
         names += _layer_names(l)
     names += ["hw", "hw_s", "hw_b"] + [f"kv{j}" for j in range(nkv)] + ["sync"]
@@ -349,9 +383,35 @@ def _xs_floats(k: int, vpl: int) -> int:
     return vpl * (k // vpl + 1)
 
 
+_TABLE_BITS = (2, 3, 4, 5, 6, 8)  # every width MLX's affine quantization packs
+_TABLE_GROUPS = (32, 64, 128)
+
+
+def _table_fits(table: Embedding, d: int, dtype: mx.Dtype) -> bool:
+    """Whether an embedding table fits `table_value`: rows of d values, plain in `dtype`, or
+    affine-quantized the MLX way with scales and biases in `dtype` (its bits and group need not
+    be the linears')."""
+    if table.scales is None:
+        return table.weight.dtype == dtype and int(table.weight.shape[-1]) == d
+    return (table.bits in _TABLE_BITS and table.group_size in _TABLE_GROUPS
+            and d % table.group_size == 0 and table.weight.dtype == mx.uint32
+            and int(table.weight.shape[-1]) * 32 == d * table.bits
+            and table.scales.dtype == dtype and table.biases.dtype == dtype)
+
+
+def _table_arrays(table: Embedding, dtype: mx.Dtype) -> list[mx.array]:
+    """The kernel's emb, emb_s and emb_b inputs (a plain table gets dummy scales and biases,
+    unused with EBITS = 0)."""
+    if table.scales is not None:
+        return [table.weight, table.scales, table.biases]
+    dummy = mx.zeros((1,), dtype=dtype)
+    return [table.weight, dummy, dummy]
+
+
 def supports(dep, dtype: mx.Dtype) -> bool:
     """Whether `dep` (a Depformer) fits the kernel: every linear in fused.py's layouts, the
-    layers' linears alike (one BITS/GROUP), plain embedding tables, heads divisible by H."""
+    layers' linears alike (one BITS/GROUP), embedding tables plain or MLX-quantized
+    (`_table_fits`), heads divisible by H."""
     if dtype not in (mx.bfloat16, mx.float32):
         return False
     lins = [dep.depformer_in.step(0)]
@@ -362,10 +422,10 @@ def supports(dep, dtype: mx.Dtype) -> bool:
         return False
     if len({(lin.bits, lin.group_size) for lin in lins}) != 1:
         return False
-    tables: list[Embedding] = [dep.text_emb, *dep.emb]
-    if any(t.scales is not None or t.weight.dtype != dtype for t in tables):
-        return False
     d = int(dep.layers[0].out_proj.step(0).weight.shape[-2])
+    tables: list[Embedding] = [dep.text_emb, *dep.emb]
+    if not all(_table_fits(t, d, dtype) for t in tables):
+        return False
     return d % dep.num_heads == 0 and d // dep.num_heads <= 1024 and dep.num_steps <= 64
 
 
@@ -389,7 +449,7 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
     vplh = 128 // head.bits if head.quantized else 16 // dtype.size
     xs = max(_xs_floats(HIN, vpl), _xs_floats(D, vpl), _xs_floats(HID, vpl), _xs_floats(D, vplh))
     table = dep.text_emb if k == 0 else dep.emb[k - 1]
-    ins = [hn.reshape(HIN), token.reshape(1).astype(mx.int32), table.weight,
+    ins = [hn.reshape(HIN), token.reshape(1).astype(mx.int32), *_table_arrays(table, dtype),
            *fused._weights(din, dtype)]
     for layer in layers:
         ins += [layer.norm1, *fused._weights(layer.in_proj.step(k), dtype),
@@ -402,6 +462,8 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
                 ("GROUP", din.group_size if din.quantized else 64),
                 ("HBITS", head.bits if head.quantized else 0),
                 ("HGROUP", head.group_size if head.quantized else 64),
+                ("EBITS", table.bits if table.scales is not None else 0),
+                ("EGROUP", table.group_size if table.scales is not None else 64),
                 ("HIN", HIN), ("D", D), ("HID", HID), ("CARD", CARD), ("H", H), ("L", L),
                 ("NKV", len(priors)), ("NB", nb), ("WARPS", WARPS), ("XS", xs),
                 ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),

@@ -603,7 +603,9 @@ _ATTN = r"""
 # (a block per item) and by the temporal step kernel (engine/lm/temporal_kernel.py: each block
 # takes items in turn). Template constants: T, HD (head size), S (ring slots), C (chunks of CL
 # slots a head), CL, LPR (lanes a key row), NT (threads a block), CG (q, k and v were written by
-# other blocks of the same kernel: read them through L2). The block scores the query of head h
+# other blocks of the same kernel: read them through L2), Q8 (the ring holds bytes with a float
+# (scale, low) pair a row in kpar / vpar, engine/lm/kv_ring.py; the new position is quantized
+# when written and then read back like any other slot, so every path attends the same values). The block scores the query of head h
 # against the slots of chunk c that hold keys (slot, n: the new position's slot and the number of
 # slots to attend, the new one included; the new key and value come from k and v, not the ring,
 # whose slot still holds an old one), keeps its softmax partials (max, sum, weighted values) in
@@ -628,10 +630,74 @@ __device__ __forceinline__ void load_row_x(const T* p, float* out) {
   }
 }
 
-template <typename T, int HD, int S, int C, int CL, int LPR, int NT, bool CG>
-__device__ void ring_item(int h, int c, const T* q, const T* k, const T* v, T* kring, T* vring,
-                          int slot, int n, float scale, float* part, unsigned int* cnt, T* out,
-                          float* sc, float* red, float* acc_s, int* last_s) {
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// N bytes of a quantized ring row at p (4-byte aligned), dequantized with the row's (scale,
+// low) at par; FRESH: the row was written earlier in this kernel (read through L2).
+template <int N, bool FRESH>
+__device__ __forceinline__ void load_row_q8(const unsigned char* p, const float* par, float* out) {
+  static_assert(N % 4 == 0, "a lane's share of a quantized row must be whole 4-byte words");
+  const float s = FRESH ? __ldcg(par) : par[0];
+  const float lo = FRESH ? __ldcg(par + 1) : par[1];
+#pragma unroll
+  for (int w = 0; w < N / 4; ++w) {
+    const unsigned int u = FRESH ? __ldcg(reinterpret_cast<const unsigned int*>(p) + w)
+                                 : reinterpret_cast<const unsigned int*>(p)[w];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) out[4 * w + b] = fmaf((float)((u >> (8 * b)) & 0xffu), s, lo);
+  }
+}
+
+// Row `src` (HD values of T) quantized by one warp into dst (bytes) and par (scale, low), as
+// kv_ring.quantize_rows does.
+template <typename T, int HD, bool CG>
+__device__ __forceinline__ void quantize_row_warp(const T* src, unsigned char* dst, float* par,
+                                                  int lane) {
+  constexpr int PER = (HD + 31) / 32;
+  float x[PER];
+  float lo = 3.0e38f, hi = -3.0e38f;
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = lane + 32 * i;
+    x[i] = d < HD ? ld_x<CG>(src + d) : 0.f;
+    if (d < HD) { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
+  }
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  const float s = fmaxf((hi - lo) / 255.f, 1e-30f);
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int d = lane + 32 * i;
+    if (d < HD) dst[d] = (unsigned char)fminf(fmaxf(rintf((x[i] - lo) / s), 0.f), 255.f);
+  }
+  if (lane == 0) { par[0] = s; par[1] = lo; }
+}
+
+// Lane li's DPL values of ring row j as float: from the ring in T or in bytes (Q8: the new slot
+// too, written earlier in this kernel, so read through L2), or, for the new slot of a ring in T,
+// from the new key or value itself (`fresh`).
+template <typename T, int HD, int DPL, bool CG, bool Q8>
+__device__ __forceinline__ void ring_row(int j, int slot, const T* ring, const unsigned char* ring8,
+                                         const float* par, const T* fresh, int li, float* out) {
+  if constexpr (Q8) {
+    if (j == slot) load_row_q8<DPL, true>(ring8 + (size_t)j * HD + li * DPL, par + 2 * j, out);
+    else load_row_q8<DPL, false>(ring8 + (size_t)j * HD + li * DPL, par + 2 * j, out);
+  } else if (j == slot) {
+    load_row_x<CG, T, DPL>(fresh + li * DPL, out);
+  } else {
+    load_row<T, DPL>(ring + (size_t)j * HD + li * DPL, out);
+  }
+}
+
+template <typename T, int HD, int S, int C, int CL, int LPR, int NT, bool CG, bool Q8>
+__device__ void ring_item(int h, int c, const T* q, const T* k, const T* v, void* kring_,
+                          void* vring_, float* kpar, float* vpar, int slot, int n, float scale,
+                          float* part, unsigned int* cnt, T* out, float* sc, float* red,
+                          float* acc_s, int* last_s) {
   constexpr int DPL = HD / LPR;        // values of a row a lane holds
   constexpr int SPW = 32 / LPR;        // rows a warp takes at a time
   constexpr int NW = NT / 32;
@@ -640,11 +706,24 @@ __device__ void ring_item(int h, int c, const T* q, const T* k, const T* v, T* k
   const int sub = lane / LPR, li = lane % LPR;
   const int j0 = c * CL;
   const int j1 = min(j0 + CL, n);
-  T* kr = kring + (size_t)h * S * HD;
-  T* vr = vring + (size_t)h * S * HD;
+  T* kr = reinterpret_cast<T*>(kring_) + (size_t)h * S * HD;
+  T* vr = reinterpret_cast<T*>(vring_) + (size_t)h * S * HD;
+  unsigned char* kr8 = reinterpret_cast<unsigned char*>(kring_) + (size_t)h * S * HD;
+  unsigned char* vr8 = reinterpret_cast<unsigned char*>(vring_) + (size_t)h * S * HD;
+  float* kp = kpar + (size_t)h * S * 2;
+  float* vp = vpar + (size_t)h * S * 2;
   const T* kn = k + h * HD;
   const T* vn = v + h * HD;
-  if (slot >= j0 && slot < j0 + CL) {  // this chunk's block writes the new slot
+  if constexpr (Q8) {
+    // Warp 0 quantizes the new key into its slot, warp 1 the value; the block then reads them
+    // back like the other slots (the barrier makes the writes visible to its other warps).
+    if (slot >= j0 && slot < j0 + CL && warp < 2) {
+      quantize_row_warp<T, HD, CG>(warp == 0 ? kn : vn, (warp == 0 ? kr8 : vr8) + (size_t)slot * HD,
+                                   (warp == 0 ? kp : vp) + (size_t)slot * 2, lane);
+      __threadfence_block();
+    }
+    __syncthreads();
+  } else if (slot >= j0 && slot < j0 + CL) {  // this chunk's block writes the new slot
     for (int d = tid; d < HD; d += NT) {
       if constexpr (CG) {
         kr[(size_t)slot * HD + d] = from_f<T>(ld_cg(kn + d));
@@ -664,8 +743,7 @@ __device__ void ring_item(int h, int c, const T* q, const T* k, const T* v, T* k
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NW * SPW + sub;
       if (j < j1) {
-        if (j == slot) load_row_x<CG, T, DPL>(kn + li * DPL, kv[u]);
-        else load_row<T, DPL>(kr + (size_t)j * HD + li * DPL, kv[u]);
+        ring_row<T, HD, DPL, CG, Q8>(j, slot, kr, kr8, kp, kn, li, kv[u]);
       } else {
 #pragma unroll
         for (int i = 0; i < DPL; ++i) kv[u][i] = 0.f;
@@ -709,8 +787,7 @@ __device__ void ring_item(int h, int c, const T* q, const T* k, const T* v, T* k
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NW * SPW + sub;
       if (j < j1) {
-        if (j == slot) load_row_x<CG, T, DPL>(vn + li * DPL, vv[u]);
-        else load_row<T, DPL>(vr + (size_t)j * HD + li * DPL, vv[u]);
+        ring_row<T, HD, DPL, CG, Q8>(j, slot, vr, vr8, vp, vn, li, vv[u]);
       }
     }
 #pragma unroll
@@ -782,8 +859,9 @@ _RING_ATTN = r"""
   __shared__ float red[32];
   __shared__ float acc_s[NT / 32 * HD];
   __shared__ int last_s;
-  ring_item<T, HD, S, C, CL, LPR, NT, false>(
-      blockIdx.x / C, blockIdx.x % C, q, k, v, const_cast<T*>(kring), const_cast<T*>(vring),
+  ring_item<T, HD, S, C, CL, LPR, NT, false, Q8>(
+      blockIdx.x / C, blockIdx.x % C, q, k, v, const_cast<void*>((const void*)kring),
+      const_cast<void*>((const void*)vring), const_cast<float*>(kpar), const_cast<float*>(vpar),
       meta[0], meta[1], {scale}f, part, const_cast<unsigned int*>(cnt), out, sc, red, acc_s,
       &last_s);
 """
@@ -858,7 +936,7 @@ def _kernel(kind: str, stage: str = "", epilogue: str = "", nkv: int = 0,
         src = (_QKV.replace("{alpha}", "alpha").replace("{eps}", eps)
                .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
     elif kind == "ring_attn":
-        inputs = ["q", "k", "v", "kring", "vring", "meta", "cnt"]
+        inputs = ["q", "k", "v", "kring", "vring", "kpar", "vpar", "meta", "cnt"]
         outputs = ["out", "part"]
         src = _RING_ATTN.replace("{scale}", repr(float(scale)))
     elif kind == "attn":
@@ -957,12 +1035,13 @@ def attn_gemv(q: mx.array, keys: list[mx.array], values: list[mx.array], lin: Li
     return out.reshape(res.shape)
 
 
-def ring_layout(head_dim: int) -> tuple[int, int] | None:
+def ring_layout(head_dim: int, quantized: bool = False) -> tuple[int, int] | None:
     """(values a lane holds, lanes a row) of ring_attention for this head size, or None if it
-    cannot take it (rows must split into a power of two of lanes, at most a warp)."""
+    cannot take it (rows must split into a power of two of lanes, at most a warp; of an 8-bit
+    ring, a lane's share must be whole 4-byte words)."""
     dpl = max(4, head_dim // 32)
     lpr = head_dim // dpl
-    if head_dim % dpl or lpr < 1 or lpr > 32 or lpr & (lpr - 1):
+    if head_dim % dpl or lpr < 1 or lpr > 32 or lpr & (lpr - 1) or (quantized and dpl % 4):
         return None
     return dpl, lpr
 
@@ -971,24 +1050,31 @@ RING_CHUNK = 256  # most slots a block of ring_attention scores (a head's ring i
 
 
 def ring_attention(q: mx.array, k: mx.array, v: mx.array, keys: mx.array, values: mx.array,
-                   meta: mx.array, counters: mx.array, scale: float) -> mx.array:
+                   meta: mx.array, counters: mx.array, scale: float,
+                   key_params: mx.array | None = None,
+                   value_params: mx.array | None = None) -> mx.array:
     """Attention of one new position over a KV ring, writing its key and value into the ring.
 
     q, k, v: the position's [1, H, 1, hd]; keys, values: the ring [1, H, S, hd] (written in place
     at meta[0]: they must be materialised, contiguous arrays no other kernel uses at the same
-    time); meta: int32 [slot, n] (attend slots 0 .. n-1, the new one included); counters: uint32
-    [H] zeros (left zero). Returns the attention output [1, H, 1, hd], like
-    `scaled_dot_product_attention` over the ring after the write."""
+    time), in q's dtype or uint8 with key_params / value_params [1, H, S, 2] float32 (an 8-bit
+    ring, engine/lm/kv_ring.py; written in place too); meta: int32 [slot, n] (attend slots
+    0 .. n-1, the new one included); counters: uint32 [H] zeros (left zero). Returns the
+    attention output [1, H, 1, hd], like `scaled_dot_product_attention` over the ring after the
+    write."""
     _, H, S, hd = keys.shape
     _, lpr = ring_layout(hd)
+    q8 = keys.dtype == mx.uint8
+    if not q8 or key_params is None:
+        key_params = value_params = mx.zeros((1,), dtype=mx.float32)
     chunks = -(-S // RING_CHUNK)
     cl = -(-S // chunks)
     nt = 256
     kern = _kernel("ring_attn", scale=scale)
     out, _ = kern(inputs=[q.reshape(H * hd), k.reshape(H * hd), v.reshape(H * hd), keys, values,
-                          meta, counters],
+                          key_params, value_params, meta, counters],
                   template=[("T", q.dtype), ("HD", hd), ("S", S), ("C", chunks), ("CL", cl),
-                            ("LPR", lpr), ("NT", nt)],
+                            ("LPR", lpr), ("NT", nt), ("Q8", q8)],
                   output_shapes=[(H * hd,), (H * chunks * (hd + 2),)],
                   output_dtypes=[q.dtype, mx.float32],
                   grid=(H * chunks * nt, 1, 1), threadgroup=(nt, 1, 1))

@@ -13,6 +13,13 @@ rule differs between the two PyTorch implementations (`rule`):
 
 Before the ring fills both rules are the plain causal mask.
 
+`bits=8` stores the ring in 8 bits (about half the bytes: 0.83 instead of 1.57 GB for the 7B's
+3000-slot window): each head's key or value row of `head_dim` values becomes unsigned bytes q with
+a float32 (scale, low) pair, value = q · scale + low, where low is the row's minimum and scale its
+range / 255 (`quantize_rows`). A position is quantized when written and every later read,
+including the step that writes it, sees the dequantized row, so all paths (MLX operations here,
+engine/lm/fused.py's ring attention, the temporal step kernel) attend over the same ring.
+
 The ring holds `slots` positions: context − 1 under "nvidia" (the most any query sees, so a full
 ring needs no mask — a masked attention is several times dearer to issue on MLX's CUDA backend),
 context under "kyutai".
@@ -31,34 +38,88 @@ import mlx.core as mx
 import numpy as np
 
 RULES = ("nvidia", "kyutai")
+KV_BITS = (8,)  # quantized ring widths (None: the model's dtype)
+_MIN_SCALE = 1e-30  # a constant row quantizes to zeros with this scale (and dequantizes to low)
+_QMM_GROUPS = (32, 64, 128)  # head sizes that are one group of MLX's quantized products
+
+
+def quantize_rows(x: mx.array) -> tuple[mx.array, mx.array]:
+    """x [..., hd] -> (uint8 q [..., hd], float32 [..., 2] of (scale, low)): each row's values
+    rounded to 256 even steps from its minimum to its maximum."""
+    xf = x.astype(mx.float32)
+    low = mx.min(xf, axis=-1, keepdims=True)
+    scale = mx.maximum((mx.max(xf, axis=-1, keepdims=True) - low) / 255.0, _MIN_SCALE)
+    q = mx.clip(mx.round((xf - low) / scale), 0, 255).astype(mx.uint8)
+    return q, mx.concatenate([scale, low], axis=-1)
+
+
+def dequantize_rows(q: mx.array, params: mx.array, dtype: mx.Dtype) -> mx.array:
+    """The inverse of `quantize_rows`, in `dtype`."""
+    return (q.astype(mx.float32) * params[..., :1] + params[..., 1:]).astype(dtype)
 
 
 class KVRing:
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, context: int,
-                 dtype: mx.Dtype = mx.float32, rule: str = "nvidia"):
+                 dtype: mx.Dtype = mx.float32, rule: str = "nvidia", bits: int | None = None):
         if context < 2:
             raise ValueError("the attention context must be at least 2")
         if rule not in RULES:
             raise ValueError(f"window rule must be one of {RULES}, got {rule!r}")
+        if bits is not None and bits not in KV_BITS:
+            raise ValueError(f"KV ring bits must be None or one of {KV_BITS}, got {bits!r}")
         self.rule = rule
+        self.bits = bits
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.context = context
         self.slots = context - 1 if rule == "nvidia" else context
         self.dtype = dtype
         self.keys: list[mx.array] = []
         self.values: list[mx.array] = []
+        # With bits: each row's (scale, low), [1, H, slots, 2] float32 a layer.
+        self.key_params: list[mx.array] = []
+        self.value_params: list[mx.array] = []
         self.end = 0  # next absolute position (= number of positions written so far)
         self.reset()
 
     def reset(self) -> None:
-        shape = (1, self.num_heads, self.slots, self.head_dim)
-        self.keys = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        self.values = [mx.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        n = self.num_layers
+        self.keys, self.values, self.key_params, self.value_params = (
+            [list(a) for a in zip(*(self.blank_layer() for _ in range(n)))])
         self.end = 0
         self._counters = None  # ring_attention's per-head counters (see `counters`)
+        self._no_params = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def blank_layer(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """One layer's zeroed (keys, values, key params, value params) in this ring's layout
+        (params are empty [0] arrays for a ring in the model's dtype)."""
+        shape = (1, self.num_heads, self.slots, self.head_dim)
+        if not self.quantized:
+            return (mx.zeros(shape, dtype=self.dtype), mx.zeros(shape, dtype=self.dtype),
+                    mx.zeros((0,), dtype=mx.float32), mx.zeros((0,), dtype=mx.float32))
+        pshape = shape[:-1] + (2,)
+        return (mx.zeros(shape, dtype=mx.uint8), mx.zeros(shape, dtype=mx.uint8),
+                mx.zeros(pshape, dtype=mx.float32), mx.zeros(pshape, dtype=mx.float32))
 
     def arrays(self) -> list[mx.array]:
-        return self.keys + self.values
+        out = self.keys + self.values
+        return out + self.key_params + self.value_params if self.quantized else out
+
+    def kernel_inputs(self) -> list[mx.array]:
+        """What the CUDA kernels take, 4 · layers arrays: every layer's keys, then values, key
+        params, value params (for a ring in the model's dtype the params are one empty array)."""
+        if self.quantized:
+            return self.keys + self.values + self.key_params + self.value_params
+        if self._no_params is None:
+            self._no_params = mx.zeros((1,), dtype=mx.float32)
+            mx.eval(self._no_params)
+        return self.keys + self.values + [self._no_params] * (2 * self.num_layers)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
 
     @property
     def filled(self) -> int:
@@ -71,12 +132,33 @@ class KVRing:
         pos = self.end
         S = self.slots
         slot = pos % S
-        K, V = self._write(layer, slot, k, v)
-        if pos + 1 < S:
-            n = pos + 1
-            return mx.fast.scaled_dot_product_attention(q, K[:, :, :n], V[:, :, :n], scale=scale)
-        # Full ring: exactly the keys the rule shows (context − 1 or context of them), any order.
+        self._write(layer, slot, k, v)
+        # Until the ring is full only the filled slots; then exactly the keys the rule shows
+        # (context − 1 or context of them), in any order.
+        n = pos + 1 if pos + 1 < S else S
+        if self.quantized and self.head_dim in _QMM_GROUPS:
+            return self._attend_quantized(layer, q, n, scale)
+        K, V = self._read(layer, n)
         return mx.fast.scaled_dot_product_attention(q, K, V, scale=scale)
+
+    def _attend_quantized(self, layer: int, q: mx.array, n: int, scale: float) -> mx.array:
+        """One query over slots 0 .. n−1 of an 8-bit ring without dequantizing it: a ring row is
+        one group of MLX's 8-bit affine quantization (four bytes a uint32, low byte first;
+        scale and low as its scale and bias), so both products are `quantized_matmul`s, reading
+        the bytes once (a dequantized copy would write and read the ring twice more)."""
+        def part(ring, params):
+            words, params = ring.view(mx.uint32), params
+            if n < self.slots:
+                words, params = words[:, :, :n], params[:, :, :n]
+            return words, params[..., :1], params[..., 1:]
+
+        hd = self.head_dim
+        scores = mx.quantized_matmul(q, *part(self.keys[layer], self.key_params[layer]),
+                                     transpose=True, group_size=hd, bits=8)
+        weights = mx.softmax(scores.astype(mx.float32) * scale, axis=-1)
+        out = mx.quantized_matmul(weights, *part(self.values[layer], self.value_params[layer]),
+                                  transpose=False, group_size=hd, bits=8)
+        return out.astype(q.dtype)
 
     def step_meta(self) -> mx.array:
         """[slot, n] of the new position at `self.end`, for `ring_attention`: its ring slot and
@@ -104,17 +186,23 @@ class KVRing:
         n_old = self.filled
         lower = np.arange(start, start + T) - C + (
             2 if visibility == "step" and self.rule == "nvidia" else 1)
+        if self.quantized:  # the chunk attends its own keys as the ring will hold them
+            k_att = dequantize_rows(*quantize_rows(k), k.dtype)
+            v_att = dequantize_rows(*quantize_rows(v), v.dtype)
+        else:
+            k_att, v_att = k, v
         if n_old:
             old_pos = np.arange(start - n_old, start)
             old_slots = old_pos % S
-            order = mx.array(old_slots)
-            K_all = mx.concatenate([self.keys[layer][:, :, order] if start > S else
-                                    self.keys[layer][:, :, :n_old], k], axis=2)
-            V_all = mx.concatenate([self.values[layer][:, :, order] if start > S else
-                                    self.values[layer][:, :, :n_old], v], axis=2)
+            K_old, V_old = self._read(layer, S if start > S else n_old)
+            if start > S:
+                order = mx.array(old_slots)
+                K_old, V_old = K_old[:, :, order], V_old[:, :, order]
+            K_all = mx.concatenate([K_old, k_att], axis=2)
+            V_all = mx.concatenate([V_old, v_att], axis=2)
             kpos = np.concatenate([old_pos, np.arange(start, start + T)])
         else:
-            K_all, V_all = k, v
+            K_all, V_all = k_att, v_att
             kpos = np.arange(start, start + T)
         qpos = np.arange(start, start + T)
         mask = (kpos[None, :] >= np.maximum(lower, 0)[:, None]) & (kpos[None, :] <= qpos[:, None])
@@ -135,15 +223,29 @@ class KVRing:
         if n1 < m:
             self._write(layer, 0, k[:, :, n1:], v[:, :, n1:])
 
-    def _write(self, layer: int, slot: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Writes k, v [1, H, n, hd] into slots slot .. slot+n−1. A static slice update: the ring
-        array is donated to it (no copy of the cache), and unlike `mx.slice_update` with an index
-        array it needs no extra kernel to compute the offset."""
+    def _write(self, layer: int, slot: int, k: mx.array, v: mx.array) -> None:
+        """Writes k, v [1, H, n, hd] into slots slot .. slot+n−1 (quantized with bits). A static
+        slice update: the ring array is donated to it (no copy of the cache), and unlike
+        `mx.slice_update` with an index array it needs no extra kernel to compute the offset."""
         n = k.shape[2]
+        if self.quantized:
+            (k, kp), (v, vp) = quantize_rows(k), quantize_rows(v)
+            self.key_params[layer][:, :, slot: slot + n] = kp
+            self.value_params[layer][:, :, slot: slot + n] = vp
+        self.keys[layer][:, :, slot: slot + n] = k
+        self.values[layer][:, :, slot: slot + n] = v
+
+    def _read(self, layer: int, n: int) -> tuple[mx.array, mx.array]:
+        """Slots 0 .. n−1 of a layer's keys and values, in the model's dtype."""
         K, V = self.keys[layer], self.values[layer]
-        K[:, :, slot: slot + n] = k
-        V[:, :, slot: slot + n] = v
-        return K, V
+        if n < self.slots:
+            K, V = K[:, :, :n], V[:, :, :n]
+        if not self.quantized:
+            return K, V
+        kp, vp = self.key_params[layer], self.value_params[layer]
+        if n < self.slots:
+            kp, vp = kp[:, :, :n], vp[:, :, :n]
+        return dequantize_rows(K, kp, self.dtype), dequantize_rows(V, vp, self.dtype)
 
     def advance(self, n: int) -> None:
         self.end += n

@@ -2,7 +2,7 @@
 replayed voice embeddings and the token-cache handover (§7.3), and the batched prefill (§7.5).
 
     gen = LMGen(model, lmgen_cfg, text=SamplingParams(0.7, 25), audio=SamplingParams(0.8, 250),
-                greedy=False, seed=None)
+                greedy=False, seed=None, kv_bits=None)  # kv_bits=8: an 8-bit KV ring
     gen.reset()
     out = gen.step(user_codes=codes8, forced={channel: token}, embedding=None,
                    force_agent_silence=False)
@@ -99,7 +99,8 @@ class LMGen:
     def __init__(self, model: LMModel, lmgen_cfg: LMGenConfig | None = None,
                  text: SamplingParams = TEXT_DEFAULT, audio: SamplingParams = AUDIO_DEFAULT,
                  greedy: bool = False, seed: int | None = None, keep_audio_logits: bool = False,
-                 reference: str | None = None, compile: bool = True):
+                 reference: str | None = None, compile: bool = True,
+                 kv_bits: int | None = None):
         self.model = model
         self.cfg = model.cfg
         self.lmgen_cfg = lmgen_cfg
@@ -115,7 +116,7 @@ class LMGen:
         self.reference = reference or model.reference
         if self.reference not in ("nvidia", "kyutai"):
             raise ValueError(f"reference must be 'nvidia' or 'kyutai', got {reference!r}")
-        self.kv = model.new_kv(self.reference)
+        self.kv = model.new_kv(self.reference, kv_bits)
         self.compile = compile
         self.early_submit = default_early_submit()
         # The depth transformer's CUDA kernels where they can run: one kernel per step
@@ -126,7 +127,8 @@ class LMGen:
         model.temporal.ring_attention = (model.temporal.use_fused
                                          and os.environ.get("PARLEY_RING_ATTENTION") != "0"
                                          and model.temporal.can_attend_fused(
-                                             model.cfg.dim // model.cfg.num_heads))
+                                             model.cfg.dim // model.cfg.num_heads,
+                                             self.kv.quantized))
         # The temporal step as engine/lm/temporal_kernel.py's kernels (a few layers a launch),
         # where they run; PARLEY_TEMPORAL_KERNEL=0 keeps the fused step.
         model.temporal.step_kernel = (model.temporal.ring_attention

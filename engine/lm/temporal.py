@@ -50,9 +50,9 @@ class Temporal:
         self._barrier = None  # the step kernel's grid-barrier state, made on first use
         self._step_fns = {}
 
-    def can_attend_fused(self, head_dim: int) -> bool:
-        """Whether fused.ring_attention takes this model's heads."""
-        return fused.ring_layout(head_dim) is not None
+    def can_attend_fused(self, head_dim: int, quantized_ring: bool = False) -> bool:
+        """Whether fused.ring_attention takes this model's heads (in an 8-bit ring or not)."""
+        return fused.ring_layout(head_dim, quantized_ring) is not None
 
     def can_run_step_kernel(self, dtype: mx.Dtype, head_dim: int) -> bool:
         """Whether temporal_kernel.py's step kernel can run: where the fused kernels do, for
@@ -69,13 +69,14 @@ class Temporal:
 
     def _kernel_step(self):
         """With step_kernel: the step as one compiled call of (x, offset, meta, counters,
-        barrier, *keys, *values) through temporal_kernel.step."""
+        barrier, *KVRing.kernel_inputs()) through temporal_kernel.step."""
         if "kernel" not in self._step_fns:
             n = len(self.layers)
 
             def step(x, offset, meta, counters, barrier, *rings):
                 return temporal_kernel.step(self, x, offset, meta, counters, barrier,
-                                            list(rings[:n]), list(rings[n:]))
+                                            list(rings[:n]), list(rings[n:2 * n]),
+                                            list(rings[2 * n:3 * n]), list(rings[3 * n:]))
 
             self._step_fns["kernel"] = mx.compile(step)
         return self._step_fns["kernel"]
@@ -164,7 +165,7 @@ class Temporal:
 
     def _whole_step(self):
         """With ring_attention: the whole one-position step as one compiled call of (x, offset,
-        meta, counters, *keys, *values), the ring attention included. Its kernel writes the ring
+        meta, counters, *KVRing.kernel_inputs()), the ring attention included. Its kernel writes the ring
         in place, so the rings are inputs like any other and no slice update splits the step:
         one Python call a frame instead of two a layer."""
         if "whole" not in self._step_fns:
@@ -175,7 +176,8 @@ class Temporal:
                 q, k, v = first(x, offset)
                 scale = attention_scale(q.shape[-1])
                 for i in range(n):
-                    a = fused.ring_attention(q, k, v, rings[i], rings[n + i], meta, counters, scale)
+                    a = fused.ring_attention(q, k, v, rings[i], rings[n + i], meta, counters, scale,
+                                             rings[2 * n + i], rings[3 * n + i])
                     if i + 1 < n:
                         x, q, k, v = joints[i](x, a, offset)
                     else:
@@ -195,19 +197,20 @@ class Temporal:
         a = mx.fast.scaled_dot_product_attention(q, k, v, scale=attention_scale(q.shape[-1]))
         outs = [a]
         if self.use_fused and self.ring_attention and kv is not None:
-            shape = (1, kv.num_heads, kv.slots, kv.head_dim)
+            keys, values, kp, vp = kv.blank_layer()
+            if not kv.quantized:
+                kp = vp = mx.zeros((1,), dtype=mx.float32)
             outs.append(fused.ring_attention(
-                q, k, v, mx.zeros(shape, dtype=kv.dtype), mx.zeros(shape, dtype=kv.dtype),
-                mx.array([0, 1], dtype=mx.int32), mx.zeros((kv.num_heads,), dtype=mx.uint32),
-                attention_scale(q.shape[-1])))
+                q, k, v, keys, values, mx.array([0, 1], dtype=mx.int32),
+                mx.zeros((kv.num_heads,), dtype=mx.uint32), attention_scale(q.shape[-1]), kp, vp))
             # Trace the whole step too (never evaluated here: it would write the real ring).
-            self._whole_step()(x, offset, kv.step_meta(), kv.counters(), *kv.keys, *kv.values)
+            self._whole_step()(x, offset, kv.step_meta(), kv.counters(), *kv.kernel_inputs())
             if self.step_kernel:
                 # The step kernel on the real ring, but at slot -1: it writes no slot and attends
                 # to slot 0 only, so evaluating it (to compile it) leaves the ring as it was.
                 outs.append(self._kernel_step()(x, offset, mx.array([-1, 1], dtype=mx.int32),
-                                                kv.counters(), self._barrier_state(), *kv.keys,
-                                                *kv.values))
+                                                kv.counters(), self._barrier_state(),
+                                                *kv.kernel_inputs()))
         for joint in joints:
             outs += joint(x, a, offset)
         outs.append(last(x, a))
@@ -218,12 +221,12 @@ class Temporal:
         offset = mx.array(kv.end, dtype=mx.int32)
         if self.use_fused and self.ring_attention and self.step_kernel:
             out = self._kernel_step()(x, offset, kv.step_meta(), kv.counters(),
-                                      self._barrier_state(), *kv.keys, *kv.values)
+                                      self._barrier_state(), *kv.kernel_inputs())
             kv.advance(1)
             return out
         if self.use_fused and self.ring_attention:
-            out = self._whole_step()(x, offset, kv.step_meta(), kv.counters(), *kv.keys,
-                                     *kv.values)
+            out = self._whole_step()(x, offset, kv.step_meta(), kv.counters(),
+                                     *kv.kernel_inputs())
             kv.advance(1)
             return out
         first, joints, last = self._compiled_step()

@@ -55,7 +55,9 @@ LOADS = int(os.environ.get("PARLEY_TEMPORAL_LOADS", "4"))
 # order of the attention's sums (within float32 rounding of the fused step's).
 RING_DPL = int(os.environ.get("PARLEY_TEMPORAL_RING_DPL", "0"))
 RING_CHUNK = int(os.environ.get("PARLEY_TEMPORAL_RING_CHUNK", "0"))
-_PER_LAYER = 16  # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values
+# norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values,
+# key params, value params (an 8-bit ring's row scales; a dummy otherwise)
+_PER_LAYER = 18
 
 _HELPERS = r"""
 namespace parley {
@@ -188,8 +190,10 @@ _BODY = r"""
     const void* wd = pl[11];
     const T* sd = (const T*)pl[12];
     const T* bd = (const T*)pl[13];
-    T* kring = const_cast<T*>((const T*)pl[14]);
-    T* vring = const_cast<T*>((const T*)pl[15]);
+    void* kring = const_cast<void*>(pl[14]);
+    void* vring = const_cast<void*>(pl[15]);
+    float* kpar = const_cast<float*>((const float*)pl[16]);
+    float* vpar = const_cast<float*>((const float*)pl[17]);
     const T* xr = l == 0 ? x0 : x;  // the residual stream entering this layer
 
     // 1. RMSNorm + QKV, RoPE on queries and keys (as fused._QKV_EPI): q, k, v to scratch.
@@ -227,9 +231,9 @@ _BODY = r"""
 
     // 2. Attention over the ring (and the ring write), a (head, chunk) item at a time.
     for (int it = blockIdx.x; it < H * C; it += NB) {
-      ring_item<T, HD, S, C, CL, LPR, NT, true>(it / C, it % C, q, k, v, kring, vring, slot, n,
-                                                {scale}f, part, counts, attn, xs, red, xs + CL,
-                                                &last_s);
+      ring_item<T, HD, S, C, CL, LPR, NT, true, Q8>(it / C, it % C, q, k, v, kring, vring, kpar,
+                                                    vpar, slot, n, {scale}f, part, counts, attn,
+                                                    xs, red, xs + CL, &last_s);
     }
     grid_sync<AR>(bar, NB);
     tick(2 + 5 * l);
@@ -280,7 +284,7 @@ _BODY = r"""
 def _layer_names(l: int) -> list[str]:
     return [f"n1_{l}", f"wq_{l}", f"sq_{l}", f"bq_{l}", f"wo_{l}", f"so_{l}", f"bo_{l}",
             f"n2_{l}", f"wi_{l}", f"si_{l}", f"bi_{l}", f"wd_{l}", f"sd_{l}", f"bd_{l}",
-            f"kr_{l}", f"vr_{l}"]
+            f"kr_{l}", f"vr_{l}", f"kp_{l}", f"vp_{l}"]
 
 
 # Launch bounds for BLOCKS_PER_SM > 1. MLX's cuda_kernel writes the kernel's signature itself,
@@ -359,11 +363,14 @@ def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
 
 
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
-         barrier: mx.array, keys: list[mx.array], values: list[mx.array], probe: bool = False):
+         barrier: mx.array, keys: list[mx.array], values: list[mx.array],
+         key_params: list[mx.array], value_params: list[mx.array], probe: bool = False):
     """The one-position step: x [1, 1, D] at position `offset` (int32 scalar), meta = [slot, n]
     of the KV ring (KVRing.step_meta), counters uint32 [H] zeros (left zero), barrier a grid
     barrier state (depth_kernel.new_barrier), keys/values each layer's ring [1, H, S, hd]
-    (written in place) -> out_norm(h) [1, 1, D]. With `probe`, (out, ticks): for each launch the
+    (written in place; uint8 for an 8-bit ring, whose rows' (scale, low) are key_params /
+    value_params [1, H, S, 2], else those are dummies: KVRing.kernel_inputs) -> out_norm(h)
+    [1, 1, D]. With `probe`, (out, ticks): for each launch the
     GPU clock in ns at its start and after each layer's five phases (uint64 [1 + 5 L])."""
     dtype = x.dtype
     layers = temporal.layers
@@ -372,7 +379,7 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     HID = fused._shape(layers[0].linear_out)[1]
     hd = D // H
     S = int(keys[0].shape[2])
-    lpr = _lanes_a_row(hd)
+    lpr = _lanes_a_row(hd, keys[0].dtype == mx.uint8)
     chunks, cl, xs, bps = _geometry(temporal, dtype, S)
     lin = layers[0].in_proj
     bits = lin.bits if lin.quantized else 0
@@ -392,13 +399,14 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
             ins += [layer.norm1, *fused._weights(layer.in_proj, dtype),
                     *fused._weights(layer.out_proj, dtype), layer.norm2,
                     *fused._weights(layer.linear_in, dtype),
-                    *fused._weights(layer.linear_out, dtype), keys[i], values[i]]
+                    *fused._weights(layer.linear_out, dtype), keys[i], values[i],
+                    key_params[i], value_params[i]]
         template = [("T", dtype), ("BITS", bits), ("GROUP", lin.group_size if bits else 64),
                     ("D", D), ("HID", HID), ("H", H), ("HD", hd), ("L", len(group)),
                     ("S", S), ("C", chunks), ("CL", cl), ("LPR", lpr), ("NB", nb),
                     ("WARPS", WARPS), ("XS", xs), ("PER_LAYER", _PER_LAYER), ("LAST", last),
                     ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
-                    ("PROBE", probe), ("LOADS", LOADS),
+                    ("PROBE", probe), ("LOADS", LOADS), ("Q8", keys[0].dtype == mx.uint8),
                     ("RWQ", _even_rows(3 * D, warps)),
                     ("RWO", depth_kernel._rows_per_warp(D, warps)),
                     ("RWG", depth_kernel._rows_per_warp(HID, warps)),
@@ -426,14 +434,15 @@ def blocks_that_fit(wanted: int, block_shared_bytes: int) -> int:
     return max(1, min(wanted, per_sm // (block_shared_bytes + 1024)))
 
 
-def _lanes_a_row(hd: int) -> int:
+def _lanes_a_row(hd: int, quantized: bool = False) -> int:
     """Lanes that share a key row in the attention phase: RING_DPL values each if that splits the
-    row into a power of two of lanes, at most a warp; else fused.ring_layout's choice."""
-    if RING_DPL > 0 and hd % RING_DPL == 0:
+    row into a power of two of lanes, at most a warp (whole 4-byte words of an 8-bit ring); else
+    fused.ring_layout's choice."""
+    if RING_DPL > 0 and hd % RING_DPL == 0 and not (quantized and RING_DPL % 4):
         lpr = hd // RING_DPL
         if 1 <= lpr <= 32 and not lpr & (lpr - 1):
             return lpr
-    return fused.ring_layout(hd)[1]
+    return fused.ring_layout(hd, quantized)[1]
 
 
 def _even_rows(n: int, warps: int) -> int:
