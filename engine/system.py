@@ -155,8 +155,9 @@ def lm_parameter_counts(cfg: LMConfig, depformer_steps: int | None = None) -> di
     return {"linear": temporal + depformer, "dense": dense}
 
 
-def mimi_parameter_bytes(cfg: MimiConfig) -> int:
-    """fp32 Mimi weights plus codebooks (~0.39 GB full size), estimated from the config."""
+def mimi_parameter_bytes(cfg: MimiConfig, bf16_transformers: bool = False) -> int:
+    """fp32 Mimi weights plus codebooks (~0.36 GB full size), estimated from the config; with
+    `bf16_transformers` the transformers' matrices in bf16 (~0.26 GB)."""
     s, q, t = cfg.seanet, cfg.quantizer, cfg.transformer
     conv = 0
     ch = s.n_filters
@@ -165,11 +166,12 @@ def mimi_parameter_bytes(cfg: MimiConfig) -> int:
                      + 2 * ch * ch * 2 * 4)
         ch *= 2
     conv += 2 * (ch * s.dimension * s.kernel_size)
-    layer = 4 * t.d_model * t.d_model + 2 * t.d_model * t.dim_feedforward + 6 * t.d_model
-    transformer = 2 * t.num_layers * layer
+    matrices = 4 * t.d_model * t.d_model + 2 * t.d_model * t.dim_feedforward
+    transformer = 2 * t.num_layers * (matrices + 6 * t.d_model)
     quant = q.n_q * q.bins * (q.dimension + 1) + 4 * q.dimension * q.input_dimension
     resample = 2 * t.d_model * t.d_model * 4
-    return 4 * (conv + transformer + quant + resample)
+    saved = 2 * (2 * t.num_layers * matrices) if bf16_transformers else 0
+    return 4 * (conv + transformer + quant + resample) - saved
 
 
 def estimate_model_bytes(lm: LMConfig, mimi: MimiConfig, bits: int | None,
@@ -177,7 +179,8 @@ def estimate_model_bytes(lm: LMConfig, mimi: MimiConfig, bits: int | None,
                          kv_bits: int | None | str = "auto", quantize_tables: bool = True) -> int:
     """Resident bytes for weights (bf16, or `bits`-bit quantized linears, and with
     `quantize_tables` embeddings and heads too), KV ring (bf16, or 8-bit rows with a float32
-    scale and low each: kv_bits "auto" is 8 with quantized weights) and Mimi."""
+    scale and low each: kv_bits "auto" is 8 with quantized weights) and Mimi (its transformers'
+    matrices in bf16 with quantized weights, as DuplexEngine.load does by default)."""
     counts = lm_parameter_counts(lm, depformer_steps)
 
     def quantized(n: int) -> int:
@@ -190,4 +193,4 @@ def estimate_model_bytes(lm: LMConfig, mimi: MimiConfig, bits: int | None,
     rows = 2 * lm.num_layers * lm.context * lm.num_heads  # key and value rows of the ring
     head_dim = lm.dim // lm.num_heads
     kv = rows * (head_dim + 8) if kv_bits == 8 else rows * head_dim * 2
-    return linear + dense + kv + mimi_parameter_bytes(mimi)
+    return linear + dense + kv + mimi_parameter_bytes(mimi, bf16_transformers=bits is not None)

@@ -190,3 +190,17 @@ def test_on_cuda_the_kernels_over_an_8_bit_ring_match_the_mlx_operations(tiny_di
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
         else:
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_memory_estimate_follows_the_lean_defaults():
+    """parley doctor's estimate for the 7B against the sizes measured for session 9
+    (docs/benchmarks.md: LM 4.325 / 8.169 GB after loading, Mimi 0.233 GB, 8-bit ring 0.835 GB;
+    bf16 ring 1.573 GB, bf16 tables +0.66 GB at 4 bits): within 3%."""
+    from engine import system
+    from engine.config import parse_model_config
+    cfg = parse_model_config({})
+    measured = {4: 4.325 + 0.233 + 0.835, 8: 8.169 + 0.233 + 0.835}
+    for bits, gb in measured.items():
+        assert system.estimate_model_bytes(cfg.lm, cfg.mimi, bits) / 1e9 == pytest.approx(gb, rel=0.03)
+    wide = system.estimate_model_bytes(cfg.lm, cfg.mimi, 4, kv_bits=16, quantize_tables=False)
+    assert wide / 1e9 == pytest.approx(measured[4] + (1.573 - 0.835) + 0.66, rel=0.03)
