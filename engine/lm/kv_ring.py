@@ -147,7 +147,7 @@ class KVRing:
         scale and low as its scale and bias), so both products are `quantized_matmul`s, reading
         the bytes once (a dequantized copy would write and read the ring twice more)."""
         def part(ring, params):
-            words, params = ring.view(mx.uint32), params
+            words = ring.view(mx.uint32)
             if n < self.slots:
                 words, params = words[:, :, :n], params[:, :, :n]
             return words, params[..., :1], params[..., 1:]
