@@ -78,6 +78,10 @@ class KVRing:
         # With bits: each row's (scale, low), [1, H, slots, 2] float32 a layer.
         self.key_params: list[mx.array] = []
         self.value_params: list[mx.array] = []
+        # Without bits the kernels still take params: one evaluated one-float stand-in for all.
+        self._no_params = None if self.quantized else mx.zeros((1,), dtype=mx.float32)
+        if self._no_params is not None:
+            mx.eval(self._no_params)
         self.end = 0  # next absolute position (= number of positions written so far)
         self.reset()
 
@@ -87,7 +91,6 @@ class KVRing:
             [list(a) for a in zip(*(self.blank_layer() for _ in range(n)))])
         self.end = 0
         self._counters = None  # ring_attention's per-head counters (see `counters`)
-        self._no_params = None
 
     @property
     def quantized(self) -> bool:
@@ -95,11 +98,11 @@ class KVRing:
 
     def blank_layer(self) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         """One layer's zeroed (keys, values, key params, value params) in this ring's layout
-        (params are empty [0] arrays for a ring in the model's dtype)."""
+        (for a ring in the model's dtype the params are the shared one-float stand-in)."""
         shape = (1, self.num_heads, self.slots, self.head_dim)
         if not self.quantized:
             return (mx.zeros(shape, dtype=self.dtype), mx.zeros(shape, dtype=self.dtype),
-                    mx.zeros((0,), dtype=mx.float32), mx.zeros((0,), dtype=mx.float32))
+                    self._no_params, self._no_params)
         pshape = shape[:-1] + (2,)
         return (mx.zeros(shape, dtype=mx.uint8), mx.zeros(shape, dtype=mx.uint8),
                 mx.zeros(pshape, dtype=mx.float32), mx.zeros(pshape, dtype=mx.float32))
@@ -110,13 +113,9 @@ class KVRing:
 
     def kernel_inputs(self) -> list[mx.array]:
         """What the CUDA kernels take, 4 · layers arrays: every layer's keys, then values, key
-        params, value params (for a ring in the model's dtype the params are one empty array)."""
-        if self.quantized:
-            return self.keys + self.values + self.key_params + self.value_params
-        if self._no_params is None:
-            self._no_params = mx.zeros((1,), dtype=mx.float32)
-            mx.eval(self._no_params)
-        return self.keys + self.values + [self._no_params] * (2 * self.num_layers)
+        params, value params (for a ring in the model's dtype the params are the one-float
+        stand-in)."""
+        return self.keys + self.values + self.key_params + self.value_params
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())

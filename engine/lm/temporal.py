@@ -198,8 +198,6 @@ class Temporal:
         outs = [a]
         if self.use_fused and self.ring_attention and kv is not None:
             keys, values, kp, vp = kv.blank_layer()
-            if not kv.quantized:
-                kp = vp = mx.zeros((1,), dtype=mx.float32)
             outs.append(fused.ring_attention(
                 q, k, v, keys, values, mx.array([0, 1], dtype=mx.int32),
                 mx.zeros((kv.num_heads,), dtype=mx.uint32), attention_scale(q.shape[-1]), kp, vp))
