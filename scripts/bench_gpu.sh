@@ -221,6 +221,12 @@ PY
       --shape personaplex-7b --random-weights --quantize 8 --frames 60 --json "$@" \
       | tee "$out/parley-q8.json" || true; }
     ;;
+  timeline)
+    # When the host issues each stage of a live frame and when the device finishes it
+    # (scripts/frame_timeline.py: marker kernels read the GPU clock), encode worker on and off.
+    install
+    timeout ${TIMELINE_TIMEOUT:-400} python3 scripts/frame_timeline.py "$@" | tee "$out/timeline.json"
+    ;;
   probe)
     # A short call: the ring attention kernel's check, then Nsight Compute on the depth step
     # kernel alone (stall reasons). Right after `stage`.
@@ -235,7 +241,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,212 @@
+"""A live frame's timeline on the lent GPU: when the host finishes issuing each stage and when
+the device finishes running it, from the same frames (a 7B-shaped random model by default). Not a
+unit test; it answers "is the frame waiting on the host or on the device, and where?".
+
+Device times come from marker kernels: a one-thread kernel that stores the GPU's %globaltimer
+(ns), chained after a stage's output with `mx.depends`, so it runs when that output is ready
+(on the encode worker's stream for the encode). The GPU clock is mapped onto the host's by
+timing markers on an idle device (the narrowest bracket wins, typically within ~10 us). Each
+marker is one extra tiny launch (~5 us of host time); the figures include them.
+
+    python3 scripts/frame_timeline.py [--frames 60] [--quantize 4] [--tiny]
+
+Printed: p50 milliseconds from the start of `DuplexEngine.step` for each host event and each
+device marker, with the encode worker on (the default) and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+_SOURCE = """
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    if (threadIdx.x == 0 && blockIdx.x == 0) { out[0] = (long long)t; }
+"""
+
+
+class Markers:
+    """Device clock markers; on a backend without CUDA kernels, none (host events only)."""
+
+    def __init__(self):
+        self.kernel = None
+        if mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available():
+            self.kernel = mx.fast.cuda_kernel(name="parley_timeline_marker", input_names=["dep"],
+                                              output_names=["out"], source=_SOURCE)
+        self.offset_ns = 0  # host perf_counter_ns = GPU globaltimer - offset
+
+    def mark(self, dep: mx.array) -> mx.array | None:
+        if self.kernel is None:
+            return None
+        return self.kernel(inputs=[dep], output_shapes=[(1,)], output_dtypes=[mx.int64],
+                           grid=(1, 1, 1), threadgroup=(32, 1, 1))[0]
+
+    def calibrate(self, tries: int = 50) -> float:
+        """Maps the GPU clock onto perf_counter_ns; returns the bracket's width in us."""
+        if self.kernel is None:
+            return 0.0
+        best = None
+        dep = mx.zeros((1,), mx.float32)
+        mx.eval(dep, self.mark(dep))  # compiles the marker
+        for _ in range(tries):
+            m = self.mark(dep)
+            h0 = time.perf_counter_ns()
+            mx.eval(m)
+            h1 = time.perf_counter_ns()
+            width = h1 - h0
+            if best is None or width < best[0]:
+                best = (width, int(m.item()) - (h0 + h1) // 2)
+        self.offset_ns = best[1]
+        return best[0] / 1e3
+
+    def host_ns(self, marker: mx.array) -> int:
+        return int(marker.item()) - self.offset_ns
+
+
+def instrument(engine, markers: Markers):
+    """Wraps the engine's stage functions to record host events and chain device markers into
+    each stage's output. Returns the per-frame record (a dict filled during engine.step)."""
+    gen, model, mimi = engine.gen, engine.gen.model, engine.mimi
+    frame: dict = {"host": {}, "device": {}}
+    lock = threading.Lock()
+
+    def host(name):
+        with lock:
+            frame["host"].setdefault(name, time.perf_counter_ns())
+
+    def chain(name, out):
+        m = markers.mark(out)
+        if m is None:
+            return out
+        frame["device"][name] = m
+        return mx.depends([out], [m])[0]
+
+    hidden, frame_fn = model.hidden, gen._frame
+    encode_step, decode_step = mimi.encode_step, mimi.decode_step
+    async_eval, eval_ = mx.async_eval, mx.eval
+
+    def hidden_w(x, kv, *a, **k):
+        host("temporal built")
+        x = chain("temporal start", x)
+        return chain("temporal end", hidden(x, kv, *a, **k))
+
+    def frame_w(hn, *a):
+        host("depth build start")
+        outs = list(frame_fn(hn, *a))
+        host("depth built")
+        outs[0] = chain("depth end", outs[0])
+        return outs
+
+    def encode_w(pcm):
+        on_worker = threading.current_thread() is not threading.main_thread()
+        tag = "encode (worker)" if on_worker else "encode (main)"
+        host(f"{tag} start")
+        codes = encode_step(pcm)
+        host(f"{tag} built")
+        return chain(f"{tag} end", codes)
+
+    def decode_w(codes):
+        host("decode build start")
+        pcm = decode_step(codes)
+        host("decode built")
+        return chain("decode end", pcm)
+
+    def async_eval_w(*a):
+        async_eval(*a)
+        if threading.current_thread() is threading.main_thread():
+            host("temporal submitted" if "temporal submitted" not in frame["host"] else "depth submitted")
+
+    def eval_w(*a):
+        main = threading.current_thread() is threading.main_thread()
+        if main and "decode built" in frame["host"]:
+            host("final eval start")
+        eval_(*a)
+        if main and "decode built" in frame["host"]:
+            host("final eval end")
+        elif not main:
+            host("encode (worker) evaluated")
+
+    model.hidden, gen._frame = hidden_w, frame_w
+    mimi.encode_step, mimi.decode_step = encode_w, decode_w
+    mx.async_eval, mx.eval = async_eval_w, eval_w
+    return frame
+
+
+def run(engine, mic, frames: int, markers: Markers, frame: dict) -> dict:
+    rows = []
+    for _ in range(frames):
+        frame["host"].clear()
+        frame["device"].clear()
+        t0 = time.perf_counter_ns()
+        engine.step(mic())
+        t1 = time.perf_counter_ns()
+        row = {k: (v - t0) / 1e6 for k, v in frame["host"].items()}
+        row.update({f"[gpu] {k}": (markers.host_ns(m) - t0) / 1e6
+                    for k, m in frame["device"].items()})
+        row["step returned"] = (t1 - t0) / 1e6
+        rows.append(row)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: statistics.median(
+        [r[k] for r in rows if k in r]))
+    return {k: round(statistics.median([r[k] for r in rows if k in r]), 3) for k in keys}
+
+
+def main() -> None:
+    from engine.bench import random_full_size_engine
+    from engine.personas import Persona
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--quantize", type=int, default=4)
+    ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
+    args = ap.parse_args()
+    if args.tiny:
+        from engine.duplex import DuplexEngine
+        engine, scratch = DuplexEngine.load("tiny", seed=0), None
+    else:
+        engine, scratch = random_full_size_engine(quantize=args.quantize)
+    try:
+        voices = engine.available_voices()
+        engine.start(Persona(name="timeline", prompt="You are helpful.",
+                             voice=voices[0] if voices else None))
+        engine.gen.kv.end += engine.gen.kv.slots  # a full attention window, as the bench
+        engine.stage_sample_every = 0  # one barrier a frame
+        rng = np.random.default_rng(0)
+        n = engine.frame_size
+
+        def mic():
+            return (0.05 * rng.standard_normal(n)).astype(np.float32)
+
+        for _ in range(10):
+            engine.step(mic())
+        markers = Markers()
+        result = {"device": str(mx.default_device()), "calibration_us": markers.calibrate()}
+        frame = instrument(engine, markers)
+        overlap = engine.overlap_encode
+        for name, on in (("encode worker on", True), ("encode worker off", False)):
+            if on and not overlap:
+                continue
+            engine.overlap_encode = on
+            run(engine, mic, 5, markers, frame)  # warm-up: compiles the marker chains
+            result[name] = run(engine, mic, args.frames, markers, frame)
+        engine.overlap_encode = overlap
+        engine.close()
+        print(json.dumps(result, indent=1))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
