@@ -52,6 +52,10 @@ class BenchResult:
             + ("; top-k draws: one CUDA kernel each" if d.get("one_kernel_draws") else "")
             + ("; stages submitted as built" if d.get("early_submit") else "")
             + ("; Mimi transformers: CUDA kernels" if d.get("mimi_kernels") else ""),
+            *([f"Latency at real-time pace: p50 {d['paced_latency']['p50_ms']:.2f} ms, p95 "
+               f"{d['paced_latency']['p95_ms']:.2f} ms from a frame's audio to its output (a frame "
+               f"every 80 ms" + ("; the next temporal step submitted as each frame ends)"
+                                 if d.get("presubmit") else ")")] if d.get("paced_latency") else []),
             f"Generation: {d['frames']} frames, {d['frames_per_s']:.1f} frames-per-sec, "
             f"{d['text_tokens_per_s']:.1f} text tokens-per-sec, real-time factor {d['rtf']:.3f}",
             f"Peak memory: {d['peak_memory_gb']:.3f} GB"
@@ -73,7 +77,11 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: float = 0.0,
               model_label: str = "", quantize: int | None = None, dtype: str = "",
-              full_context: bool = True) -> BenchResult:
+              full_context: bool = True, paced_frames: int = 25) -> BenchResult:
+    """Warm-up, `frames` back-to-back frames (the totals, one barrier each), as many with a
+    barrier between stages (the split), then `paced_frames` at real-time pace: one every 80 ms,
+    as a live conversation feeds them, each timed from its audio to its output (the latency a
+    user hears; with `presubmit` the 7B step runs in the gap before the frame)."""
     import mlx.core as mx
 
     from engine.lm import temporal_kernel
@@ -115,6 +123,17 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
             stage_ms[k].append(res.timings_ms.get(k, 0.0))
     engine.profile_stages = False
 
+    period = frame / engine.sample_rate
+    paced = []
+    due = time.perf_counter()
+    for _ in range(paced_frames):
+        due += period
+        time.sleep(max(0.0, due - time.perf_counter()))
+        t = time.perf_counter()
+        engine.step(mic())
+        paced.append((time.perf_counter() - t) * 1000)
+        due = max(due, time.perf_counter())  # a frame slower than real time: no catching up
+
     stages = {k: _percentiles(v) for k, v in stage_ms.items()}
     stages["total"] = _percentiles(totals)
     frame_s = frame / engine.sample_rate
@@ -141,6 +160,8 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
             if engine.gen.model.temporal.step_kernel else None),
         "one_kernel_draws": bool(getattr(engine.gen, "one_kernel_draws", False)),
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
+        "presubmit": bool(getattr(engine.gen, "presubmit", False)),
+        "paced_latency": _percentiles(paced) if paced else None,
         "mimi_kernels": bool(getattr(engine.mimi.decoder_transformer, "kernel", False)),
         "mimi_transformer_weights": str(getattr(engine.mimi, "transformer_weights", "float32")),
         "attended_positions": kv.filled,
@@ -281,9 +302,12 @@ def bench_command(args) -> int:
         persona = Persona(name="bench", prompt="You are a wise and friendly teacher. Answer "
                           "questions or provide advice in a clear and engaging way.",
                           voice=voices[0] if voices else None)
+        if args.presubmit is not None:
+            engine.gen.presubmit = args.presubmit
         result = run_bench(engine, persona, frames=args.frames, warmup=args.warmup, load_s=load_s,
                            model_label=label, quantize=engine.quantize,
-                           dtype=engine.dtype, full_context=args.context == "full")
+                           dtype=engine.dtype, full_context=args.context == "full",
+                           paced_frames=min(args.paced_frames, args.frames))
         engine.close()
     finally:
         if scratch is not None:

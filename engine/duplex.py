@@ -267,8 +267,11 @@ class DuplexEngine:
             timings: dict[str, float] | None = {} if profile else None
             if self.overlap_encode:
                 codes = self._encode_worker().submit(self._encode_frame, pcm_in)
-            out, pcm, user_codes = self.gen.step_live(codes, self.mimi.decode_step,
-                                                      force_agent_silence, timings)
+            # The benchmark's stage split (profile_stages) times each stage whole, so there the
+            # next temporal step is not handed over early.
+            out, pcm, user_codes = self.gen.step_live(
+                codes, self.mimi.decode_step, force_agent_silence, timings,
+                submit_next=None if not self.profile_stages else False)
             timings = timings or {}
         else:  # before any prompt (Moshi-style start): the plain step with three barriers
             mx.eval(codes)
@@ -314,6 +317,8 @@ class DuplexEngine:
             parts.append("one-kernel draws")
         if self.gen.early_submit:
             parts.append("stages submitted early")
+        if self.gen.presubmit:
+            parts.append("next temporal step submitted ahead")
         if self.mimi.decoder_transformer.kernel:
             parts.append("Mimi transformer kernels")
         return ", ".join(parts)

@@ -8,10 +8,11 @@ Device times come from marker kernels: a one-thread kernel that stores the GPU's
 timing markers on an idle device (the narrowest bracket wins, typically within ~10 us). Each
 marker is one extra tiny launch (~5 us of host time); the figures include them.
 
-    python3 scripts/frame_timeline.py [--frames 60] [--quantize 4] [--tiny]
+    python3 scripts/frame_timeline.py [--frames 60] [--paced-frames 30] [--quantize 4] [--tiny]
 
 Printed: p50 milliseconds from the start of `DuplexEngine.step` for each host event and each
-device marker, with the encode worker on (the default) and off.
+device marker, back to back and at real-time pace (a frame every 80 ms), with the next frame's
+temporal step handed to the device as a frame ends (the default) and built inside its frame.
 """
 
 from __future__ import annotations
@@ -98,9 +99,11 @@ def instrument(engine, markers: Markers):
     async_eval, eval_ = mx.async_eval, mx.eval
 
     def hidden_w(x, kv, *a, **k):
-        host("temporal built")
-        x = chain("temporal start", x)
-        return chain("temporal end", hidden(x, kv, *a, **k))
+        # Built after the frame's barrier: the next frame's step, handed over ahead.
+        tag = "next temporal" if "final eval end" in frame["host"] else "temporal"
+        host(f"{tag} built")
+        x = chain(f"{tag} start", x)
+        return chain(f"{tag} end", hidden(x, kv, *a, **k))
 
     def frame_w(hn, *a):
         host("depth build start")
@@ -126,7 +129,12 @@ def instrument(engine, markers: Markers):
     def async_eval_w(*a):
         async_eval(*a)
         if threading.current_thread() is threading.main_thread():
-            host("temporal submitted" if "temporal submitted" not in frame["host"] else "depth submitted")
+            if "final eval end" in frame["host"]:
+                host("next temporal submitted")
+            elif "depth built" in frame["host"]:
+                host("depth submitted")
+            else:
+                host("temporal submitted")
 
     def eval_w(*a):
         main = threading.current_thread() is threading.main_thread()
@@ -144,22 +152,35 @@ def instrument(engine, markers: Markers):
     return frame
 
 
-def run(engine, mic, frames: int, markers: Markers, frame: dict) -> dict:
+def run(engine, mic, frames: int, markers: Markers, frame: dict, paced: bool = False) -> list:
+    """Frames back to back (or one every 80 ms) -> per-frame records. Device markers are read
+    only after all frames: reading one waits for it, and a marker chained into the next frame's
+    early temporal step would otherwise stall the overlap being measured."""
     rows = []
+    period = engine.frame_size / engine.sample_rate
+    due = time.perf_counter()
     for _ in range(frames):
-        frame["host"].clear()
-        frame["device"].clear()
+        if paced:
+            due += period
+            time.sleep(max(0.0, due - time.perf_counter()))
+        frame["host"], frame["device"] = {}, {}
         t0 = time.perf_counter_ns()
         engine.step(mic())
         t1 = time.perf_counter_ns()
-        row = {k: (v - t0) / 1e6 for k, v in frame["host"].items()}
-        row.update({f"[gpu] {k}": (markers.host_ns(m) - t0) / 1e6
-                    for k, m in frame["device"].items()})
+        rows.append((t0, t1, frame["host"], frame["device"]))
+    return rows
+
+
+def summarize(rows: list, markers: Markers) -> dict:
+    out = []
+    for t0, t1, host, device in rows:
+        row = {k: (v - t0) / 1e6 for k, v in host.items()}
+        row.update({f"[gpu] {k}": (markers.host_ns(m) - t0) / 1e6 for k, m in device.items()})
         row["step returned"] = (t1 - t0) / 1e6
-        rows.append(row)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: statistics.median(
-        [r[k] for r in rows if k in r]))
-    return {k: round(statistics.median([r[k] for r in rows if k in r]), 3) for k in keys}
+        out.append(row)
+    keys = sorted({k for r in out for k in r}, key=lambda k: statistics.median(
+        [r[k] for r in out if k in r]))
+    return {k: round(statistics.median([r[k] for r in out if k in r]), 3) for k in keys}
 
 
 def main() -> None:
@@ -169,6 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--quantize", type=int, default=4)
+    ap.add_argument("--paced-frames", type=int, default=30)
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
     args = ap.parse_args()
     if args.tiny:
@@ -193,14 +215,24 @@ def main() -> None:
         markers = Markers()
         result = {"device": str(mx.default_device()), "calibration_us": markers.calibrate()}
         frame = instrument(engine, markers)
-        overlap = engine.overlap_encode
-        for name, on in (("encode worker on", True), ("encode worker off", False)):
-            if on and not overlap:
-                continue
-            engine.overlap_encode = on
-            run(engine, mic, 5, markers, frame)  # warm-up: compiles the marker chains
-            result[name] = run(engine, mic, args.frames, markers, frame)
-        engine.overlap_encode = overlap
+        gen = engine.gen
+        # Back to back, in alternating blocks (the next frame picks up a step handed over ahead,
+        # so the two cannot alternate frame by frame), then at real-time pace.
+        blocks = {True: [], False: []}
+        for presubmit in (True, False, True, False):
+            gen.presubmit = presubmit
+            run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
+            blocks[presubmit] += run(engine, mic, args.frames // 2, markers, frame)
+        for presubmit, name in ((True, "next temporal step submitted ahead"),
+                                (False, "temporal step built in its frame")):
+            result[f"back to back, {name}"] = summarize(blocks[presubmit], markers)
+        for presubmit, name in ((True, "next temporal step submitted ahead"),
+                                (False, "temporal step built in its frame")):
+            gen.presubmit = presubmit
+            run(engine, mic, 2, markers, frame)
+            result[f"real-time pace, {name}"] = summarize(
+                run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
+        gen.presubmit = True
         engine.close()
         print(json.dumps(result, indent=1))
     finally:

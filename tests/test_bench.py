@@ -23,6 +23,25 @@ def test_bench_json_has_every_field(tiny_dir, capsys):
     assert data["quantize"] is None and data["device"] and data["mlx_version"]
     assert abs(data["rtf"] - (1000 / data["frames_per_s"]) / 80) < 1e-6
     assert data["context"] == "full"
+    # Paced frames (at most --frames): the latency from a frame's audio to its output.
+    paced = data["paced_latency"]
+    assert 0 < paced["p50_ms"] <= paced["p95_ms"] <= paced["max_ms"] < 80
+    assert data["presubmit"] is True
+
+
+def test_bench_paces_frames_in_real_time_and_follows_the_presubmit_flag(tiny_dir, capsys):
+    """--paced-frames N frames one every 80 ms (so at least (N-1) x 80 ms of wall time);
+    --no-presubmit builds each temporal step inside its frame; --paced-frames 0: none."""
+    import time
+    base = ["bench", "--model", str(tiny_dir), "--frames", "4", "--warmup", "1", "--json"]
+    t = time.perf_counter()
+    assert main(base + ["--paced-frames", "4", "--no-presubmit"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert time.perf_counter() - t >= 3 * 0.080
+    assert data["presubmit"] is False and data["paced_latency"]["p50_ms"] > 0
+    assert main(base + ["--paced-frames", "0"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["paced_latency"] is None and data["presubmit"] is True
 
 
 def test_bench_times_a_full_or_a_fresh_attention_window(tiny_dir):
@@ -45,6 +64,7 @@ def test_bench_summary_lines(tiny_dir, capsys):
     assert main(["bench", "--model", str(tiny_dir), "--frames", "3", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "Peak memory:" in out and "Frame: p50" in out and "real-time factor" in out
+    assert "Latency at real-time pace: p50" in out and "submitted as each frame ends" in out
     assert "Depth transformer: MLX operations; temporal: MLX operations" in out  # no CUDA here
 
 

@@ -97,8 +97,11 @@ def test_the_frame_path_names_the_overlap(tiny_dir):
     from engine.lm import fused
     engine = DuplexEngine.load(str(tiny_dir), seed=0)
     engine.overlap_encode = False
-    if not fused.enabled():
-        assert engine.frame_path == ""  # a CPU: plain MLX operations
+    if not fused.enabled():  # a CPU: plain MLX operations, only the pre-submission
+        assert engine.frame_path == "next temporal step submitted ahead"
+        engine.gen.presubmit = False
+        assert engine.frame_path == ""
+        engine.gen.presubmit = True
     rest = engine.frame_path
     engine.overlap_encode = True
     assert engine.frame_path == ", ".join(p for p in ("encode overlapped", rest) if p)

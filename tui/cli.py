@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overlap-encode", action=argparse.BooleanOptionalAction, default=None,
                        help="encode each frame on a worker thread while the LM step is issued "
                        "(default: on with MLX's CUDA backend, off elsewhere)")
+    bench.add_argument("--presubmit", action=argparse.BooleanOptionalAction, default=None,
+                       help="hand each next frame's temporal step to the device as a frame ends "
+                       "(default: on; PARLEY_PRESUBMIT=0 changes the default)")
+    bench.add_argument("--paced-frames", type=int, default=25,
+                       help="frames timed at real-time pace, one every 80 ms, for the latency "
+                       "from a frame's audio to its output (at most --frames; 0: none)")
     bench.add_argument("--context", choices=("full", "prompt"), default="full",
                        help="time frames attending over a full attention window (the steady "
                        "state of a long conversation; default) or right after the prompt")

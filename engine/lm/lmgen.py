@@ -95,6 +95,23 @@ def default_early_submit() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
+def default_presubmit() -> bool:
+    """Whether a live frame, once done, hands the next frame's temporal step to the device
+    before returning. Step s+1's temporal transformer reads only position s's tokens (this
+    frame's samples and user codes), all known when frame s ends, so it can run while the host
+    waits for the next 80 ms of audio: a live frame's latency then no longer includes the 7B
+    step, and back to back the host's cost of issuing it overlaps the device's work. The tokens
+    are the same either way (tests/test_presubmit.py). PARLEY_PRESUBMIT=0 turns it off."""
+    return os.environ.get("PARLEY_PRESUBMIT", "1") != "0"
+
+
+class _Pending:
+    """A temporal step handed to the device ahead of its frame (LMGen.submit_next_temporal)."""
+
+    def __init__(self, s: int, kv_end: int, hn: mx.array, submit_ms: float):
+        self.s, self.kv_end, self.hn, self.submit_ms = s, kv_end, hn, submit_ms
+
+
 class LMGen:
     def __init__(self, model: LMModel, lmgen_cfg: LMGenConfig | None = None,
                  text: SamplingParams = TEXT_DEFAULT, audio: SamplingParams = AUDIO_DEFAULT,
@@ -119,6 +136,8 @@ class LMGen:
         self.kv = model.new_kv(self.reference, kv_bits)
         self.compile = compile
         self.early_submit = default_early_submit()
+        self.presubmit = default_presubmit()
+        self._pending: _Pending | None = None
         # The depth transformer's CUDA kernels where they can run: one kernel per step
         # (engine/lm/depth_kernel.py), else four fused kernels per layer (engine/lm/fused.py).
         self._depth_path = self._best_depth_path()
@@ -217,6 +236,7 @@ class LMGen:
         read from the device each."""
         temporal = self.model.temporal
         if temporal.step_kernel and temporal.step_kernel_failed():
+            self.discard_pending()  # computed by the kernel that failed
             temporal.forget_barrier()
             temporal.step_kernel = False
             return ("The temporal transformer's step kernel could not get the whole GPU at once "
@@ -270,6 +290,7 @@ class LMGen:
         """Clears the conversation: s = 0, empty KV ring, initial tokens at positions 0 and 1."""
         if seed is not None:
             self.seed = seed
+        self.discard_pending()
         self.s = 0
         self.kv.reset()
         self._tok = np.full((self.num_channels, RING), UNSET, dtype=np.int64)
@@ -455,6 +476,7 @@ class LMGen:
              embedding: np.ndarray | mx.array | None = None,
              force_agent_silence: bool = False) -> np.ndarray | None:
         """One step (see the module docstring). Returns int64 [17] for real time s−1, or None."""
+        self.discard_pending()
         s = self.s
         if embedding is not None and s == 0:
             raise ValueError("step 0 only writes tokens: call step() once before replaying voice "
@@ -498,7 +520,7 @@ class LMGen:
                          for k in range(self.num_channels)], dtype=np.int64)
 
     def step_live(self, user_codes: mx.array, decode, force_agent_silence: bool = False,
-                  timings: dict | None = None):
+                  timings: dict | None = None, submit_next: bool | None = None):
         """A live frame with one evaluation barrier (MODEL.md §11.6): `user_codes` may be the lazy
         output of Mimi's encoder and `decode(codes[8])` a lazy Mimi decode; the temporal step, the
         depformer, the encode and the decode of the emitted frame all run in one `mx.eval`.
@@ -509,6 +531,8 @@ class LMGen:
         Returns (emitted tokens int64 [17], decoded pcm (evaluated), user codes int64 [8]).
         With `timings` (a dict), barriers are added between stages and their milliseconds stored
         under encode / temporal / depth / decode, for telemetry and the benchmark.
+        submit_next (default `self.presubmit`): end by handing the next frame's temporal step to
+        the device (`submit_next_temporal`).
         """
         s = self.s
         if s < 2 or self.reference != "nvidia":
@@ -525,13 +549,18 @@ class LMGen:
             t1 = clock()
             timings["encode"] = (t1 - t0) * 1000
         model = self.model
-        x = model.embed_step(self._input_row(s - 1), compiled=self.compile)
-        hn = model.hidden(x, self.kv, compiled=self.compile)
+        pending = self._take_pending(s)
+        if pending is not None:  # handed to the device when the last frame ended
+            hn = pending.hn
+        else:
+            x = model.embed_step(self._input_row(s - 1), compiled=self.compile)
+            hn = model.hidden(x, self.kv, compiled=self.compile)
         if timings is not None:
             mx.eval(hn, *self.kv.arrays())
             t2 = clock()
-            timings["temporal"] = (t2 - t1) * 1000
-        elif self.early_submit:
+            # A pre-submitted step counts what it adds to this frame: issuing it, then the wait.
+            timings["temporal"] = (t2 - t1) * 1000 + (pending.submit_ms if pending else 0.0)
+        elif self.early_submit and pending is None:
             mx.async_eval(hn, *self.kv.arrays())
         slot = self._claim(s)
         forced_s = self._forced[:, slot]
@@ -574,14 +603,54 @@ class LMGen:
         user_np = np.array(user_codes).astype(np.int64).reshape(-1)
         for k, v in self._ext_writes(user_np, None, False, False).items():
             self._write(k, s + int(self.delays[k]), v)
+        self.s = s + 1
+        # Position s is complete: the next step can start on the device now, before the rest.
+        if self.presubmit if submit_next is None else submit_next:
+            self.submit_next_temporal()
         self._last = {"hidden": hn[0, 0], "text_logits": text_logits}
         self.last_audio_logits = outs[2] if self.keep_audio_logits else None
         self.last_text_sampled = int(sampled_np[0])
         self.last_audio_sampled = sampled_np[1:].copy()
-        self.s = s + 1
         emitted = np.array([self.tokens_at(s - 1 + int(self.delays[k]))[k]
                             for k in range(self.num_channels)], dtype=np.int64)
         return emitted, pcm, user_np
+
+    def submit_next_temporal(self) -> None:
+        """Builds step s's temporal transformer (its input, position s−1, is complete once frame
+        s−1 has ended) and hands it to the device without waiting; the next `step_live` picks it
+        up. Anything else that changes the state first (`step`, `reset`) discards it."""
+        self.discard_pending()
+        t0 = time.perf_counter()
+        s = self.s
+        model = self.model
+        x = model.embed_step(self._input_row(s - 1), compiled=self.compile)
+        hn = model.hidden(x, self.kv, compiled=self.compile)
+        mx.async_eval(hn, *self.kv.arrays())
+        self._pending = _Pending(s, self.kv.end, hn, (time.perf_counter() - t0) * 1000)
+
+    def _take_pending(self, s: int) -> _Pending | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.s == s and pending.kv_end == self.kv.end:
+            return pending
+        self._pending = pending  # made for another state: undo it
+        self.discard_pending()
+        return None
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether a temporal step was handed to the device ahead of its frame."""
+        return self._pending is not None
+
+    def discard_pending(self) -> None:
+        """Drops a pre-submitted temporal step: waits for it (its kernels write the KV ring in
+        place) and takes its position back off the ring, whose slot the next step rewrites."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        mx.eval(pending.hn, *self.kv.arrays())
+        self.kv.end -= 1
 
     # -------------------------------------------------------------------------------------------
     # Batched prefill

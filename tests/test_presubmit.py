@@ -1,0 +1,139 @@
+"""Handing the next frame's temporal step to the device when a frame ends (`LMGen.presubmit`,
+on by default) gives exactly the frames of an engine that builds each step inside its frame,
+across sampling, interruptions, a new conversation, a persona switch and a ring wrap; anything
+that changes the state first drops the early step and takes its position back off the ring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.duplex import DuplexEngine
+from engine.lm import lmgen
+from engine.personas import TEACHER_PROMPT, Persona
+
+TEACHER = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
+OTHER = Persona(name="o", prompt="You answer questions about the weather.", voice="TINY0")
+
+
+def _engine(tiny_dir, presubmit: bool, **kw) -> DuplexEngine:
+    engine = DuplexEngine.load(str(tiny_dir), seed=0, **kw)
+    engine.gen.presubmit = presubmit
+    return engine
+
+
+def _session(engine, pcm) -> list:
+    """Frames through a conversation with an interruption, a new conversation and a persona
+    switch -> [(tokens, pcm, user codes, ring end)]."""
+    out, wrapped = [], []
+
+    def frame(j, **kw):
+        r = engine.step(pcm[j], **kw)
+        out.append((r.tokens.copy(), r.pcm.copy(), engine.last_user_codes.copy(),
+                    engine.gen.kv.end - engine.gen.has_pending))
+
+    engine.start(TEACHER)
+    # Move the ring's clock on to a dozen positions before its end, so the session wraps it.
+    engine.gen.kv.advance(engine.gen.kv.slots - engine.gen.kv.end - 12)
+    for j in range(30):
+        frame(j, force_agent_silence=10 <= j < 14)  # the user interrupts for 4 frames
+    wrapped.append(engine.gen.kv.end > engine.gen.kv.slots)
+    engine.reset()  # a new conversation with the same persona
+    for j in range(30, 40):
+        frame(j)
+    engine.start(OTHER)  # a persona switch
+    for j in range(40, 52):
+        frame(j)
+    assert wrapped == [True]
+    return out
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_frames_are_those_of_the_step_built_in_its_frame(tiny_dir, greedy):
+    rng = np.random.default_rng(3)
+    pcm = (0.1 * rng.standard_normal((52, 1920))).astype(np.float32)
+    ahead = _engine(tiny_dir, True, greedy=greedy)
+    inside = _engine(tiny_dir, False, greedy=greedy)
+    a = _session(ahead, pcm)
+    b = _session(inside, pcm)
+    assert ahead.gen.has_pending and not inside.gen.has_pending
+    assert ahead.gen.kv.end == inside.gen.kv.end + 1  # the early step holds the next position
+    assert len({tuple(x[0]) for x in a}) > 5  # the tokens vary
+    for j, ((ta, pa, ua, ea), (tb, pb, ub, eb)) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(ta, tb, err_msg=f"frame {j}")
+        np.testing.assert_array_equal(ua, ub)
+        np.testing.assert_allclose(pa, pb, atol=1e-6)
+        assert ea == eb
+
+
+def test_the_early_step_is_the_one_the_frame_would_have_built(tiny_dir):
+    """The pending step is picked up (not rebuilt) and its hidden state is the same."""
+    rng = np.random.default_rng(4)
+    pcm = (0.1 * rng.standard_normal((6, 1920))).astype(np.float32)
+    ahead, inside = _engine(tiny_dir, True, greedy=True), _engine(tiny_dir, False, greedy=True)
+    for e in (ahead, inside):
+        e.start(TEACHER)
+        for j in range(5):
+            e.step(pcm[j])
+    pending = ahead.gen._pending
+    assert pending is not None and pending.s == ahead.gen.position
+    ahead.step(pcm[5])
+    inside.step(pcm[5])
+    assert ahead.gen._last["hidden"] is pending.hn[0, 0] or np.array_equal(
+        ahead.gen.last_hidden, np.array(pending.hn[0, 0]))
+    np.testing.assert_array_equal(ahead.gen.last_hidden, inside.gen.last_hidden)
+
+
+def test_a_changed_state_drops_the_early_step(tiny_dir):
+    """A plain `step` after a live frame, or a ring moved on outside the frame, discards the early
+    step and takes its position back; the frames then match an engine that never made it."""
+    rng = np.random.default_rng(5)
+    pcm = (0.1 * rng.standard_normal((12, 1920))).astype(np.float32)
+    ahead, inside = _engine(tiny_dir, True, greedy=True), _engine(tiny_dir, False, greedy=True)
+    for e in (ahead, inside):
+        e.start(TEACHER)
+        for j in range(4):
+            e.step(pcm[j])
+    assert ahead.gen.has_pending
+    end = ahead.gen.kv.end
+    for e in (ahead, inside):  # a plain step (e.g. a caller driving the LM directly)
+        e.gen.step(user_codes=np.array(e.last_user_codes))
+    assert not ahead.gen.has_pending and ahead.gen.kv.end == end
+    assert ahead.gen.kv.end == inside.gen.kv.end
+    for j in range(4, 8):
+        ta, tb = ahead.step(pcm[j]).tokens, inside.step(pcm[j]).tokens
+        np.testing.assert_array_equal(ta, tb)
+    assert ahead.gen.has_pending
+    for e in (ahead, inside):  # the ring's clock moved on from outside (as the benchmark does)
+        e.gen.kv.advance(e.gen.kv.slots)
+    for j in range(8, 12):
+        ta, tb = ahead.step(pcm[j]).tokens, inside.step(pcm[j]).tokens
+        np.testing.assert_array_equal(ta, tb)
+    assert ahead.gen.kv.end == inside.gen.kv.end + 1
+
+
+def test_the_stage_split_counts_the_early_step(tiny_dir):
+    """A sampled frame's temporal stage with a pending step is what it adds to the frame (issuing
+    it, then the wait); the benchmark's stage split (profile_stages) builds each step in its
+    frame, so no step is pending after such a frame."""
+    rng = np.random.default_rng(6)
+    pcm = (0.1 * rng.standard_normal((4, 1920))).astype(np.float32)
+    engine = _engine(tiny_dir, True, greedy=True)
+    engine.start(TEACHER)
+    engine.stage_sample_every = 1
+    engine.step(pcm[0])
+    submit_ms = engine.gen._pending.submit_ms
+    assert submit_ms > 0
+    r = engine.step(pcm[1])
+    assert r.timings_ms["temporal"] >= submit_ms
+    engine.profile_stages = True
+    r = engine.step(pcm[2])
+    assert not engine.gen.has_pending
+    assert set(r.timings_ms) >= {"encode", "temporal", "depth", "decode", "total"}
+
+
+def test_presubmit_is_on_unless_switched_off(monkeypatch):
+    monkeypatch.delenv("PARLEY_PRESUBMIT", raising=False)
+    assert lmgen.default_presubmit()
+    monkeypatch.setenv("PARLEY_PRESUBMIT", "0")
+    assert not lmgen.default_presubmit()
