@@ -112,6 +112,7 @@ class DuplexEngine:
         self._overlap_encode = False
         self.overlap_encode = default_overlap_encode() if overlap_encode is None else overlap_encode
         self._frames = 0
+        self._last_live = False
         self.persona: Persona | None = None
         self.last_user_codes = np.zeros(self.config.lmgen.mimi_num_codebooks, np.int64)
         self.last_prefill_frames = 0
@@ -248,9 +249,12 @@ class DuplexEngine:
             self.mimi.reset()
             self.gen.reset(self.seed)
 
-    def step(self, pcm_in: np.ndarray, *, force_agent_silence: bool = False) -> FrameResult:
+    def step(self, pcm_in: np.ndarray, *, force_agent_silence: bool = False,
+             defer_next: bool = False) -> FrameResult:
         """One frame: encode, LM step, decode, with one evaluation barrier (per-stage barriers
-        when `profile_stages` is set, for the stage split)."""
+        when `profile_stages` is set, for the stage split). The frame ends by handing the next
+        frame's temporal step to the device (LMGen.presubmit); with `defer_next` that waits for
+        `after_step()`, so a live session can send the output on its way first."""
         mx = self.mx
         t0 = time.perf_counter()
         n = self.config.lmgen.audio_tokens_per_stream
@@ -261,6 +265,7 @@ class DuplexEngine:
                 mx.eval(codes, *self.mimi.encoder_state_arrays())
                 self._worker_resets = self.mimi.encoder_resets
         self._frames += 1
+        self._last_live = live
         every = self.stage_sample_every
         profile = self.profile_stages or (every > 0 and self._frames % every == 0)
         if live:
@@ -271,7 +276,7 @@ class DuplexEngine:
             # next temporal step is not handed over early.
             out, pcm, user_codes = self.gen.step_live(
                 codes, self.mimi.decode_step, force_agent_silence, timings,
-                submit_next=None if not self.profile_stages else False)
+                submit_next=False if self.profile_stages or defer_next else None)
             timings = timings or {}
         else:  # before any prompt (Moshi-style start): the plain step with three barriers
             mx.eval(codes)
@@ -297,6 +302,14 @@ class DuplexEngine:
             notice = self.gen.check_depth_kernel()
         return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,
                            text=self._display(text_id), timings_ms=timings, notice=notice)
+
+    def after_step(self) -> None:
+        """After a `step(..., defer_next=True)` whose output has been handed over: the next
+        frame's temporal step to the device, as `step` would have done at its end."""
+        gen = self.gen
+        if (self._last_live and gen.presubmit and not self.profile_stages
+                and not gen.has_pending):
+            gen.submit_next_temporal()
 
     @property
     def frame_path(self) -> str:

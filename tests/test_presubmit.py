@@ -137,3 +137,61 @@ def test_presubmit_is_on_unless_switched_off(monkeypatch):
     assert lmgen.default_presubmit()
     monkeypatch.setenv("PARLEY_PRESUBMIT", "0")
     assert not lmgen.default_presubmit()
+
+
+def test_a_live_session_hands_the_output_over_before_the_next_step(tiny_dir):
+    """The model thread steps with defer_next and calls after_step once the result is queued:
+    the frames are still those of an engine building each step in its frame, a step is pending
+    between frames, and an after_step that fails ends in an error Done, not a dead thread."""
+    import time
+
+    from engine.session.runner import InFrame, ModelThread
+
+    rng = np.random.default_rng(7)
+    pcm = (0.1 * rng.standard_normal((8, 1920))).astype(np.float32)
+    inside = _engine(tiny_dir, False, greedy=True)
+    inside.start(TEACHER)
+    built, calls = [], []
+
+    def build():  # on the model thread, as the live session builds its engine
+        engine = _engine(tiny_dir, True, greedy=True)
+        after = engine.after_step
+        engine.after_step = lambda: (calls.append(engine.gen.has_pending), after())
+        built.append(engine)
+        return engine
+
+    runner = ModelThread(build)
+    runner.start()
+
+    def wait_for(kinds, n):
+        got, deadline = [], time.monotonic() + 60
+        while len(got) < n:
+            got += [d for d in runner.poll(0.0) if d.kind in kinds]
+            assert time.monotonic() < deadline, got
+            time.sleep(0.002)
+        return got
+
+    try:
+        runner.request_start(TEACHER, "test")
+        assert [d.kind for d in wait_for(("start", "error"), 1)] == ["start"]
+        got = []
+        for j in range(8):
+            runner.submit(InFrame(index=j, pcm=pcm[j], t_adc=None, epoch=runner.epoch))
+            got += wait_for(("step", "error"), 1)
+        assert [d.kind for d in got] == ["step"] * 8
+        assert calls[:8] == [False] * 8  # the step itself left nothing pending: after_step did
+        for j, d in enumerate(got):
+            np.testing.assert_array_equal(d.result.tokens, inside.step(pcm[j]).tokens)
+        deadline = time.monotonic() + 10
+        while not built[0].gen.has_pending:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+
+        def broken():
+            raise MemoryError("out of memory")
+        runner.set_model_attr("after_step", broken)
+        runner.submit(InFrame(index=8, pcm=pcm[0], t_adc=None, epoch=runner.epoch))
+        kinds = [d.kind for d in wait_for(("step", "error"), 2)]
+        assert kinds == ["step", "error"] and runner.failed
+    finally:
+        runner.stop()

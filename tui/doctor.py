@@ -74,6 +74,10 @@ def _frame_path_check() -> Check:
               else "Mimi's encode before the LM step")
     if default_early_submit():
         encode += "; each stage handed to the device as soon as it is built"
+    from engine.lm.lmgen import default_presubmit
+    if default_presubmit():
+        encode += ("; the next frame's temporal step handed over as each frame ends "
+                   "(PARLEY_PRESUBMIT=0 turns it off)")
     from engine.mimi import transformer_kernel
     if transformer_kernel.enabled():
         encode += "; Mimi's transformers in CUDA kernels (PARLEY_MIMI_KERNEL=0 turns them off)"

@@ -196,7 +196,10 @@ class _RunnerBase:
         self.busy = "step"
         t0 = time.perf_counter()
         try:
-            res = self.model.step(frame.pcm, force_agent_silence=forced)
+            if hasattr(self.model, "after_step"):  # its next-frame work waits for after_step
+                res = self.model.step(frame.pcm, force_agent_silence=forced, defer_next=True)
+            else:
+                res = self.model.step(frame.pcm, force_agent_silence=forced)
         except Exception as e:  # noqa: BLE001
             self.failed = True
             self.busy = None
@@ -209,6 +212,20 @@ class _RunnerBase:
             "step", frame=frame, result=res, forced=forced, forced_ordinal=ordinal, interrupt_seq=iseq,
             epoch=frame.epoch, wall_ms=wall,
         )
+
+    def _after(self, d: Done) -> Done | None:
+        """Model side, once a step's result is handed over: the model's work for the next frame
+        (DuplexEngine.after_step: the next temporal step, issued after the output is on its way
+        rather than before). Returns an error Done if that failed."""
+        after = getattr(self.model, "after_step", None)
+        if d.kind != "step" or after is None or self.failed:
+            return None
+        try:
+            after()
+        except Exception as e:  # noqa: BLE001
+            self.failed = True
+            return Done("error", epoch=d.epoch, error=_describe(e, "the model step failed"))
+        return None
 
     def _sample_memory(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -303,6 +320,11 @@ class ModelThread(_RunnerBase):
                 self.done.append(d)
                 if self._wake is not None:
                     self._wake()
+                err = self._after(d)
+                if err is not None:
+                    self.done.append(err)
+                    if self._wake is not None:
+                        self._wake()
 
 
     def _release_model(self) -> None:
@@ -373,6 +395,9 @@ class InlineRunner(_RunnerBase):
             d = self._exec_next()
             if d is None:
                 break
+            err = self._after(d)
+            if err is not None:
+                out.append(err)
             self._cur = d
             self._cur_done_at = start_t + self._duration(d)
         return out
