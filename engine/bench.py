@@ -130,8 +130,9 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         due += period
         time.sleep(max(0.0, due - time.perf_counter()))
         t = time.perf_counter()
-        engine.step(mic())
+        engine.step(mic(), defer_next=True)  # as the live session: output first (runner.py),
         paced.append((time.perf_counter() - t) * 1000)
+        engine.after_step()  # then the next frame's temporal step
         due = max(due, time.perf_counter())  # a frame slower than real time: no catching up
 
     stages = {k: _percentiles(v) for k, v in stage_ms.items()}

@@ -48,11 +48,16 @@ case "$phase" in
       python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 --kv-bits 16 \
         --frames ${FRAMES:-200} --json "$@" | tee "$out/parley-q4-kv16.json"
     fi
+    # TIMELINE=1: then scripts/frame_timeline.py (when each stage is issued and done).
+    if [ -n "${TIMELINE:-}" ]; then
+      timeout ${TIMELINE_TIMEOUT:-200} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
+        > "$out/timeline.json" 2>&1 || true
+    fi
     # EXTRA="PARLEY_FUSED_TEMPORAL=0 PARLEY_FUSED_TEMPORAL=0,PARLEY_GEMV_LOADS=16": one more
     # 4-bit run per entry (commas join variables), on the same machine as the runs above.
     for env in ${EXTRA:-}; do
       env ${env//,/ } python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 \
-        --frames ${FRAMES:-200} "$@" | grep -E "Frame|Stages|Depth" | sed "s/^/[$env] /"
+        --frames ${FRAMES:-200} "$@" | grep -E "Frame|Stages|Depth|Latency" | sed "s/^/[$env] /"
     done
     python3 - "$out" <<'PY'
 import json, sys, pathlib
@@ -66,6 +71,8 @@ for bits in (4, 8, "4-kv16"):
     st = d["stages"]
     split = ", ".join(f"{k} {st[k]['p50_ms']:.2f}" for k in ("encode", "temporal", "depth", "decode"))
     tot = st["total"]["p50_ms"]
+    if d.get("paced_latency"):
+        print(f"parley {bits}-bit at real-time pace: latency p50 {d['paced_latency']['p50_ms']:.2f} ms, p95 {d['paced_latency']['p95_ms']:.2f} ms (presubmit {d.get('presubmit')})")
     print(f"parley {bits}-bit full frame: p50 {tot:.2f} ms, p95 {st['total']['p95_ms']:.2f} ms ({split}); "
           f"peak {d['peak_memory_gb']:.2f} GB (model {d.get('model_memory_gb', 0):.2f}, ring {d.get('kv_ring_gb', 0):.2f} at {d.get('kv_bits') or 16} bits); depth {d.get('depth_path')}, temporal fused {d.get('temporal_fused')}; ratio reference/parley {ref['p50_ms'] / tot:.2f}")
 PY

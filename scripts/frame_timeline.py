@@ -216,23 +216,28 @@ def main() -> None:
         result = {"device": str(mx.default_device()), "calibration_us": markers.calibrate()}
         frame = instrument(engine, markers)
         gen = engine.gen
+        temporal = gen.model.temporal
         # Back to back, in alternating blocks (the next frame picks up a step handed over ahead,
-        # so the two cannot alternate frame by frame), then at real-time pace.
-        blocks = {True: [], False: []}
-        for presubmit in (True, False, True, False):
-            gen.presubmit = presubmit
-            run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
-            blocks[presubmit] += run(engine, mic, args.frames // 2, markers, frame)
-        for presubmit, name in ((True, "next temporal step submitted ahead"),
-                                (False, "temporal step built in its frame")):
-            result[f"back to back, {name}"] = summarize(blocks[presubmit], markers)
-        for presubmit, name in ((True, "next temporal step submitted ahead"),
-                                (False, "temporal step built in its frame")):
-            gen.presubmit = presubmit
+        # so variants cannot alternate frame by frame), then at real-time pace. Variants:
+        # (presubmit, split submission of the temporal step kernel's launches).
+        variants = {"next temporal step submitted ahead": (True, False),
+                    "temporal step built in its frame": (False, False)}
+        if temporal.step_kernel:
+            variants["submitted ahead, each launch handed over as built"] = (True, True)
+        blocks = {name: [] for name in variants}
+        for _ in range(2):
+            for name, (presubmit, split) in variants.items():
+                gen.presubmit, temporal.split_submit = presubmit, split
+                run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
+                blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
+        for name in variants:
+            result[f"back to back, {name}"] = summarize(blocks[name], markers)
+        for name, (presubmit, split) in variants.items():
+            gen.presubmit, temporal.split_submit = presubmit, split
             run(engine, mic, 2, markers, frame)
             result[f"real-time pace, {name}"] = summarize(
                 run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
-        gen.presubmit = True
+        gen.presubmit, temporal.split_submit = True, False
         engine.close()
         print(json.dumps(result, indent=1))
     finally:

@@ -260,6 +260,14 @@ def test_on_cuda_the_step_kernel_keeps_the_frames_the_same(tiny_dir, monkeypatch
     assert not k_engine.gen.model.temporal.step_kernel_failed()
     for a, b in zip(k_tokens, r_tokens):
         np.testing.assert_array_equal(a, b)
+    # Each launch handed over as built (PARLEY_SPLIT_SUBMIT=1): the same frames.
+    monkeypatch.setattr(temporal_kernel, "LAYERS_PER_LAUNCH", 1)
+    s_engine, s_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_TEMPORAL_KERNEL": "1",
+                                                                "PARLEY_SPLIT_SUBMIT": "1"},
+                                        pcm, wrap_after=6)
+    assert s_engine.gen.model.temporal.split_submit
+    for a, b in zip(s_tokens, r_tokens):
+        np.testing.assert_array_equal(a, b)
 
 
 @cuda
@@ -288,3 +296,41 @@ def test_on_cuda_launch_configurations_agree_bit_for_bit(tiny_dir, monkeypatch):
         np.testing.assert_array_equal(out, results[0][0])
         for a, b in zip(rings, results[0][1]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_split_submission_hands_each_launch_over_as_built(engine, monkeypatch):
+    """PARLEY_SPLIT_SUBMIT=1: the live step calls the launches uncompiled, with mx.async_eval on
+    each launch's output but the last's (the caller submits that one), in launch order, and the
+    launches are those of the compiled step (the same inputs, the ring's slot)."""
+    gen = engine.gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    monkeypatch.setattr(temporal_kernel, "LAYERS_PER_LAUNCH", 1)
+    calls, submitted = [], []
+    _stand_in(monkeypatch, calls)
+    real_async = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (submitted.append((len(calls), a)),
+                                                      real_async(*a)))
+    temporal.split_submit = True
+    end = kv.end
+    h = gen.model.hidden(mx.zeros((1, 1, cfg.dim)), kv, compiled=True)
+    mx.eval(h)
+    n = len(temporal.layers)
+    assert len(calls) == n and kv.end == end + 1
+    # after launch i (1-based) is built, its output goes to the device; the last one's is h
+    assert [i for i, _ in submitted] == list(range(1, n))
+    for i, (_, args) in enumerate(submitted):
+        assert args[0] is not None and args[0].shape == (cfg.dim,)
+    meta = np.array(calls[0]["inputs"]["meta"]).tolist()
+    assert meta == [end % kv.slots, min(end + 1, kv.slots)]
+    keys = _rings(kv)[0]
+    for i, c in enumerate(calls):
+        assert c["t"]["L"] == 1 and c["t"]["LAST"] == (i == n - 1)
+        assert any(v is keys[i] for v in c["inputs"].values())
+
+
+def test_split_submission_is_opt_in(tiny_dir, monkeypatch):
+    from engine.lm.temporal import Temporal
+    monkeypatch.delenv("PARLEY_SPLIT_SUBMIT", raising=False)
+    assert not Temporal([], mx.ones((4,)), 1, 8, 10000.0).split_submit
+    monkeypatch.setenv("PARLEY_SPLIT_SUBMIT", "1")
+    assert Temporal([], mx.ones((4,)), 1, 8, 10000.0).split_submit

@@ -4,6 +4,8 @@ interleaved RoPE over the KV ring, and a SiLU-gated feed-forward; then `out_norm
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -47,6 +49,10 @@ class Temporal:
         # With ring_attention: the whole step as engine/lm/temporal_kernel.py's kernels, a few
         # layers a launch (LMGen's default where they run; PARLEY_TEMPORAL_KERNEL=0 turns it off).
         self.step_kernel = False
+        # With step_kernel: hand each launch to the device as soon as it is built (uncompiled,
+        # `mx.async_eval` after each but the last), so the device starts on the first layers
+        # while the host still issues the rest. Opt-in (PARLEY_SPLIT_SUBMIT=1) until measured.
+        self.split_submit = os.environ.get("PARLEY_SPLIT_SUBMIT") == "1"
         self._barrier = None  # the step kernel's grid-barrier state, made on first use
         self._step_fns = {}
 
@@ -217,6 +223,14 @@ class Temporal:
     def step_compiled(self, x: mx.array, kv: KVRing) -> mx.array:
         """One position ([1, 1, d]) with the compiled functions; same result as `__call__`."""
         offset = mx.array(kv.end, dtype=mx.int32)
+        if self.use_fused and self.ring_attention and self.step_kernel and self.split_submit:
+            n = len(self.layers)
+            rings = kv.kernel_inputs()
+            out = temporal_kernel.step(self, x, offset, kv.step_meta(), kv.counters(),
+                                       self._barrier_state(), rings[:n], rings[n:2 * n],
+                                       rings[2 * n:3 * n], rings[3 * n:], submit=mx.async_eval)
+            kv.advance(1)
+            return out
         if self.use_fused and self.ring_attention and self.step_kernel:
             out = self._kernel_step()(x, offset, kv.step_meta(), kv.counters(),
                                       self._barrier_state(), *kv.kernel_inputs())

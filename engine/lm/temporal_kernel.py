@@ -364,14 +364,17 @@ def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
 
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
          barrier: mx.array, keys: list[mx.array], values: list[mx.array],
-         key_params: list[mx.array], value_params: list[mx.array], probe: bool = False):
+         key_params: list[mx.array], value_params: list[mx.array], probe: bool = False,
+         submit=None):
     """The one-position step: x [1, 1, D] at position `offset` (int32 scalar), meta = [slot, n]
     of the KV ring (KVRing.step_meta), counters uint32 [H] zeros (left zero), barrier a grid
     barrier state (depth_kernel.new_barrier), keys/values each layer's ring [1, H, S, hd]
     (written in place; uint8 for an 8-bit ring, whose rows' (scale, low) are key_params /
     value_params [1, H, S, 2], else those are dummies: KVRing.kernel_inputs) -> out_norm(h)
     [1, 1, D]. With `probe`, (out, ticks): for each launch the
-    GPU clock in ns at its start and after each layer's five phases (uint64 [1 + 5 L])."""
+    GPU clock in ns at its start and after each layer's five phases (uint64 [1 + 5 L]).
+    `submit` (e.g. mx.async_eval; uncompiled callers only) is called with each launch's output
+    but the last's, as soon as that launch is built."""
     dtype = x.dtype
     layers = temporal.layers
     H = temporal.num_heads
@@ -419,6 +422,8 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
                     grid=(nb * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1))
         h = outs[0] if last else outs[1]
         ticks.append(outs[8])
+        if submit is not None and not last:
+            submit(h)
     out = h.reshape(1, 1, D)
     return (out, ticks) if probe else out
 
