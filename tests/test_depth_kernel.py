@@ -215,6 +215,7 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
             "attention; top-k draws: one CUDA kernel each; stages submitted as built") in lines
     monkeypatch.setattr(fused, "enabled", lambda: True)
     monkeypatch.setenv("PARLEY_EARLY_SUBMIT", "0")  # the default on a GPU
+    monkeypatch.setenv("PARLEY_PRESUBMIT", "0")
     engine = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32")
     engine.overlap_encode = False
     assert engine.gen.depth_path == "kernel"
@@ -228,6 +229,9 @@ def test_the_frame_path_and_the_bench_name_the_depth_path(tiny_dir, monkeypatch,
     assert engine.frame_path == "depth fused, temporal fused, one-kernel draws, stages submitted early"
     monkeypatch.setenv("PARLEY_FUSED_SAMPLING", "0")
     assert engine.frame_path == "depth fused, temporal fused, stages submitted early"
+    engine.gen.presubmit = True
+    assert engine.frame_path == ("depth fused, temporal fused, stages submitted early, "
+                                 "next temporal step submitted ahead")
 
 
 def test_the_barrier_kind_is_a_template_switch(gen, monkeypatch):
