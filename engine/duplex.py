@@ -214,6 +214,7 @@ class DuplexEngine:
 
     def _encode_clip(self, pcm: np.ndarray) -> np.ndarray:
         mx = self.mx
+        self._settle()  # the encode worker must be done with the encoder first
         self.mimi.reset()
         frames = -(-len(pcm) // self.frame_size)
         padded = np.zeros(frames * self.frame_size, np.float32)
@@ -230,6 +231,7 @@ class DuplexEngine:
 
     def start(self, persona: Persona) -> float:
         """Resets the conversation and prefills `persona`; returns the seconds it took."""
+        self._settle()
         t0 = time.perf_counter()
         prepared = self.prepare(persona)
         self.gen.text_params, self.gen.audio_params = _sampling_for(persona)
@@ -243,6 +245,7 @@ class DuplexEngine:
         return time.perf_counter() - t0
 
     def reset(self) -> None:
+        self._settle()
         if self.persona is not None:
             self.start(self.persona)
         else:
@@ -256,6 +259,7 @@ class DuplexEngine:
         frame's temporal step to the device (LMGen.presubmit); with `defer_next` that waits for
         `after_step()`, so a live session can send the output on its way first."""
         mx = self.mx
+        self._settle()
         t0 = time.perf_counter()
         n = self.config.lmgen.audio_tokens_per_stream
         live = self.gen.position >= 2 and self.gen.reference == "nvidia"
@@ -274,9 +278,12 @@ class DuplexEngine:
                 codes = self._encode_worker().submit(self._encode_frame, pcm_in)
             # The benchmark's stage split (profile_stages) times each stage whole, so there the
             # next temporal step is not handed over early.
+            # With defer_next the frame returns once its audio is ready, before its own encode
+            # is done: after_step() then takes the user codes and issues the next step.
             out, pcm, user_codes = self.gen.step_live(
                 codes, self.mimi.decode_step, force_agent_silence, timings,
-                submit_next=False if self.profile_stages or defer_next else None)
+                submit_next=False if self.profile_stages or defer_next else None,
+                user_later=defer_next)
             timings = timings or {}
         else:  # before any prompt (Moshi-style start): the plain step with three barriers
             mx.eval(codes)
@@ -293,7 +300,8 @@ class DuplexEngine:
                        "decode": (time.perf_counter() - t2) * 1000}
         pcm_np = np.array(pcm, dtype=np.float32)
         timings["total"] = (time.perf_counter() - t0) * 1000
-        self.last_user_codes = user_codes
+        if user_codes is not None:  # else after_step() sets them
+            self.last_user_codes = user_codes
         text_id = int(out[0])
         # Every DEPTH_CHECK_EVERY live frames (after the frame, outside its timing): did the
         # depth step kernel's grid barrier give up? Then it falls back and says so.
@@ -304,12 +312,22 @@ class DuplexEngine:
                            text=self._display(text_id), timings_ms=timings, notice=notice)
 
     def after_step(self) -> None:
-        """After a `step(..., defer_next=True)` whose output has been handed over: the next
-        frame's temporal step to the device, as `step` would have done at its end."""
+        """After a `step(..., defer_next=True)` whose output has been handed over: the frame's
+        own user codes (waiting for its encode, if still running), then the next frame's
+        temporal step to the device, as `step` would have done at its end."""
+        self._settle()
         gen = self.gen
         if (self._last_live and gen.presubmit and not self.profile_stages
                 and not gen.has_pending):
             gen.submit_next_temporal()
+
+    def _settle(self) -> None:
+        """Finishes a frame that returned before its encode was done (step's defer_next): its
+        user codes written, the encode worker done with the encoder. Everything that touches
+        the conversation or the codec calls this first."""
+        codes = self.gen.finish_frame()
+        if codes is not None:
+            self.last_user_codes = codes
 
     @property
     def frame_path(self) -> str:
@@ -345,6 +363,8 @@ class DuplexEngine:
         """May change between frames: the encoder's state, built lazily on this thread so far,
         is made concrete first, since the worker's stream cannot evaluate it."""
         value = bool(value)
+        if hasattr(self, "gen"):
+            self._settle()
         if value and not self._overlap_encode:
             self.mx.eval(*self.mimi.encoder_state_arrays())
             self._worker_resets = self.mimi.encoder_resets
@@ -353,6 +373,7 @@ class DuplexEngine:
     def close(self) -> None:
         """Drains the encode worker, if one was started (its thread itself lives on; see
         `_EncodeWorker`)."""
+        self._settle()
         if self._encode_pool is not None:
             self._encode_pool.submit(lambda: None).result()
 

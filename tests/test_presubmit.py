@@ -155,6 +155,7 @@ def test_a_live_session_hands_the_output_over_before_the_next_step(tiny_dir):
 
     def build():  # on the model thread, as the live session builds its engine
         engine = _engine(tiny_dir, True, greedy=True)
+        engine.overlap_encode = True  # the GPU default: frames return before their encode
         after = engine.after_step
         engine.after_step = lambda: (calls.append(engine.gen.has_pending), after())
         built.append(engine)
@@ -181,7 +182,10 @@ def test_a_live_session_hands_the_output_over_before_the_next_step(tiny_dir):
         assert [d.kind for d in got] == ["step"] * 8
         assert calls[:8] == [False] * 8  # the step itself left nothing pending: after_step did
         for j, d in enumerate(got):
-            np.testing.assert_array_equal(d.result.tokens, inside.step(pcm[j]).tokens)
+            r = inside.step(pcm[j])
+            np.testing.assert_array_equal(d.result.tokens, r.tokens)
+            np.testing.assert_allclose(d.result.pcm, r.pcm, atol=1e-6)
+        np.testing.assert_array_equal(built[0].last_user_codes, inside.last_user_codes)
         deadline = time.monotonic() + 10
         while not built[0].gen.has_pending:
             assert time.monotonic() < deadline
@@ -195,3 +199,56 @@ def test_a_live_session_hands_the_output_over_before_the_next_step(tiny_dir):
         assert kinds == ["step", "error"] and runner.failed
     finally:
         runner.stop()
+
+
+def _blocked_encode(engine):
+    """Makes the engine's encode worker wait for the returned Event before each frame."""
+    import threading
+    gate = threading.Event()
+    real = engine._encode_frame
+
+    def slow(pcm):
+        assert gate.wait(10), "the encode was never let through"
+        return real(pcm)
+    engine._encode_frame = slow
+    return gate
+
+
+def test_a_deferred_frame_returns_before_its_encode_and_after_step_finishes_it(tiny_dir):
+    """step(defer_next=True) with the encode worker returns the frame's audio and tokens while
+    the frame's encode is still running (no frame needs its own user codes), and after_step
+    writes them and issues the next step; the frames equal those of a plain engine, including
+    when a persona switch comes before after_step."""
+    rng = np.random.default_rng(8)
+    pcm = (0.1 * rng.standard_normal((14, 1920))).astype(np.float32)
+    live = _engine(tiny_dir, True, greedy=True)
+    live.overlap_encode = True
+    live.stage_sample_every = 0
+    plain = _engine(tiny_dir, False, greedy=True)
+    for e in (live, plain):
+        e.start(TEACHER)
+    for j in range(6):
+        a = live.step(pcm[j], defer_next=True)
+        b = plain.step(pcm[j])
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.pcm, b.pcm, atol=1e-6)
+        live.after_step()
+        assert live.gen.has_pending and not live.gen.frame_unfinished
+        np.testing.assert_array_equal(live.last_user_codes, plain.last_user_codes)
+    gate = _blocked_encode(live)
+    a = live.step(pcm[6], defer_next=True)  # returns although its encode is held back
+    assert live.gen.frame_unfinished and not gate.is_set()
+    np.testing.assert_array_equal(a.tokens, plain.step(pcm[6]).tokens)
+    gate.set()
+    live.after_step()
+    assert not live.gen.frame_unfinished and live.gen.has_pending
+    np.testing.assert_array_equal(live.last_user_codes, plain.last_user_codes)
+    live.step(pcm[7], defer_next=True)  # then a persona switch before after_step
+    plain.step(pcm[7])
+    for e in (live, plain):
+        e.start(OTHER)
+    assert not live.gen.frame_unfinished and not live.gen.has_pending
+    for j in range(8, 14):
+        a = live.step(pcm[j], defer_next=True)
+        live.after_step()
+        np.testing.assert_array_equal(a.tokens, plain.step(pcm[j]).tokens)

@@ -138,6 +138,7 @@ class LMGen:
         self.early_submit = default_early_submit()
         self.presubmit = default_presubmit()
         self._pending: _Pending | None = None
+        self._unfinished = None  # (Future of user codes, position) of a frame awaiting them
         # The depth transformer's CUDA kernels where they can run: one kernel per step
         # (engine/lm/depth_kernel.py), else four fused kernels per layer (engine/lm/fused.py).
         self._depth_path = self._best_depth_path()
@@ -290,6 +291,9 @@ class LMGen:
         """Clears the conversation: s = 0, empty KV ring, initial tokens at positions 0 and 1."""
         if seed is not None:
             self.seed = seed
+        if getattr(self, "_unfinished", None) is not None:
+            self.finish_frame()  # lets the encode worker finish before the state is dropped
+        self._unfinished = None
         self.discard_pending()
         self.s = 0
         self.kv.reset()
@@ -476,6 +480,7 @@ class LMGen:
              embedding: np.ndarray | mx.array | None = None,
              force_agent_silence: bool = False) -> np.ndarray | None:
         """One step (see the module docstring). Returns int64 [17] for real time s−1, or None."""
+        self.finish_frame()
         self.discard_pending()
         s = self.s
         if embedding is not None and s == 0:
@@ -520,7 +525,8 @@ class LMGen:
                          for k in range(self.num_channels)], dtype=np.int64)
 
     def step_live(self, user_codes: mx.array, decode, force_agent_silence: bool = False,
-                  timings: dict | None = None, submit_next: bool | None = None):
+                  timings: dict | None = None, submit_next: bool | None = None,
+                  user_later: bool = False):
         """A live frame with one evaluation barrier (MODEL.md §11.6): `user_codes` may be the lazy
         output of Mimi's encoder and `decode(codes[8])` a lazy Mimi decode; the temporal step, the
         depformer, the encode and the decode of the emitted frame all run in one `mx.eval`.
@@ -532,8 +538,11 @@ class LMGen:
         With `timings` (a dict), barriers are added between stages and their milliseconds stored
         under encode / temporal / depth / decode, for telemetry and the benchmark.
         submit_next (default `self.presubmit`): end by handing the next frame's temporal step to
-        the device (`submit_next_temporal`).
+        the device (`submit_next_temporal`). user_later, with a Future for `user_codes` and no
+        `timings`: return as soon as the output is ready (user codes None), without waiting for
+        the encode; `finish_frame()` writes them (no submission then: the caller submits).
         """
+        self.finish_frame()
         s = self.s
         if s < 2 or self.reference != "nvidia":
             raise RuntimeError("step_live runs after the prompt prefill of a PersonaPlex session")
@@ -592,7 +601,8 @@ class LMGen:
                 *([] if deferred else [user_codes]))
         if timings is not None:
             timings["decode"] = (clock() - t3) * 1000
-        if deferred:  # the encode ran alongside; its own time is the encode stage
+        later = deferred and user_later and timings is None
+        if deferred and not later:  # the encode ran alongside; its own time is the encode stage
             user_codes, encode_ms = user_codes.result()
             if timings is not None:
                 timings["encode"] = encode_ms
@@ -600,13 +610,15 @@ class LMGen:
         for k in range(K + 1):
             if not forced_s[k]:
                 self._tok[k, slot] = sampled_np[k]
-        user_np = np.array(user_codes).astype(np.int64).reshape(-1)
-        for k, v in self._ext_writes(user_np, None, False, False).items():
-            self._write(k, s + int(self.delays[k]), v)
         self.s = s + 1
-        # Position s is complete: the next step can start on the device now, before the rest.
-        if self.presubmit if submit_next is None else submit_next:
-            self.submit_next_temporal()
+        if later:  # the frame's output needs none of its user codes: they are written later
+            self._unfinished = (user_codes, s)
+            user_np = None
+        else:
+            user_np = self._write_user_codes(user_codes, s)
+            # Position s is complete: the next step can start on the device now, before the rest.
+            if self.presubmit if submit_next is None else submit_next:
+                self.submit_next_temporal()
         self._last = {"hidden": hn[0, 0], "text_logits": text_logits}
         self.last_audio_logits = outs[2] if self.keep_audio_logits else None
         self.last_text_sampled = int(sampled_np[0])
@@ -615,10 +627,32 @@ class LMGen:
                             for k in range(self.num_channels)], dtype=np.int64)
         return emitted, pcm, user_np
 
+    def _write_user_codes(self, user_codes, s: int) -> np.ndarray:
+        user_np = np.array(user_codes).astype(np.int64).reshape(-1)
+        for k, v in self._ext_writes(user_np, None, False, False).items():
+            self._write(k, s + int(self.delays[k]), v)
+        return user_np
+
+    @property
+    def frame_unfinished(self) -> bool:
+        """Whether the last `step_live(user_later=True)` still waits for its user codes."""
+        return self._unfinished is not None
+
+    def finish_frame(self) -> np.ndarray | None:
+        """After `step_live(..., user_later=True)`: waits for the frame's user codes (the encode
+        worker's Future), writes them and returns them (int64 [8]); None if nothing waits. Every
+        other step, reset and submission finishes a waiting frame first."""
+        if self._unfinished is None:
+            return None
+        (future, s), self._unfinished = self._unfinished, None
+        codes, _ = future.result()
+        return self._write_user_codes(codes, s)
+
     def submit_next_temporal(self) -> None:
         """Builds step s's temporal transformer (its input, position s−1, is complete once frame
         s−1 has ended) and hands it to the device without waiting; the next `step_live` picks it
         up. Anything else that changes the state first (`step`, `reset`) discards it."""
+        self.finish_frame()
         self.discard_pending()
         t0 = time.perf_counter()
         s = self.s
