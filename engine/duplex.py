@@ -280,10 +280,14 @@ class DuplexEngine:
             # next temporal step is not handed over early.
             # With defer_next the frame returns once its audio is ready, before its own encode
             # is done: after_step() then takes the user codes and issues the next step.
+            # Every DEPTH_CHECK_EVERY live frames: did a step kernel's grid barrier give up?
+            # Then it falls back and says so (FrameResult.notice). step_live reads the flags
+            # after the frame's barrier and before it issues the next step, which writes them.
             out, pcm, user_codes = self.gen.step_live(
                 codes, self.mimi.decode_step, force_agent_silence, timings,
                 submit_next=False if self.profile_stages or defer_next else None,
-                user_later=defer_next)
+                user_later=defer_next,
+                check_kernels=self._frames % self.DEPTH_CHECK_EVERY == 1)
             timings = timings or {}
         else:  # before any prompt (Moshi-style start): the plain step with three barriers
             mx.eval(codes)
@@ -303,11 +307,7 @@ class DuplexEngine:
         if user_codes is not None:  # else after_step() sets them
             self.last_user_codes = user_codes
         text_id = int(out[0])
-        # Every DEPTH_CHECK_EVERY live frames (after the frame, outside its timing): did the
-        # depth step kernel's grid barrier give up? Then it falls back and says so.
-        notice = None
-        if live and self._frames % self.DEPTH_CHECK_EVERY == 1:
-            notice = self.gen.check_depth_kernel()
+        notice = self.gen.take_kernel_notice() if live else None
         return FrameResult(pcm=pcm_np, tokens=out, text_id=text_id,
                            text=self._display(text_id), timings_ms=timings, notice=notice)
 

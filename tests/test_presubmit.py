@@ -252,3 +252,23 @@ def test_a_deferred_frame_returns_before_its_encode_and_after_step_finishes_it(t
         a = live.step(pcm[j], defer_next=True)
         live.after_step()
         np.testing.assert_array_equal(a.tokens, plain.step(pcm[j]).tokens)
+
+
+def test_the_kernel_check_reads_its_flags_before_the_next_step_is_issued(tiny_dir, monkeypatch):
+    """Every DEPTH_CHECK_EVERY frames the step kernels' barrier flags are read: between the
+    frame's barrier and the next step's submission (which writes them, so reading them later
+    would wait for that whole step), and a switch's sentence reaches that frame's result."""
+    engine = _engine(tiny_dir, True, greedy=True)
+    engine.start(TEACHER)
+    seen = []
+
+    def check():
+        seen.append(engine.gen.has_pending)
+        return "switched" if len(seen) == 2 else None
+
+    monkeypatch.setattr(engine.gen, "check_depth_kernel", check)
+    notices = [engine.step(np.zeros(1920, np.float32)).notice for _ in range(60)]
+    assert len(seen) >= 2 and not any(seen)
+    assert [n for n in notices if n] == ["switched"]
+    assert notices.index("switched") == [i for i in range(60)
+                                         if (i + 1) % engine.DEPTH_CHECK_EVERY == 1][1]

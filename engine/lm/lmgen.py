@@ -139,6 +139,7 @@ class LMGen:
         self.presubmit = default_presubmit()
         self._pending: _Pending | None = None
         self._unfinished = None  # (Future of user codes, position) of a frame awaiting them
+        self._kernel_notice: str | None = None
         # The depth transformer's CUDA kernels where they can run: one kernel per step
         # (engine/lm/depth_kernel.py), else four fused kernels per layer (engine/lm/fused.py).
         self._depth_path = self._best_depth_path()
@@ -526,7 +527,7 @@ class LMGen:
 
     def step_live(self, user_codes: mx.array, decode, force_agent_silence: bool = False,
                   timings: dict | None = None, submit_next: bool | None = None,
-                  user_later: bool = False):
+                  user_later: bool = False, check_kernels: bool = False):
         """A live frame with one evaluation barrier (MODEL.md §11.6): `user_codes` may be the lazy
         output of Mimi's encoder and `decode(codes[8])` a lazy Mimi decode; the temporal step, the
         depformer, the encode and the decode of the emitted frame all run in one `mx.eval`.
@@ -541,6 +542,9 @@ class LMGen:
         the device (`submit_next_temporal`). user_later, with a Future for `user_codes` and no
         `timings`: return as soon as the output is ready (user codes None), without waiting for
         the encode; `finish_frame()` writes them (no submission then: the caller submits).
+        check_kernels: `check_depth_kernel()` once this frame's kernels are done and before the
+        next step is issued (reading the barrier flags would otherwise wait for that step); its
+        sentence, if any, is kept for `take_kernel_notice()`.
         """
         self.finish_frame()
         s = self.s
@@ -606,6 +610,8 @@ class LMGen:
             user_codes, encode_ms = user_codes.result()
             if timings is not None:
                 timings["encode"] = encode_ms
+        if check_kernels:
+            self._kernel_notice = self.check_depth_kernel() or self._kernel_notice
         sampled_np = np.array(sampled).astype(np.int64)
         for k in range(K + 1):
             if not forced_s[k]:
@@ -632,6 +638,11 @@ class LMGen:
         for k, v in self._ext_writes(user_np, None, False, False).items():
             self._write(k, s + int(self.delays[k]), v)
         return user_np
+
+    def take_kernel_notice(self) -> str | None:
+        """The sentence of the last `check_kernels` that switched a kernel off, once."""
+        notice, self._kernel_notice = self._kernel_notice, None
+        return notice
 
     @property
     def frame_unfinished(self) -> bool:
