@@ -162,6 +162,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "one_kernel_draws": bool(getattr(engine.gen, "one_kernel_draws", False)),
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
         "presubmit": bool(getattr(engine.gen, "presubmit", False)),
+        "chain_ahead": bool(getattr(engine.gen, "chain_ahead", False)),
         "paced_latency": _percentiles(paced) if paced else None,
         "mimi_kernels": bool(getattr(engine.mimi.decoder_transformer, "kernel", False)),
         "mimi_transformer_weights": str(getattr(engine.mimi, "transformer_weights", "float32")),

@@ -349,7 +349,8 @@ class DuplexEngine:
         if self.gen.early_submit:
             parts.append("stages submitted early")
         if self.gen.presubmit:
-            parts.append("next temporal step submitted ahead")
+            parts.append("next temporal step submitted ahead"
+                         + (" (built before the barrier)" if self.gen.chain_ahead else ""))
         if self.mimi.decoder_transformer.kernel:
             parts.append("Mimi transformer kernels")
         return ", ".join(parts)

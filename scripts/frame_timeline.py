@@ -99,8 +99,8 @@ def instrument(engine, markers: Markers):
     async_eval, eval_ = mx.async_eval, mx.eval
 
     def hidden_w(x, kv, *a, **k):
-        # Built after the frame's barrier: the next frame's step, handed over ahead.
-        tag = "next temporal" if "final eval end" in frame["host"] else "temporal"
+        # Built after the frame's decode: the next frame's step, handed over ahead.
+        tag = "next temporal" if "decode built" in frame["host"] else "temporal"
         host(f"{tag} built")
         x = chain(f"{tag} start", x)
         return chain(f"{tag} end", hidden(x, kv, *a, **k))
@@ -129,7 +129,7 @@ def instrument(engine, markers: Markers):
     def async_eval_w(*a):
         async_eval(*a)
         if threading.current_thread() is threading.main_thread():
-            if "final eval end" in frame["host"]:
+            if "next temporal built" in frame["host"]:
                 host("next temporal submitted")
             elif "depth built" in frame["host"]:
                 host("depth submitted")
@@ -165,8 +165,13 @@ def run(engine, mic, frames: int, markers: Markers, frame: dict, paced: bool = F
             time.sleep(max(0.0, due - time.perf_counter()))
         frame["host"], frame["device"] = {}, {}
         t0 = time.perf_counter_ns()
-        engine.step(mic())
-        t1 = time.perf_counter_ns()
+        if paced:  # as the live session: the output first, then the next step (runner.py)
+            engine.step(mic(), defer_next=True)
+            t1 = time.perf_counter_ns()
+            engine.after_step()
+        else:
+            engine.step(mic())
+            t1 = time.perf_counter_ns()
         rows.append((t0, t1, frame["host"], frame["device"]))
     return rows
 
@@ -220,24 +225,27 @@ def main() -> None:
         # Back to back, in alternating blocks (the next frame picks up a step handed over ahead,
         # so variants cannot alternate frame by frame), then at real-time pace. Variants:
         # (presubmit, split submission of the temporal step kernel's launches).
-        variants = {"next temporal step submitted ahead": (True, False),
-                    "temporal step built in its frame": (False, False)}
+        variants = {"next temporal step submitted ahead": (True, False, False),
+                    "temporal step built in its frame": (False, False, False),
+                    "next step built before the barrier (chain ahead)": (True, False, True)}
         if temporal.step_kernel:
-            variants["submitted ahead, each launch handed over as built"] = (True, True)
+            variants["submitted ahead, each launch handed over as built"] = (True, True, False)
         blocks = {name: [] for name in variants}
         for _ in range(2):
-            for name, (presubmit, split) in variants.items():
-                gen.presubmit, temporal.split_submit = presubmit, split
+            for name, (presubmit, split, chain) in variants.items():
+                gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
         for name in variants:
             result[f"back to back, {name}"] = summarize(blocks[name], markers)
-        for name, (presubmit, split) in variants.items():
-            gen.presubmit, temporal.split_submit = presubmit, split
+        for name, (presubmit, split, chain) in variants.items():
+            if chain:
+                continue  # at real-time pace the live path hands the output over first
+            gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
             run(engine, mic, 2, markers, frame)
             result[f"real-time pace, {name}"] = summarize(
                 run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
-        gen.presubmit, temporal.split_submit = True, False
+        gen.presubmit, temporal.split_submit, gen.chain_ahead = True, False, False
         engine.close()
         print(json.dumps(result, indent=1))
     finally:

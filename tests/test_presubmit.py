@@ -48,13 +48,23 @@ def _session(engine, pcm) -> list:
     return out
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_the_frames_are_those_of_the_step_built_in_its_frame(tiny_dir, greedy):
+@pytest.mark.parametrize("greedy,chain,worker", [(True, False, False), (False, False, False),
+                                                 (True, True, False), (False, True, True)])
+def test_the_frames_are_those_of_the_step_built_in_its_frame(tiny_dir, greedy, chain, worker):
+    """chain: the next step built before the frame's barrier from the samples on the device
+    (chain_ahead); worker: the encode on its worker thread (the GPU default)."""
     rng = np.random.default_rng(3)
     pcm = (0.1 * rng.standard_normal((52, 1920))).astype(np.float32)
     ahead = _engine(tiny_dir, True, greedy=greedy)
+    ahead.gen.chain_ahead = chain
+    ahead.overlap_encode = worker
+    ahead.stage_sample_every = 5  # some frames take the stage split (no chaining there)
     inside = _engine(tiny_dir, False, greedy=greedy)
+    chained = []
+    real = ahead.gen._chain_next
+    ahead.gen._chain_next = lambda *a: (lambda p: (chained.append(p is not None), p)[1])(real(*a))
     a = _session(ahead, pcm)
+    assert (sum(chained) > 30) is chain
     b = _session(inside, pcm)
     assert ahead.gen.has_pending and not inside.gen.has_pending
     assert ahead.gen.kv.end == inside.gen.kv.end + 1  # the early step holds the next position
@@ -272,3 +282,26 @@ def test_the_kernel_check_reads_its_flags_before_the_next_step_is_issued(tiny_di
     assert [n for n in notices if n] == ["switched"]
     assert notices.index("switched") == [i for i in range(60)
                                          if (i + 1) % engine.DEPTH_CHECK_EVERY == 1][1]
+
+
+def test_chained_steps_are_built_before_the_barrier(tiny_dir, monkeypatch):
+    """chain_ahead: the next step is built (and handed over) before the frame's final eval, and
+    that pending step is what the next frame uses."""
+    import mlx.core as mx
+    rng = np.random.default_rng(9)
+    pcm = (0.1 * rng.standard_normal((6, 1920))).astype(np.float32)
+    engine = _engine(tiny_dir, True, greedy=True)
+    engine.gen.chain_ahead = True
+    engine.stage_sample_every = 0
+    engine.start(TEACHER)
+    engine.step(pcm[0])
+    order = []
+    gen = engine.gen
+    real_chain, real_eval = gen._chain_next, mx.eval
+    monkeypatch.setattr(gen, "_chain_next", lambda *a: (order.append("chain"), real_chain(*a))[1])
+    monkeypatch.setattr(mx, "eval", lambda *a: (order.append("eval"), real_eval(*a))[1])
+    for j in range(1, 6):
+        before = gen._pending
+        engine.step(pcm[j])
+        assert gen._pending is not before and gen._pending.s == gen.position
+    assert order[:2] == ["chain", "eval"] and order.count("chain") == 5

@@ -137,6 +137,10 @@ class LMGen:
         self.compile = compile
         self.early_submit = default_early_submit()
         self.presubmit = default_presubmit()
+        # With presubmit: build the next step before the frame's barrier, from the samples still
+        # on the device, so it queues right behind the frame's decode (PARLEY_CHAIN_AHEAD=1;
+        # opt-in until measured on a GPU).
+        self.chain_ahead = os.environ.get("PARLEY_CHAIN_AHEAD") == "1"
         self._pending: _Pending | None = None
         self._unfinished = None  # (Future of user codes, position) of a frame awaiting them
         self._kernel_notice: str | None = None
@@ -601,11 +605,19 @@ class LMGen:
         codes = mx.where(mx.array(take_host), mx.array(np.where(take_host, host_vals, 0)
                                                       .astype(np.int32)), sampled[1:n + 1])
         pcm = decode(codes)
-        mx.eval(sampled, pcm, text_logits, hn, *outs[2:], *self.kv.arrays(),
+        kv_arrays = self.kv.arrays()
+        later = deferred and user_later and timings is None
+        chained = None
+        if (self.chain_ahead and timings is None and not later and K == n
+                and (self.presubmit if submit_next is None else submit_next)):
+            # The frame's own work to the device first, then the next step built on its samples
+            # (still on the device) and queued behind it, before this frame's barrier.
+            mx.async_eval(sampled, pcm, text_logits, *outs[2:])
+            chained = self._chain_next(s, sampled, mask, vals, user_codes, deferred)
+        mx.eval(sampled, pcm, text_logits, hn, *outs[2:], *kv_arrays,
                 *([] if deferred else [user_codes]))
         if timings is not None:
             timings["decode"] = (clock() - t3) * 1000
-        later = deferred and user_later and timings is None
         if deferred and not later:  # the encode ran alongside; its own time is the encode stage
             user_codes, encode_ms = user_codes.result()
             if timings is not None:
@@ -623,7 +635,9 @@ class LMGen:
         else:
             user_np = self._write_user_codes(user_codes, s)
             # Position s is complete: the next step can start on the device now, before the rest.
-            if self.presubmit if submit_next is None else submit_next:
+            if chained is not None:
+                self._pending = chained
+            elif self.presubmit if submit_next is None else submit_next:
                 self.submit_next_temporal()
         self._last = {"hidden": hn[0, 0], "text_logits": text_logits}
         self.last_audio_logits = outs[2] if self.keep_audio_logits else None
@@ -632,6 +646,32 @@ class LMGen:
         emitted = np.array([self.tokens_at(s - 1 + int(self.delays[k]))[k]
                             for k in range(self.num_channels)], dtype=np.int64)
         return emitted, pcm, user_np
+
+    def _chain_next(self, s: int, sampled: mx.array, mask: np.ndarray, vals: np.ndarray,
+                    user_codes, deferred: bool) -> _Pending | None:
+        """Step s+1's temporal transformer built before frame s's barrier (chain_ahead): its
+        input row s from this frame's samples on the device (or the forced values), this
+        frame's delay-0 user codes (the encode worker's, waited for here, or the lazy codes) and
+        the delayed user channels already written at s. None if row s is not complete."""
+        t0 = time.perf_counter()
+        row_s = self.tokens_at(s)
+        users = range(len(mask), self.num_channels)
+        now = np.array([self.delays[k] == 0 for k in users])
+        held = np.array([row_s[k] for k in users])
+        if (held[~now] < 0).any():  # a delayed user channel not written: build it later
+            return None
+        if deferred:
+            codes = mx.array(np.asarray(user_codes.result()[0]).reshape(-1).astype(np.int32))
+        else:
+            codes = user_codes.reshape(-1).astype(mx.int32)
+        model_part = mx.where(mx.array(mask), mx.array(vals), sampled.astype(mx.int32))
+        user_part = mx.where(mx.array(now), codes[: len(now)],
+                             mx.array(np.where(now, 0, held).astype(np.int32)))
+        model = self.model
+        x = model.embed_row(mx.concatenate([model_part, user_part]), compiled=self.compile)
+        hn = model.hidden(x, self.kv, compiled=self.compile)
+        mx.async_eval(hn, *self.kv.arrays())
+        return _Pending(s + 1, self.kv.end, hn, (time.perf_counter() - t0) * 1000)
 
     def _write_user_codes(self, user_codes, s: int) -> np.ndarray:
         user_np = np.array(user_codes).astype(np.int64).reshape(-1)

@@ -411,6 +411,18 @@ class LMModel:
         return fn(mx.array(np.array(audio, dtype=np.int32)),
                   mx.array(np.array(text, dtype=np.int32))).astype(self.dtype)
 
+    def embed_row(self, row: mx.array, compiled: bool = True) -> mx.array:
+        """`embed_step` for a row held on the device: int32 [17], every channel a token (no −1),
+        the same gathers summed in the same order -> [1, 1, d]."""
+        rows_per_table = self.audio_emb.weight.shape[1]
+        audio = mx.arange(self.cfg.n_q, dtype=mx.int32) * rows_per_table + row[1:]
+        fn = self._embed_ids
+        if compiled:
+            if self._embed_c is None:
+                self._embed_c = mx.compile(self._embed_ids)
+            fn = self._embed_c
+        return fn(audio, row[:1]).astype(self.dtype)
+
     def _embed_ids(self, audio_ids: mx.array, text_ids: mx.array) -> mx.array:
         """Rows `audio_ids` of the flattened audio tables plus rows `text_ids` of the text table,
         summed in order -> [1, 1, d]."""
