@@ -180,3 +180,20 @@ def test_float32_means_full_float32(tiny_dir, tmp_path, monkeypatch):
     assert main(["bench", "--model", str(tiny_dir), "--frames", "2", "--warmup", "1",
                  "--dtype", "float32"]) == 0
     assert os.environ["MLX_ENABLE_TF32"] == "1"
+
+
+def test_doctor_reports_the_converted_weights_cache():
+    """Where quantized conversions are kept and how much they take (PARLEY_CACHE_DIR/lm)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    tmp_path = Path(tempfile.mkdtemp(prefix="pc"))  # short: the table must not wrap the path
+    env = {"PARLEY_CACHE_DIR": str(tmp_path)}
+    out = " ".join(run("doctor", env=env).stdout.split())
+    assert f"Converted weights │ info │ {tmp_path / 'lm'} (empty;" in out
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "lm-a.safetensors").write_bytes(b"\0" * 1_500_000)
+    (tmp_path / "lm" / "lm-b.safetensors").write_bytes(b"\0" * 500_000)
+    out = " ".join(run("doctor", env=env).stdout.split())
+    assert f"{tmp_path / 'lm'}: 2 files, 2.0 MB" in out
+    shutil.rmtree(tmp_path)

@@ -314,3 +314,37 @@ def test_converted_weights_cache(tmp_path, tiny_dir, cfg):
     # Unquantized loads do not use the cache unless asked.
     plain = LMModel.load(src, cfg.lm, cache_dir=cache)
     assert plain.cache_path is None
+
+
+def test_a_new_cache_entry_removes_the_ones_it_makes_useless(tmp_path, tiny_dir, cfg):
+    """Writing an entry removes entries of an older cache format and entries of the same source
+    and settings with other table/head storage (a default that changed); entries of other
+    settings or sources, and files that are not entries, stay."""
+    from engine.lm.model import CACHE_FORMAT, converted_cache_usage
+    src = tmp_path / "model.safetensors"
+    src.write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    small = {"w": mx.zeros((4,))}
+    mx.save_safetensors(str(cache / "lm-old.safetensors"), small,
+                        metadata={"format": "parley-lm-converted-2", "key": "x"})
+    mx.save_safetensors(str(cache / "lm-foreign.safetensors"), small, metadata={"format": "other"})
+    (cache / "lm-junk.safetensors").write_bytes(b"junk")
+    eight = LMModel.load(src, cfg.lm, quantize=8, group_size=32, cache_dir=cache)
+    assert not (cache / "lm-old.safetensors").exists()  # an older format: never read again
+    assert (cache / "lm-foreign.safetensors").exists() and (cache / "lm-junk.safetensors").exists()
+    assert eight.cache_pruned == [cache / "lm-old.safetensors"]
+    tables = LMModel.load(src, cfg.lm, quantize=4, group_size=32, cache_dir=cache,
+                          quantize_embeddings=False, quantize_heads=False)
+    assert tables.cache_path.exists() and eight.cache_path.exists()  # other settings: both stay
+    default = LMModel.load(src, cfg.lm, quantize=4, group_size=32, cache_dir=cache)
+    assert not tables.cache_path.exists()  # same source and settings, other tables: superseded
+    assert default.cache_pruned == [tables.cache_path]
+    assert eight.cache_path.exists() and default.cache_path.exists()
+    assert LMModel.load(src, cfg.lm, quantize=4, group_size=32, cache_dir=cache).loaded_from_cache
+    assert LMModel.load(src, cfg.lm, quantize=8, group_size=32, cache_dir=cache).loaded_from_cache
+    folder, n, size = converted_cache_usage(cache)
+    assert folder == cache and n == 4  # two entries, the foreign file and the junk
+    assert size == sum(p.stat().st_size for p in cache.glob("lm-*.safetensors"))
+    _, meta = mx.load(str(default.cache_path), return_metadata=True)
+    assert meta["format"] == CACHE_FORMAT and meta["source"] == str(src.resolve())

@@ -186,7 +186,23 @@ def _hub_checks() -> list[Check]:
                     "huggingface.co and set HF_TOKEN before the first download")]
     if offline:
         checks.append(Check("HF offline", INFO, "HF_HUB_OFFLINE is set: only cached models load"))
+    checks.append(_converted_cache_check())
     return checks
+
+
+def _converted_cache_check() -> Check:
+    """Where quantized conversions of the model are kept, and how much space they take."""
+    from engine.lm.model import converted_cache_usage
+    folder, n, size = converted_cache_usage()
+    if not n:
+        return Check("Converted weights", INFO, f"{folder} (empty; the first quantized load "
+                                                "fills it, so later starts skip the conversion)")
+    return Check("Converted weights", INFO,
+                 f"{folder}: {n} file{'s' if n != 1 else ''}, "
+                 + (f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB")
+                 + " (entries a "
+                 "newer one makes useless are removed; delete the folder to free the space, "
+                 "the next start converts again)")
 
 
 def _terminal_checks() -> list[Check]:

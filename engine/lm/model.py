@@ -59,7 +59,10 @@ from .kv_ring import KVRing
 from .layers import Embedding, Linear, StackedLinear
 from .temporal import Temporal, TemporalLayer
 
-CACHE_FORMAT = "parley-lm-converted-2"  # 2: audio embeddings stacked
+# 2: audio embeddings stacked; 3: entries record their source and settings, so one that a
+# newer entry supersedes (or an older format) is removed when a new entry is written.
+CACHE_FORMAT = "parley-lm-converted-3"
+_CACHE_PREFIX = "parley-lm-converted-"
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _QUANT_BITS = (2, 3, 4, 5, 6, 8)
 _QUANT_GROUPS = (32, 64, 128)
@@ -145,6 +148,7 @@ class LMModel:
         self.source: str | None = None
         self.cache_path: Path | None = None
         self.loaded_from_cache = False
+        self.cache_pruned: list[Path] = []  # entries this load's new cache entry made useless
         b, g = bits or 0, group_size
         layers = []
         for i in range(cfg.num_layers):
@@ -306,7 +310,8 @@ class LMModel:
         model = cls(cfg, flat, _DTYPES[dtype], steps, quantize, group_size)
         model.source = str(path)
         if cache_path is not None:
-            model._save_cache(cache_path, key)
+            model._save_cache(cache_path, key, source=str(path.resolve()),
+                              settings=cls._cache_settings(dtype, quantize, group_size, steps))
         return model
 
     # -------------------------------------------------------------------------------------------
@@ -334,6 +339,13 @@ class LMModel:
         h = lambda o: hashlib.sha256(json.dumps(o, sort_keys=True).encode()).hexdigest()  # noqa: E731
         return h(slot), h(ident)
 
+    @staticmethod
+    def _cache_settings(dtype, bits, group, steps) -> str:
+        """The conversion settings an entry shares with the entries it supersedes: everything but
+        the embedding/head quantization, whose default changed (session 9)."""
+        return json.dumps({"dtype": dtype, "bits": bits, "group_size": group if bits else None,
+                           "depformer_steps": steps}, sort_keys=True)
+
     @classmethod
     def _load_cache(cls, cache_path: Path, key: str, cfg, dtype, bits, group, steps):
         if not cache_path.is_file():
@@ -352,11 +364,12 @@ class LMModel:
         model.loaded_from_cache = True
         return model
 
-    def _save_cache(self, cache_path: Path, key: str) -> None:
+    def _save_cache(self, cache_path: Path, key: str, source: str = "", settings: str = "") -> None:
         tmp = cache_path.with_name(cache_path.name + f".{os.getpid()}.partial.safetensors")
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            mx.save_safetensors(str(tmp), self._flat, metadata={"format": CACHE_FORMAT, "key": key})
+            mx.save_safetensors(str(tmp), self._flat, metadata={
+                "format": CACHE_FORMAT, "key": key, "source": source, "settings": settings})
             os.replace(tmp, cache_path)
             self.cache_path = cache_path
         except OSError as exc:
@@ -365,6 +378,10 @@ class LMModel:
                 tmp.unlink()
             except OSError:
                 pass
+            return
+        removed = prune_converted_cache(cache_path, source, settings)
+        if removed:
+            self.cache_pruned = removed
 
     # -------------------------------------------------------------------------------------------
     # Compute
@@ -483,3 +500,49 @@ class LMModel:
             d = delays[j + 1]
             audio[j, : T - d] = al[j, d:]
         return text, audio
+
+
+def cache_entry_metadata(path: Path) -> dict | None:
+    """A converted-weights file's metadata from its safetensors header (a few KB read), or None
+    if it is not one (not safetensors, or damaged)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100 << 20:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def prune_converted_cache(kept: Path, source: str, settings: str) -> list[Path]:
+    """Removes the converted-weights entries `kept` makes useless: entries of an older cache
+    format (never read again), and entries of the same source and conversion settings that
+    differ only in how the tables and heads are stored (a default that changed). Entries for
+    other models or settings (say the 8-bit conversion beside a 4-bit one) stay. Returns the
+    files removed; files it cannot read as entries are left alone."""
+    removed = []
+    for path in sorted(kept.parent.glob("lm-*.safetensors")):
+        if path == kept or ".partial." in path.name:
+            continue
+        meta = cache_entry_metadata(path)
+        if meta is None or not str(meta.get("format", "")).startswith(_CACHE_PREFIX):
+            continue
+        obsolete = meta["format"] != CACHE_FORMAT
+        superseded = bool(source) and meta.get("source") == source and \
+            meta.get("settings") == settings
+        if obsolete or superseded:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def converted_cache_usage(cache_dir: Path | None = None) -> tuple[Path, int, int]:
+    """(folder, entries, bytes) of the converted-weights cache."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    files = [p for p in folder.glob("lm-*.safetensors")] if folder.is_dir() else []
+    return folder, len(files), sum(p.stat().st_size for p in files)
