@@ -11,6 +11,8 @@
 #      engines' figures with the ratio (reference p50 / ours p50). Takes ~5 minutes of device
 #      time (each `parley bench` process loads the 7B and JIT-compiles its prefill, ~1-2 min).
 # Variables for `run`: BITS (default "4 8"), FRAMES (200), EXTRA (extra 4-bit runs, see below).
+# Session 10's frame pipeline (pre-submission, chain ahead, deferred encode, split submission):
+# `pipeline` (CUDA checks, reference + 4-bit bench with paced latency, timeline), ~5 minutes.
 # Other second calls: `parts` (scripts/bench_frame_parts.py, DISPATCH=1 adds
 # scripts/bench_mlx_dispatch.py), `explore` (dispatch costs, then 4-bit frames under each of
 # ENVS), `variants` (MLX's CUDA graph settings).
@@ -51,7 +53,7 @@ case "$phase" in
     # TIMELINE=1: then scripts/frame_timeline.py (when each stage is issued and done).
     if [ -n "${TIMELINE:-}" ]; then
       timeout ${TIMELINE_TIMEOUT:-200} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
-        > "$out/timeline.json" 2>&1 || true
+        > "$out/timeline.json" 2> "$out/timeline.err" || true
     fi
     # EXTRA="PARLEY_FUSED_TEMPORAL=0 PARLEY_FUSED_TEMPORAL=0,PARLEY_GEMV_LOADS=16": one more
     # 4-bit run per entry (commas join variables), on the same machine as the runs above.
@@ -228,6 +230,39 @@ PY
       --shape personaplex-7b --random-weights --quantize 8 --frames 60 --json "$@" \
       | tee "$out/parley-q8.json" || true; }
     ;;
+  pipeline)
+    # Session 10's frame pipeline in one call after `stage`: its CUDA checks (pre-submission,
+    # chain ahead and the deferred encode through the kernels; split submission), then the
+    # reference and the 4-bit bench (back to back and at real-time pace), then the timeline
+    # comparing pre-submission on/off, chain ahead and split submission in one process.
+    install
+    timeout ${PYTEST_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider tests/test_presubmit.py \
+      tests/test_temporal_kernel.py 2>&1 | tail -6 | tee "$out/pytest.txt" || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    PYTHONPATH=/root/site-extra timeout 120 python3 scripts/bench_gpu_reference.py 200 \
+      | tee /root/reference.json "$out/reference.json" | tail -c 300
+    timeout ${BENCH_TIMEOUT:-230} python3 -m tui.cli bench --shape personaplex-7b --random-weights \
+      --quantize 4 --frames ${FRAMES:-100} --json "$@" > "$out/parley-q4.json" || true
+    python3 - "$out" <<'PY' || true
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+ref = json.loads(pathlib.Path("/root/reference.json").read_text())
+d = json.loads((out / "parley-q4.json").read_text())
+tot, paced = d["stages"]["total"], d.get("paced_latency") or {}
+print(f"reference p50 {ref['p50_ms']:.2f} ms; parley 4-bit back to back p50 {tot['p50_ms']:.2f} "
+      f"p95 {tot['p95_ms']:.2f}; paced latency p50 {paced.get('p50_ms', 0):.2f} p95 "
+      f"{paced.get('p95_ms', 0):.2f}; peak {d['peak_memory_gb']:.3f} GB; ratio {ref['p50_ms'] / tot['p50_ms']:.2f}")
+PY
+    timeout ${TIMELINE_TIMEOUT:-150} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
+      > "$out/timeline.json" 2> "$out/timeline.err" || true
+    python3 - "$out/timeline.json" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k, v in d.items():
+    if isinstance(v, dict):
+        print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
+PY
+    ;;
   timeline)
     # When the host issues each stage of a live frame and when the device finishes it
     # (scripts/frame_timeline.py: marker kernels read the GPU clock), encode worker on and off.
@@ -248,7 +283,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac
