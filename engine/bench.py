@@ -37,7 +37,9 @@ class BenchResult:
             f"mlx {d['mlx_version']}",
             f"Load: {d['load_s']:.2f} s",
             f"Prefill: {d['prefill_frames']} frames in {d['prefill_ms']:.1f} ms "
-            f"({d['prefill_frames'] / max(d['prefill_ms'] / 1000, 1e-9):.1f} frames-per-sec)",
+            f"({d['prefill_frames'] / max(d['prefill_ms'] / 1000, 1e-9):.1f} frames-per-sec)"
+            + (f"; a persona switch after that: {d['switch_prefill_ms']:.1f} ms"
+               if d.get("switch_prefill_ms") is not None else ""),
             f"Frame: p50 {tot['p50_ms']:.2f} ms, p95 {tot['p95_ms']:.2f} ms, "
             f"max {tot['max_ms']:.2f} ms (budget 80 ms; attending over "
             f"{d['attended_positions']} positions, context {d['context']})",
@@ -77,11 +79,14 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: float = 0.0,
               model_label: str = "", quantize: int | None = None, dtype: str = "",
-              full_context: bool = True, paced_frames: int = 25) -> BenchResult:
+              full_context: bool = True, paced_frames: int = 25,
+              switch: bool = True) -> BenchResult:
     """Warm-up, `frames` back-to-back frames (the totals, one barrier each), as many with a
     barrier between stages (the split), then `paced_frames` at real-time pace: one every 80 ms,
     as a live conversation feeds them, each timed from its audio to its output (the latency a
-    user hears; with `presubmit` the 7B step runs in the gap before the frame)."""
+    user hears; with `presubmit` the 7B step runs in the gap before the frame). With `switch`,
+    last, the persona started again: the prefill a persona switch costs once its kernels are
+    compiled (the first prefill includes compiling them on a GPU)."""
     import mlx.core as mx
 
     from engine.lm import temporal_kernel
@@ -135,6 +140,9 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         engine.after_step()  # then the next frame's temporal step
         due = max(due, time.perf_counter())  # a frame slower than real time: no catching up
 
+    attended = kv.filled  # before the switch below starts the conversation afresh
+    switch_s = engine.start(persona) if switch else None
+
     stages = {k: _percentiles(v) for k, v in stage_ms.items()}
     stages["total"] = _percentiles(totals)
     frame_s = frame / engine.sample_rate
@@ -149,6 +157,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "load_s": load_s,
         "prefill_ms": prefill_s * 1000,
         "prefill_frames": getattr(engine, "last_prefill_frames", 0),
+        "switch_prefill_ms": switch_s * 1000 if switch_s is not None else None,
         "context": "full" if full_context else "after prompt",
         "overlap_encode": bool(getattr(engine, "overlap_encode", False)),
         "fused_depth": bool(getattr(engine.gen, "fused", False)),
@@ -166,7 +175,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "paced_latency": _percentiles(paced) if paced else None,
         "mimi_kernels": bool(getattr(engine.mimi.decoder_transformer, "kernel", False)),
         "mimi_transformer_weights": str(getattr(engine.mimi, "transformer_weights", "float32")),
-        "attended_positions": kv.filled,
+        "attended_positions": attended,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "model_memory_gb": model_gb,
         "kv_ring_gb": kv.nbytes() / 1e9,
@@ -309,7 +318,8 @@ def bench_command(args) -> int:
         result = run_bench(engine, persona, frames=args.frames, warmup=args.warmup, load_s=load_s,
                            model_label=label, quantize=engine.quantize,
                            dtype=engine.dtype, full_context=args.context == "full",
-                           paced_frames=min(args.paced_frames, args.frames))
+                           paced_frames=min(args.paced_frames, args.frames),
+                           switch=args.switch)
         engine.close()
     finally:
         if scratch is not None:

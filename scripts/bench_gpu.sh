@@ -73,6 +73,8 @@ for bits in (4, 8, "4-kv16"):
     st = d["stages"]
     split = ", ".join(f"{k} {st[k]['p50_ms']:.2f}" for k in ("encode", "temporal", "depth", "decode"))
     tot = st["total"]["p50_ms"]
+    if d.get("switch_prefill_ms") is not None:
+        print(f"parley {bits}-bit prefill: {d['prefill_ms']:.0f} ms first (with JIT), {d['switch_prefill_ms']:.0f} ms on a persona switch")
     if d.get("paced_latency"):
         print(f"parley {bits}-bit at real-time pace: latency p50 {d['paced_latency']['p50_ms']:.2f} ms, p95 {d['paced_latency']['p95_ms']:.2f} ms (presubmit {d.get('presubmit')})")
     print(f"parley {bits}-bit full frame: p50 {tot:.2f} ms, p95 {st['total']['p95_ms']:.2f} ms ({split}); "
@@ -251,7 +253,8 @@ d = json.loads((out / "parley-q4.json").read_text())
 tot, paced = d["stages"]["total"], d.get("paced_latency") or {}
 print(f"reference p50 {ref['p50_ms']:.2f} ms; parley 4-bit back to back p50 {tot['p50_ms']:.2f} "
       f"p95 {tot['p95_ms']:.2f}; paced latency p50 {paced.get('p50_ms', 0):.2f} p95 "
-      f"{paced.get('p95_ms', 0):.2f}; peak {d['peak_memory_gb']:.3f} GB; ratio {ref['p50_ms'] / tot['p50_ms']:.2f}")
+      f"{paced.get('p95_ms', 0):.2f}; peak {d['peak_memory_gb']:.3f} GB; ratio {ref['p50_ms'] / tot['p50_ms']:.2f}; "
+      f"prefill {d['prefill_ms']:.0f} ms first, {d.get('switch_prefill_ms') or 0:.0f} ms on a persona switch")
 PY
     timeout ${TIMELINE_TIMEOUT:-150} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
       > "$out/timeline.json" 2> "$out/timeline.err" || true

@@ -27,6 +27,8 @@ def test_bench_json_has_every_field(tiny_dir, capsys):
     paced = data["paced_latency"]
     assert 0 < paced["p50_ms"] <= paced["p95_ms"] <= paced["max_ms"] < 80
     assert data["presubmit"] is True
+    # A persona switch once compiled: the same prefill again, timed.
+    assert 0 < data["switch_prefill_ms"] and data["prefill_frames"] > 0
 
 
 def test_bench_paces_frames_in_real_time_and_follows_the_presubmit_flag(tiny_dir, capsys):
@@ -39,9 +41,10 @@ def test_bench_paces_frames_in_real_time_and_follows_the_presubmit_flag(tiny_dir
     data = json.loads(capsys.readouterr().out)
     assert time.perf_counter() - t >= 3 * 0.080
     assert data["presubmit"] is False and data["paced_latency"]["p50_ms"] > 0
-    assert main(base + ["--paced-frames", "0"]) == 0
+    assert main(base + ["--paced-frames", "0", "--no-switch"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["paced_latency"] is None and data["presubmit"] is True
+    assert data["switch_prefill_ms"] is None
 
 
 def test_bench_times_a_full_or_a_fresh_attention_window(tiny_dir):
@@ -54,10 +57,13 @@ def test_bench_times_a_full_or_a_fresh_attention_window(tiny_dir):
     engine = DuplexEngine.load(str(tiny_dir), greedy=True)
     persona = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
     kv = engine.gen.kv
-    full = run_bench(engine, persona, frames=2, warmup=1).data
+    full = run_bench(engine, persona, frames=2, warmup=1, switch=False).data
     assert full["attended_positions"] == kv.slots == kv.filled and full["context"] == "full"
-    fresh = run_bench(engine, persona, frames=2, warmup=1, full_context=False).data
+    fresh = run_bench(engine, persona, frames=2, warmup=1, full_context=False, switch=False).data
     assert 0 < fresh["attended_positions"] == kv.filled < kv.slots
+    # The persona switch at the end does not change what the frames attended over.
+    again = run_bench(engine, persona, frames=2, warmup=1).data
+    assert again["attended_positions"] == kv.slots > kv.filled
 
 
 def test_bench_summary_lines(tiny_dir, capsys):
@@ -65,6 +71,7 @@ def test_bench_summary_lines(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "Peak memory:" in out and "Frame: p50" in out and "real-time factor" in out
     assert "Latency at real-time pace: p50" in out and "submitted as each frame ends" in out
+    assert "a persona switch after that:" in out
     assert "Depth transformer: MLX operations; temporal: MLX operations" in out  # no CUDA here
 
 

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--paced-frames", type=int, default=25,
                        help="frames timed at real-time pace, one every 80 ms, for the latency "
                        "from a frame's audio to its output (at most --frames; 0: none)")
+    bench.add_argument("--switch", action=argparse.BooleanOptionalAction, default=True,
+                       help="last, start the persona again and time that prefill: what a persona "
+                       "switch costs once compiled (default: on)")
     bench.add_argument("--context", choices=("full", "prompt"), default="full",
                        help="time frames attending over a full attention window (the steady "
                        "state of a long conversation; default) or right after the prompt")
