@@ -84,15 +84,18 @@ def test_a_step_attends_over_the_dequantized_ring_with_its_own_key_quantized(rul
         kv.advance(1)
 
 
-def test_a_chunk_leaves_the_ring_and_outputs_of_stepping_one_position_at_a_time():
+@pytest.mark.parametrize("start,T", [(3, 13), (5, 6)])
+def test_a_chunk_leaves_the_ring_and_outputs_of_stepping_one_position_at_a_time(start, T):
+    """(3, 13): more than a ring, the chunk's last positions wrap whole; (5, 6): the written
+    positions straddle the ring's end (two writes)."""
     L, H, hd, ctx = 1, 2, 16, 8
     rng = np.random.default_rng(2)
-    T = 13  # more than a ring: the chunk wraps
     q, k, v = (mx.array(rng.standard_normal((1, H, T, hd)).astype(np.float32)) for _ in range(3))
     chunked = KVRing(L, H, hd, context=ctx, bits=8)
-    chunked.end = 3  # a ring already holding positions 0..2
+    chunked.end = start  # a ring already holding positions 0..start-1
     stepped = KVRing(L, H, hd, context=ctx, bits=8)
-    stepped.end = 3
+    stepped.end = start
+    assert start + T > chunked.slots
     old = [rng.integers(0, 256, chunked.keys[0].shape, np.uint8) for _ in range(2)]
     old += [np.abs(rng.standard_normal(chunked.key_params[0].shape)).astype(np.float32)
             for _ in range(2)]

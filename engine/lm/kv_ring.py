@@ -185,9 +185,11 @@ class KVRing:
         n_old = self.filled
         lower = np.arange(start, start + T) - C + (
             2 if visibility == "step" and self.rule == "nvidia" else 1)
+        rows = None
         if self.quantized:  # the chunk attends its own keys as the ring will hold them
-            k_att = dequantize_rows(*quantize_rows(k), k.dtype)
-            v_att = dequantize_rows(*quantize_rows(v), v.dtype)
+            rows = quantize_rows(k), quantize_rows(v)  # quantized once: attended, then written
+            k_att = dequantize_rows(*rows[0], k.dtype)
+            v_att = dequantize_rows(*rows[1], v.dtype)
         else:
             k_att, v_att = k, v
         if n_old:
@@ -207,28 +209,42 @@ class KVRing:
         mask = (kpos[None, :] >= np.maximum(lower, 0)[:, None]) & (kpos[None, :] <= qpos[:, None])
         out = mx.fast.scaled_dot_product_attention(q, K_all, V_all, scale=scale,
                                                    mask=mx.array(mask))
-        self._write_chunk(layer, k, v, start)
+        self._write_chunk(layer, k, v, start, rows)
         return out
 
-    def _write_chunk(self, layer: int, k: mx.array, v: mx.array, start: int) -> None:
+    def _write_chunk(self, layer: int, k: mx.array, v: mx.array, start: int, rows=None) -> None:
+        """`rows`: k and v already quantized ((bytes, params) each) for an 8-bit ring."""
         T = k.shape[2]
         C = self.slots
         m = min(T, C)
-        k, v = k[:, :, T - m:], v[:, :, T - m:]
         first = start + T - m
         s0 = first % C
         n1 = min(m, C - s0)
-        self._write(layer, s0, k[:, :, :n1], v[:, :, :n1])
-        if n1 < m:
-            self._write(layer, 0, k[:, :, n1:], v[:, :, n1:])
 
-    def _write(self, layer: int, slot: int, k: mx.array, v: mx.array) -> None:
-        """Writes k, v [1, H, n, hd] into slots slot .. slot+n−1 (quantized with bits). A static
-        slice update: the ring array is donated to it (no copy of the cache), and unlike
-        `mx.slice_update` with an index array it needs no extra kernel to compute the offset."""
+        def part(a, lo, hi):  # positions lo .. hi-1 of the chunk's last m
+            return a[:, :, T - m + lo: T - m + hi]
+
+        def piece(lo, hi):
+            if rows is None:
+                return part(k, lo, hi), part(v, lo, hi), None
+            (kq, kp), (vq, vp) = rows
+            return part(kq, lo, hi), part(vq, lo, hi), (part(kp, lo, hi), part(vp, lo, hi))
+
+        self._write(layer, s0, *piece(0, n1))
+        if n1 < m:
+            self._write(layer, 0, *piece(n1, m))
+
+    def _write(self, layer: int, slot: int, k: mx.array, v: mx.array, params=None) -> None:
+        """Writes k, v [1, H, n, hd] into slots slot .. slot+n−1 (quantized with bits, unless
+        `params` says they already are: (key params, value params)). A static slice update: the
+        ring array is donated to it (no copy of the cache), and unlike `mx.slice_update` with an
+        index array it needs no extra kernel to compute the offset."""
         n = k.shape[2]
         if self.quantized:
-            (k, kp), (v, vp) = quantize_rows(k), quantize_rows(v)
+            if params is None:
+                (k, kp), (v, vp) = quantize_rows(k), quantize_rows(v)
+            else:
+                kp, vp = params
             self.key_params[layer][:, :, slot: slot + n] = kp
             self.value_params[layer][:, :, slot: slot + n] = vp
         self.keys[layer][:, :, slot: slot + n] = k
