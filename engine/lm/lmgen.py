@@ -297,7 +297,10 @@ class LMGen:
         if seed is not None:
             self.seed = seed
         if getattr(self, "_unfinished", None) is not None:
-            self.finish_frame()  # lets the encode worker finish before the state is dropped
+            try:  # lets the encode worker finish before the state is dropped
+                self.finish_frame()
+            except Exception:  # noqa: BLE001 - its codes are being dropped with the state
+                pass
         self._unfinished = None
         self.discard_pending()
         self.s = 0
@@ -608,8 +611,8 @@ class LMGen:
         kv_arrays = self.kv.arrays()
         later = deferred and user_later and timings is None
         chained = None
-        if (self.chain_ahead and timings is None and not later and K == n
-                and (self.presubmit if submit_next is None else submit_next)):
+        if (self.chain_ahead and timings is None and not later and not check_kernels
+                and K == n and (self.presubmit if submit_next is None else submit_next)):
             # The frame's own work to the device first, then the next step built on its samples
             # (still on the device) and queued behind it, before this frame's barrier.
             mx.async_eval(sampled, pcm, text_logits, *outs[2:])
