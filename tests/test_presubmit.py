@@ -270,16 +270,28 @@ def test_the_kernel_check_reads_its_flags_before_the_next_step_is_issued(tiny_di
     would wait for that whole step), and a switch's sentence reaches that frame's result."""
     engine = _engine(tiny_dir, True, greedy=True)
     engine.start(TEACHER)
-    seen = []
+    seen, chained = [], []
+    real_chain = engine.gen._chain_next
+
+    def chain(*a):
+        chained.append(True)
+        return real_chain(*a)
 
     def check():
-        seen.append(engine.gen.has_pending)
+        seen.append(engine.gen.has_pending or bool(chained))
         return "switched" if len(seen) == 2 else None
 
     monkeypatch.setattr(engine.gen, "check_depth_kernel", check)
-    notices = [engine.step(np.zeros(1920, np.float32)).notice for _ in range(60)]
+    monkeypatch.setattr(engine.gen, "_chain_next", chain)
+
+    def frame():
+        chained.clear()
+        return engine.step(np.zeros(1920, np.float32)).notice
+
+    notices = [frame() for _ in range(60)]
     engine.gen.chain_ahead = True  # a checked frame does not chain the next step before it
-    notices += [engine.step(np.zeros(1920, np.float32)).notice for _ in range(30)]
+    notices += [frame() for _ in range(30)]
+    assert chained  # the frames after the last check chained theirs
     assert len(seen) >= 3 and not any(seen)
     assert [n for n in notices if n] == ["switched"]
     assert notices.index("switched") == [i for i in range(90)
