@@ -77,6 +77,21 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max_ms": float(arr.max())}
 
 
+def speech_level_noise(frame: int, seed: int = 0):
+    """A microphone stand-in for timing: each call, one frame of speech-level noise (what it
+    holds does not change the compute)."""
+    rng = np.random.default_rng(seed)
+    return lambda: (0.05 * rng.standard_normal(frame)).astype(np.float32)
+
+
+def start_with_any_voice(engine, name: str) -> float:
+    """Starts a short persona with the model's first voice (timing scripts); returns seconds."""
+    from engine.personas import Persona
+    voices = engine.available_voices()
+    return engine.start(Persona(name=name, prompt="You are helpful.",
+                                voice=voices[0] if voices else None))
+
+
 def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: float = 0.0,
               model_label: str = "", quantize: int | None = None, dtype: str = "",
               full_context: bool = True, paced_frames: int = 25,
@@ -91,11 +106,8 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
 
     from engine.lm import temporal_kernel
 
-    rng = np.random.default_rng(0)
     frame = engine.frame_size
-
-    def mic() -> np.ndarray:  # speech-level noise: the content does not change the compute
-        return (0.05 * rng.standard_normal(frame)).astype(np.float32)
+    mic = speech_level_noise(frame)
 
     # What the model holds once loaded (weights of the LM and Mimi), before the conversation's KV
     # ring and activations exist: the figure the memory targets of issue 8 are about.

@@ -148,8 +148,7 @@ def compare_options(engine, mic, frames: int, only: list[str] | None = None,
 
 
 def main() -> None:
-    from engine.bench import random_full_size_engine
-    from engine.personas import Persona
+    from engine.bench import random_full_size_engine, speech_level_noise, start_with_any_voice
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=50)
@@ -176,15 +175,10 @@ def main() -> None:
     try:
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        voices = engine.available_voices()
-        engine.start(Persona(name="parts", prompt="You are helpful.",
-                             voice=voices[0] if voices else None))
+        start_with_any_voice(engine, "parts")
         prefill_s = time.perf_counter() - t0
-        rng = np.random.default_rng(0)
         n = engine.frame_size
-
-        def mic():
-            return (0.05 * rng.standard_normal(n)).astype(np.float32)
+        mic = speech_level_noise(n)
 
         for _ in range(10):
             engine.step(mic())

@@ -29,7 +29,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 _SOURCE = """
     unsigned long long t;
@@ -189,8 +188,7 @@ def summarize(rows: list, markers: Markers) -> dict:
 
 
 def main() -> None:
-    from engine.bench import random_full_size_engine
-    from engine.personas import Persona
+    from engine.bench import random_full_size_engine, speech_level_noise, start_with_any_voice
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=60)
@@ -204,16 +202,10 @@ def main() -> None:
     else:
         engine, scratch = random_full_size_engine(quantize=args.quantize)
     try:
-        voices = engine.available_voices()
-        engine.start(Persona(name="timeline", prompt="You are helpful.",
-                             voice=voices[0] if voices else None))
+        start_with_any_voice(engine, "timeline")
         engine.gen.kv.end += engine.gen.kv.slots  # a full attention window, as the bench
         engine.stage_sample_every = 0  # one barrier a frame
-        rng = np.random.default_rng(0)
-        n = engine.frame_size
-
-        def mic():
-            return (0.05 * rng.standard_normal(n)).astype(np.float32)
+        mic = speech_level_noise(engine.frame_size)
 
         for _ in range(10):
             engine.step(mic())
