@@ -276,13 +276,12 @@ class DuplexEngine:
             timings: dict[str, float] | None = {} if profile else None
             if self.overlap_encode:
                 codes = self._encode_worker().submit(self._encode_frame, pcm_in)
-            # The benchmark's stage split (profile_stages) times each stage whole, so there the
-            # next temporal step is not handed over early.
-            # With defer_next the frame returns once its audio is ready, before its own encode
-            # is done: after_step() then takes the user codes and issues the next step.
-            # Every DEPTH_CHECK_EVERY live frames: did a step kernel's grid barrier give up?
-            # Then it falls back and says so (FrameResult.notice). step_live reads the flags
-            # after the frame's barrier and before it issues the next step, which writes them.
+            # The next temporal step is handed over as the frame ends, except for the bench's
+            # stage split (profile_stages: whole stages) and with defer_next, where the frame
+            # returns once its audio is ready (before its own encode is done) and after_step()
+            # takes the user codes and issues it. Every DEPTH_CHECK_EVERY live frames the step
+            # kernels' barrier flags are read (a switch's sentence becomes FrameResult.notice),
+            # before the next step, which writes them, is issued.
             out, pcm, user_codes = self.gen.step_live(
                 codes, self.mimi.decode_step, force_agent_silence, timings,
                 submit_next=False if self.profile_stages or defer_next else None,

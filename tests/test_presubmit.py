@@ -319,3 +319,25 @@ def test_chained_steps_are_built_before_the_barrier(tiny_dir, monkeypatch):
         engine.step(pcm[j])
         assert gen._pending is not before and gen._pending.s == gen.position
     assert order[:2] == ["chain", "eval"] and order.count("chain") == 5
+
+
+def test_the_simulated_runner_reports_a_failed_after_step_after_its_step():
+    """InlineRunner (the tests' stand-in for the model thread) calls after_step too, and a
+    failure there arrives after the frame's step Done, as it does from the thread."""
+    from engine.session.fakes import ToneFrameModel
+    from engine.session.runner import InFrame, InlineRunner
+
+    class Model(ToneFrameModel):
+        def step(self, pcm_in, *, force_agent_silence=False, defer_next=False):
+            self.deferred = defer_next
+            return super().step(pcm_in, force_agent_silence=force_agent_silence)
+
+        def after_step(self):
+            raise MemoryError("out of memory")
+
+    model = Model()
+    runner = InlineRunner(model, step_ms=10)
+    runner.submit(InFrame(index=0, pcm=np.zeros(1920, np.float32), t_adc=None, epoch=0))
+    got = runner.poll(0.0) + runner.poll(1.0)
+    assert [d.kind for d in got] == ["step", "error"] and model.deferred
+    assert "out of memory" in got[1].error and runner.failed

@@ -353,6 +353,7 @@ class InlineRunner(_RunnerBase):
             self.model = self._factory()
         self._step_ms = step_ms
         self._cur: Done | None = None
+        self._cur_err: Done | None = None
         self._cur_done_at = 0.0
         self._free_at = 0.0
 
@@ -383,6 +384,9 @@ class InlineRunner(_RunnerBase):
             if self._cur is not None:
                 if self._cur_done_at <= now + 1e-9:
                     out.append(self._cur)
+                    if self._cur_err is not None:
+                        out.append(self._cur_err)
+                        self._cur_err = None
                     self._free_at = self._cur_done_at
                     self._cur = None
                 else:
@@ -395,9 +399,7 @@ class InlineRunner(_RunnerBase):
             d = self._exec_next()
             if d is None:
                 break
-            err = self._after(d)
-            if err is not None:
-                out.append(err)
+            self._cur_err = self._after(d)  # delivered right after the step, as on a thread
             self._cur = d
             self._cur_done_at = start_t + self._duration(d)
         return out
