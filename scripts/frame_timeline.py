@@ -222,6 +222,7 @@ def main() -> None:
                     "next step built before the barrier (chain ahead)": (True, False, True)}
         if temporal.step_kernel:
             variants["submitted ahead, each launch handed over as built"] = (True, True, False)
+            variants["chain ahead, each launch handed over as built"] = (True, True, True)
         blocks = {name: [] for name in variants}
         for _ in range(2):
             for name, (presubmit, split, chain) in variants.items():
