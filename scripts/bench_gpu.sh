@@ -53,7 +53,7 @@ case "$phase" in
     # TIMELINE=1: then scripts/frame_timeline.py (when each stage is issued and done).
     if [ -n "${TIMELINE:-}" ]; then
       timeout ${TIMELINE_TIMEOUT:-200} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
-        > "$out/timeline.json" 2> "$out/timeline.err" || true
+        --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || true
     fi
     # EXTRA="PARLEY_FUSED_TEMPORAL=0 PARLEY_FUSED_TEMPORAL=0,PARLEY_GEMV_LOADS=16": one more
     # 4-bit run per entry (commas join variables), on the same machine as the runs above.
@@ -257,7 +257,7 @@ print(f"reference p50 {ref['p50_ms']:.2f} ms; parley 4-bit back to back p50 {tot
       f"prefill {d['prefill_ms']:.0f} ms first, {d.get('switch_prefill_ms') or 0:.0f} ms on a persona switch")
 PY
     timeout ${TIMELINE_TIMEOUT:-150} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
-      > "$out/timeline.json" 2> "$out/timeline.err" || true
+      --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || true
     python3 - "$out/timeline.json" <<'PY' || true
 import json, sys
 d = json.load(open(sys.argv[1]))

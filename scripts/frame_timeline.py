@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--quantize", type=int, default=4)
     ap.add_argument("--paced-frames", type=int, default=30)
+    ap.add_argument("--out", help="also write the results here after each section")
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
     args = ap.parse_args()
     if args.tiny:
@@ -229,8 +230,14 @@ def main() -> None:
                 gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
+        def save():  # after each section, so a run cut short still leaves what it measured
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
+
         for name in variants:
             result[f"back to back, {name}"] = summarize(blocks[name], markers)
+        save()
         for name, (presubmit, split, chain) in variants.items():
             if chain:
                 continue  # at real-time pace the live path hands the output over first
@@ -238,6 +245,7 @@ def main() -> None:
             run(engine, mic, 2, markers, frame)
             result[f"real-time pace, {name}"] = summarize(
                 run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
+            save()
         gen.presubmit, temporal.split_submit, gen.chain_ahead = True, False, False
         engine.close()
         print(json.dumps(result, indent=1))
