@@ -266,6 +266,20 @@ for k, v in d.items():
         print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
 PY
     ;;
+  nsys)
+    # Where the host's ~1.3 ms of issuing a temporal step goes: Nsight Systems over a few
+    # timeline frames, MLX's NVTX ranges (one per primitive's eval_gpu) and the CUDA API calls
+    # (graph instantiate/update/launch), summed. After `stage`; needs nsys on the machine.
+    install
+    nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)
+    if [ -z "$nsys" ]; then echo "no nsys on this machine"; exit 0; fi
+    timeout ${NSYS_TIMEOUT:-300} "$nsys" profile -t cuda,nvtx,osrt -o "$out/frame" --force-overwrite true \
+      python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-20} --paced-frames 0 \
+      --out "$out/timeline.json" > /dev/null 2> "$out/nsys.err" || tail -5 "$out/nsys.err"
+    "$nsys" stats -r nvtx_sum,cuda_api_sum -f csv -o "$out/stats" "$out/frame.nsys-rep" > /dev/null 2>&1 || true
+    for f in "$out"/stats*.csv; do echo "== $f"; head -25 "$f"; done
+    rm -f "$out/frame.sqlite"
+    ;;
   timeline)
     # When the host issues each stage of a live frame and when the device finishes it
     # (scripts/frame_timeline.py: marker kernels read the GPU clock), encode worker on and off.
@@ -286,7 +300,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac
