@@ -256,7 +256,10 @@ print(f"reference p50 {ref['p50_ms']:.2f} ms; parley 4-bit back to back p50 {tot
       f"{paced.get('p95_ms', 0):.2f}; peak {d['peak_memory_gb']:.3f} GB; ratio {ref['p50_ms'] / tot['p50_ms']:.2f}; "
       f"prefill {d['prefill_ms']:.0f} ms first, {d.get('switch_prefill_ms') or 0:.0f} ms on a persona switch")
 PY
+    # DEPTH_BLOCKS="66 33": also the depth step kernel over that many blocks (each compiles its
+    # own depth kernels first: ~10-30 s more).
     timeout ${TIMELINE_TIMEOUT:-150} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
+      ${DEPTH_BLOCKS:+--depth-blocks $DEPTH_BLOCKS} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || true
     python3 - "$out/timeline.json" <<'PY' || true
 import json, sys

@@ -177,7 +177,7 @@ def check_depth_step_kernel(dtype, bits: int, dims: dict, steps: int = 8,
     for name, e in (("step kernel logits", worst_logits), ("step kernel keys/values", worst_kv)):
         lines.append(f"{'ok  ' if e <= tol else 'FAIL'} {name:28s} rel err {e:.2e} ({steps} steps)")
     lines.append(f"{'FAIL' if failed else 'ok  '} step kernel grid barriers "
-                 f"({depth_kernel.sm_count()} blocks){' gave up' if failed else ''}")
+                 f"({depth_kernel.grid_blocks()} blocks){' gave up' if failed else ''}")
     return lines
 
 

@@ -195,6 +195,9 @@ def main() -> None:
     ap.add_argument("--quantize", type=int, default=4)
     ap.add_argument("--paced-frames", type=int, default=30)
     ap.add_argument("--out", help="also write the results here after each section")
+    ap.add_argument("--depth-blocks", type=int, nargs="*", default=[],
+                    help="also time back-to-back frames with the depth step kernel over this many "
+                         "blocks (depth_kernel.BLOCKS; default one a multiprocessor)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
     args = ap.parse_args()
     if args.tiny:
@@ -224,12 +227,25 @@ def main() -> None:
         if temporal.step_kernel:
             variants["submitted ahead, each launch handed over as built"] = (True, True, False)
             variants["chain ahead, each launch handed over as built"] = (True, True, True)
+        # The depth step kernel over fewer blocks (--depth-blocks): its grid is fixed when the
+        # depth chain is traced, so each count has its own traced frame function.
+        from engine.lm import depth_kernel
+        frames_fn = {0: gen._frame}
+        for nb in args.depth_blocks:
+            depth_kernel.BLOCKS, gen._frame = nb, None
+            frames_fn[nb] = gen._make_frame()
+            variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = (
+                True, False, False, nb)
+        depth_kernel.BLOCKS, gen._frame = 0, frames_fn[0]
+        variants = {k: (v + (0,))[:4] for k, v in variants.items()}
         blocks = {name: [] for name in variants}
         for _ in range(2):
-            for name, (presubmit, split, chain) in variants.items():
+            for name, (presubmit, split, chain, nb) in variants.items():
                 gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
+                gen._frame = frames_fn[nb]
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
+        gen._frame = frames_fn[0]
         def save():  # after each section, so a run cut short still leaves what it measured
             if args.out:
                 with open(args.out, "w") as f:
@@ -238,8 +254,8 @@ def main() -> None:
         for name in variants:
             result[f"back to back, {name}"] = summarize(blocks[name], markers)
         save()
-        for name, (presubmit, split, chain) in variants.items():
-            if chain:
+        for name, (presubmit, split, chain, nb) in variants.items():
+            if chain or nb:
                 continue  # at real-time pace the live path hands the output over first
             gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
             run(engine, mic, 2, markers, frame)

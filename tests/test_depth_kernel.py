@@ -93,7 +93,7 @@ def test_each_step_passes_its_own_weights_table_and_keys(gen, monkeypatch):
         assert t["HIN"] == model.cfg.dim and t["CARD"] == model.cfg.card
         assert t["HID"] == dep.layers[0].linear_out.step(0).weight.shape[-1]
         assert c["block"] == (depth_kernel.WARPS * 32, 1, 1)
-        assert c["grid"][0] == depth_kernel.sm_count() * depth_kernel.WARPS * 32
+        assert c["grid"][0] == depth_kernel.grid_blocks() * depth_kernel.WARPS * 32
         assert c["shapes"][:2] == [(model.cfg.card,), (L * 2 * D,)]
     # One kernel build per number of earlier steps attended, named by a digest of its source
     # (MLX caches builds on disk by name).
@@ -307,3 +307,25 @@ def test_a_model_notice_becomes_a_session_warning():
     assert "The depth path changed." in s.snapshot.warnings
     ev = [e for e in s.events.drain() if e.kind == EventKind.WARNING]
     assert any(e.data["code"] == "engine_notice" for e in ev)
+
+
+def test_the_depth_grid_can_be_set_without_touching_the_temporal_one(gen, monkeypatch):
+    """depth_kernel.BLOCKS (PARLEY_DEPTH_BLOCKS) sets the depth step kernel's grid and its
+    barrier count, and only that: the temporal step kernel keeps one grid a multiprocessor."""
+    from engine.lm import temporal_kernel
+    monkeypatch.setattr(depth_kernel, "sm_count", lambda: 132)
+    monkeypatch.setattr(depth_kernel, "BLOCKS", 33)
+    assert depth_kernel.grid_blocks() == 33
+    calls = []
+    _stand_in(monkeypatch, calls)
+    try:
+        dep = gen.model.depformer
+        dep.step_kernel(0, mx.zeros((1, 1, gen.model.cfg.dim), dtype=mx.float32),
+                        mx.array(5, dtype=mx.int32), [])
+    finally:
+        depth_kernel._kernel.cache_clear()
+    assert calls[0]["grid"][0] == 33 * depth_kernel.WARPS * 32 and calls[0]["t"]["NB"] == 33
+    settings = temporal_kernel.launch_settings(gen.model.temporal, mx.float32, gen.kv.slots)
+    assert settings["sms"] == 132
+    monkeypatch.setattr(depth_kernel, "BLOCKS", 0)
+    assert depth_kernel.grid_blocks() == 132

@@ -11,8 +11,8 @@ residual) and the step's head — in one launch, so a step costs one kernel plus
 
 The phases between which every output row needs every input value are separated by a grid-wide
 barrier (1 + 4 per layer). A grid barrier needs every block resident at once: the grid is one
-block per streaming multiprocessor (`sm_count()`), which fits whatever else runs beside it, and a
-barrier that waits past ~2 s gives up and raises a flag in the barrier state instead of hanging
+block per streaming multiprocessor (`grid_blocks()`), which fits whatever else runs beside it,
+and a barrier that waits past ~2 s gives up and raises a flag in the barrier state instead of hanging
 the GPU (`barrier_failed`; the engine then falls back to the per-layer kernels, see
 LMGen.check_depth_kernel). The barrier state is a small uint32 buffer owned by the caller and
 written by the kernel although MLX passes it as an input: kernels using one buffer must not run
@@ -333,13 +333,21 @@ def _kernel(layers: int, nkv: int, scale: float):
                                header=header)
 
 
+# Blocks in the depth step kernel's grid; 0: one a streaming multiprocessor (`sm_count()`).
+# PARLEY_DEPTH_BLOCKS sets it, to measure: fewer blocks make each grid barrier cheaper (a step
+# has ~26) and each product's share of the reads larger. Read when a depth step is traced.
+BLOCKS = int(os.environ.get("PARLEY_DEPTH_BLOCKS", "0") or 0)
+
+
+def grid_blocks() -> int:
+    """The depth step kernel's grid: BLOCKS, else one block a streaming multiprocessor."""
+    return BLOCKS if BLOCKS > 0 else sm_count()
+
+
 @functools.cache
 def sm_count() -> int:
-    """Streaming multiprocessors of CUDA device 0 (from the driver), the grid size; 32 if the
-    driver cannot say (a grid that small fits any CUDA GPU MLX supports). PARLEY_DEPTH_BLOCKS
-    overrides it."""
-    if os.environ.get("PARLEY_DEPTH_BLOCKS"):
-        return max(1, int(os.environ["PARLEY_DEPTH_BLOCKS"]))
+    """Streaming multiprocessors of CUDA device 0 (from the driver); 32 if the driver cannot
+    say (a grid that small fits any CUDA GPU MLX supports)."""
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
         dev, n = ctypes.c_int(), ctypes.c_int()
@@ -443,7 +451,7 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
     head = dep.heads.step(k)
     CARD = fused._shape(head)[0]
     H = dep.num_heads
-    nb = sm_count()
+    nb = grid_blocks()
     warps = nb * WARPS
     vpl = 128 // din.bits if din.quantized else 16 // dtype.size
     vplh = 128 // head.bits if head.quantized else 16 // dtype.size
