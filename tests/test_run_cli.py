@@ -32,3 +32,16 @@ def test_parley_run_with_a_missing_input_is_clear(tmp_path, tiny_dir):
         capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "nope.wav does not exist" in proc.stderr
+
+
+def test_parley_run_with_an_unknown_voice_says_so_and_fails(tmp_path, tiny_dir):
+    """The persona's prefill fails on the model thread: the run stops with that sentence and a
+    non-zero exit (it used to end with "0 frames" and exit 0)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tui.cli", "run", "--model", str(tiny_dir), "--voice", "NOPE",
+         "--input", str(tiny_dir / "input.wav"), "--output", str(tmp_path / "o.wav"), "--fast"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("parley: ") and "NOPE" in last and "available voices" in last
+    assert " at voices.py" not in last  # a person's sentence, not a code location

@@ -204,8 +204,8 @@ def run_live(args) -> int:
                           input_device=_device(args.input_device),
                           output_device=_device(args.output_device))
     snap = result.snapshot
-    if snap.state == "ERROR":
-        raise ParleyError(snap.message or "The session stopped with an error.")
+    if result.error or snap.state == "ERROR":
+        raise ParleyError(result.error or snap.message or "The session stopped with an error.")
     print(f"parley run: {result.frames} frames in {result.seconds:.1f} s"
           + (f"; wrote {result.output_wav}" if result.output_wav else "")
           + (f"; recording in {result.record_dir}" if result.record_dir else "") + ".",

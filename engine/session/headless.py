@@ -40,6 +40,7 @@ class HeadlessResult:
     output_wav: str | None
     record_dir: str | None
     interrupted: bool  # stopped by Ctrl-C / stop_event / duration rather than end of input
+    error: str | None = None  # why the model stopped (a failed prefill or step), if it did
 
 
 def run_headless(
@@ -125,6 +126,7 @@ def run_headless(
             time.sleep(0.02)
     finally:
         final = session.stop()
+        error = session.error
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     status_callback(final)
@@ -137,4 +139,5 @@ def run_headless(
         output_wav=str(output_wav) if output_wav is not None else None,
         record_dir=str(record_dir) if record_dir is not None else None,
         interrupted=interrupted,
+        error=error,
     )

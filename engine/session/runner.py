@@ -248,6 +248,11 @@ class _RunnerBase:
 
 
 def _describe(e: BaseException, what: str) -> str:
+    """A failure as the session shows it: a ParleyError's own sentence (it says what is wrong
+    and how to fix it); anything else, what failed, the message and where."""
+    from engine.errors import ParleyError
+    if isinstance(e, ParleyError) and str(e).strip():
+        return str(e).strip()
     msg = str(e).strip() or type(e).__name__
     tb = traceback.extract_tb(e.__traceback__)
     where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""

@@ -425,6 +425,12 @@ class Session:
         return self._runner.model
 
     @property
+    def error(self) -> str | None:
+        """The sentence of the failure that stopped the model (a prefill or a step), if any; kept
+        after `stop()`, whose snapshot says STOPPED."""
+        return self._error
+
+    @property
     def snapshot(self) -> Snapshot:
         """The latest telemetry (immutable; safe to read from any thread)."""
         return self._snapshot
