@@ -74,7 +74,7 @@ def test_read_wav_converts_to_24k_mono(tmp_path):
     with pytest.raises(AudioError, match="does not exist"):
         read_wav_24k(tmp_path / "missing.wav")
     (tmp_path / "bad.wav").write_bytes(b"not audio")
-    with pytest.raises(AudioError, match="cannot read"):
+    with pytest.raises(AudioError, match="not an audio file that can be read.*convert it"):
         read_wav_24k(tmp_path / "bad.wav")
 
 

@@ -8,7 +8,7 @@ import pytest
 from engine.audio import signals as S
 from engine.audio.meters import LevelMeter, peak_dbfs, rms_dbfs
 from engine.audio.reframe import Reframer
-from engine.audio.resample import StreamResampler, make_resampler, resample_offline
+from engine.audio.resample import StreamResampler, make_resampler
 from engine.audio.ring import SpscRing
 from engine.audio.vad import EnergyVad, VadSmoother
 

@@ -88,14 +88,3 @@ def make_resampler(in_rate: int, out_rate: int, converter: str = DEFAULT_CONVERT
     if int(in_rate) == int(out_rate):
         return PassThrough(in_rate)
     return StreamResampler(in_rate, out_rate, converter)
-
-
-def resample_offline(data: np.ndarray, in_rate: int, out_rate: int, converter: str = "sinc_best") -> np.ndarray:
-    """One-shot conversion for files (WAV inputs of the file backend)."""
-    x = np.ascontiguousarray(data, dtype=np.float32)
-    if int(in_rate) == int(out_rate) or len(x) == 0:
-        return x.copy()
-    import samplerate
-
-    y = samplerate.resample(x, out_rate / in_rate, converter)
-    return np.asarray(y, dtype=np.float32).reshape(-1)

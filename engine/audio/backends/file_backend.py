@@ -26,7 +26,6 @@ from typing import Callable
 import numpy as np
 
 from ...errors import AudioError
-from ..resample import resample_offline
 from .base import AudioBackend, BackendState, InputCallback, OutputCallback
 
 RATE = 24000
@@ -34,20 +33,11 @@ FRAME = 1920
 
 
 def read_wav_24k(path: str | Path) -> np.ndarray:
-    """Reads an audio file as mono float32 at 24 kHz. Raises AudioError with a clear sentence."""
-    import soundfile as sf
+    """Reads an audio file as mono float32 at 24 kHz. Raises AudioError with a clear sentence
+    (engine/audiofile.py's reader: missing, empty, unreadable, silent-free or non-finite files)."""
+    from engine.audiofile import read_audio
 
-    p = Path(path)
-    if not p.exists():
-        raise AudioError(f"input audio file {p} does not exist")
-    try:
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise AudioError(f"cannot read {p} as audio ({e})") from None
-    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if rate != RATE:
-        mono = resample_offline(mono, rate, RATE)
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    return read_audio(path, RATE, mono="mix")
 
 
 def write_wav(path: str | Path, data: np.ndarray, rate: int = RATE) -> None:
