@@ -76,15 +76,22 @@ def test_the_frames_are_those_of_the_step_built_in_its_frame(tiny_dir, greedy, c
         assert ea == eb
 
 
-def test_the_early_step_is_the_one_the_frame_would_have_built(tiny_dir):
-    """The pending step is picked up (not rebuilt) and its hidden state is the same."""
-    rng = np.random.default_rng(4)
-    pcm = (0.1 * rng.standard_normal((6, 1920))).astype(np.float32)
+def _warm_pair(tiny_dir, seed: int, frames: int, warm: int):
+    """Noise frames, and an engine that hands steps over early beside one that builds them in
+    their frames (greedy), both started and run through the first `warm` frames."""
+    rng = np.random.default_rng(seed)
+    pcm = (0.1 * rng.standard_normal((frames, 1920))).astype(np.float32)
     ahead, inside = _engine(tiny_dir, True, greedy=True), _engine(tiny_dir, False, greedy=True)
     for e in (ahead, inside):
         e.start(TEACHER)
-        for j in range(5):
+        for j in range(warm):
             e.step(pcm[j])
+    return pcm, ahead, inside
+
+
+def test_the_early_step_is_the_one_the_frame_would_have_built(tiny_dir):
+    """The pending step is picked up (not rebuilt) and its hidden state is the same."""
+    pcm, ahead, inside = _warm_pair(tiny_dir, 4, 6, 5)
     pending = ahead.gen._pending
     assert pending is not None and pending.s == ahead.gen.position
     ahead.step(pcm[5])
@@ -97,13 +104,7 @@ def test_the_early_step_is_the_one_the_frame_would_have_built(tiny_dir):
 def test_a_changed_state_drops_the_early_step(tiny_dir):
     """A plain `step` after a live frame, or a ring moved on outside the frame, discards the early
     step and takes its position back; the frames then match an engine that never made it."""
-    rng = np.random.default_rng(5)
-    pcm = (0.1 * rng.standard_normal((12, 1920))).astype(np.float32)
-    ahead, inside = _engine(tiny_dir, True, greedy=True), _engine(tiny_dir, False, greedy=True)
-    for e in (ahead, inside):
-        e.start(TEACHER)
-        for j in range(4):
-            e.step(pcm[j])
+    pcm, ahead, inside = _warm_pair(tiny_dir, 5, 12, 4)
     assert ahead.gen.has_pending
     end = ahead.gen.kv.end
     for e in (ahead, inside):  # a plain step (e.g. a caller driving the LM directly)
