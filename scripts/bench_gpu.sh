@@ -269,11 +269,11 @@ for k, v in d.items():
         print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
 PY
     ;;
-  nsys)
+  nsys|nsys-only)
     # Where the host's ~1.3 ms of issuing a temporal step goes: Nsight Systems over a few
     # timeline frames, MLX's NVTX ranges (one per primitive's eval_gpu) and the CUDA API calls
     # (graph instantiate/update/launch), summed. After `stage`; needs nsys on the machine.
-    install
+    if [ "$phase" = nsys ]; then install; else export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1; fi
     nsys=$(command -v nsys || ls /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1 || true)
     if [ -z "$nsys" ]; then echo "no nsys on this machine"; exit 0; fi
     timeout ${NSYS_TIMEOUT:-300} "$nsys" profile -t cuda,nvtx,osrt -o "$out/frame" --force-overwrite true \
@@ -282,6 +282,14 @@ PY
     "$nsys" stats -r nvtx_sum,cuda_api_sum -f csv -o "$out/stats" "$out/frame.nsys-rep" > /dev/null 2>&1 || true
     for f in "$out"/stats*.csv; do echo "== $f"; head -25 "$f"; done
     rm -f "$out/frame.sqlite"
+    ;;
+  issue)
+    # What issuing a custom kernel costs the host by its inputs and template arguments, and
+    # whether a pointer table can stand in for the inputs (scripts/bench_kernel_inputs.py);
+    # then the nsys phase if Nsight Systems is there. After `stage`.
+    install
+    timeout ${INPUTS_TIMEOUT:-120} python3 scripts/bench_kernel_inputs.py | tee "$out/kernel_inputs.jsonl" || true
+    if [ -n "${NSYS:-1}" ]; then bash "$0" nsys-only; fi
     ;;
   timeline)
     # When the host issues each stage of a live frame and when the device finishes it
@@ -303,7 +311,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac
