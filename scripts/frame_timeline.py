@@ -220,13 +220,17 @@ def main() -> None:
         temporal = gen.model.temporal
         # Back to back, in alternating blocks (the next frame picks up a step handed over ahead,
         # so variants cannot alternate frame by frame), then at real-time pace. Variants:
-        # (presubmit, split submission of the temporal step kernel's launches).
+        # (presubmit, split submission of the temporal step kernel's launches, chain ahead,
+        # depth blocks, weight tables).
         variants = {"next temporal step submitted ahead": (True, False, False),
                     "temporal step built in its frame": (False, False, False),
                     "next step built before the barrier (chain ahead)": (True, False, True)}
         if temporal.step_kernel:
             variants["submitted ahead, each launch handed over as built"] = (True, True, False)
             variants["chain ahead, each launch handed over as built"] = (True, True, True)
+            # each launch's weights through one table of their addresses (PARLEY_WEIGHT_TABLE)
+            variants["submitted ahead, weights through tables"] = (True, False, False, 0, True)
+            variants["chain ahead, split, weights through tables"] = (True, True, True, 0, True)
         # The depth step kernel over fewer blocks (--depth-blocks): its grid is fixed when the
         # depth chain is traced, so each count has its own traced frame function.
         from engine.lm import depth_kernel
@@ -237,11 +241,12 @@ def main() -> None:
             variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = (
                 True, False, False, nb)
         depth_kernel.BLOCKS, gen._frame = 0, frames_fn[0]
-        variants = {k: (v + (0,))[:4] for k, v in variants.items()}
+        variants = {k: (v + (0, False))[:5] for k, v in variants.items()}
         blocks = {name: [] for name in variants}
         for _ in range(2):
-            for name, (presubmit, split, chain, nb) in variants.items():
+            for name, (presubmit, split, chain, nb, tables) in variants.items():
                 gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
+                temporal.weight_tables = tables
                 gen._frame = frames_fn[nb]
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
@@ -254,15 +259,17 @@ def main() -> None:
         for name in variants:
             result[f"back to back, {name}"] = summarize(blocks[name], markers)
         save()
-        for name, (presubmit, split, chain, nb) in variants.items():
+        for name, (presubmit, split, chain, nb, tables) in variants.items():
             if chain or nb:
                 continue  # at real-time pace the live path hands the output over first
             gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
+            temporal.weight_tables = tables
             run(engine, mic, 2, markers, frame)
             result[f"real-time pace, {name}"] = summarize(
                 run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
             save()
         gen.presubmit, temporal.split_submit, gen.chain_ahead = True, False, False
+        temporal.weight_tables = False
         engine.close()
         print(json.dumps(result, indent=1))
     finally:

@@ -334,3 +334,100 @@ def test_split_submission_is_opt_in(tiny_dir, monkeypatch):
     assert not Temporal([], mx.ones((4,)), 1, 8, 10000.0).split_submit
     monkeypatch.setenv("PARLEY_SPLIT_SUBMIT", "1")
     assert Temporal([], mx.ones((4,)), 1, 8, 10000.0).split_submit
+
+
+def test_weight_tables_stand_for_each_launchs_weights(engine, monkeypatch):
+    """PARLEY_WEIGHT_TABLE=1: each launch takes one table (a capture kernel's uint64 output over
+    its layers' weights, in the kernel's order, evaluated before the step is traced) and its
+    layers' rings; the arrays the table points at are held."""
+    gen = engine.gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    n = len(temporal.layers)
+    monkeypatch.setattr(temporal_kernel, "LAYERS_PER_LAUNCH", 2)
+    calls, captures = [], []
+    _stand_in(monkeypatch, calls)
+    stand_in = mx.fast.cuda_kernel
+
+    def recording(**kw):
+        call = stand_in(**kw)
+        if kw["name"].startswith("parley_weight_table_"):
+            def capture(**c):
+                captures.append((kw, c["inputs"]))
+                return call(template=None, **c)
+            return capture
+        return call
+    monkeypatch.setattr(mx.fast, "cuda_kernel", recording)
+    temporal_kernel._capture_kernel.cache_clear()
+    temporal.weight_tables = True
+    end = kv.end
+    h = gen.model.hidden(mx.zeros((1, 1, cfg.dim)), kv, compiled=True)
+    mx.eval(h)
+    assert kv.end == end + 1
+    tables = temporal.weight_tables_for(mx.float32)
+    assert len(captures) == len(tables.tables) == -(-n // 2) == len(calls)
+    for g, ((kw, ws), c) in enumerate(zip(captures, calls)):
+        layers = temporal.layers[2 * g: 2 * g + 2]
+        want = [a for layer in layers for a in temporal_kernel._layer_weights(layer, mx.float32)]
+        assert len(ws) == len(want) == temporal_kernel._WEIGHTS * len(layers)
+        for a, b in zip(ws, want):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+        assert tables.held[g] is ws or all(x is y for x, y in zip(tables.held[g], ws))
+        ins = c["inputs"]
+        assert ins["wtab"] is tables.tables[g] and ins["wtab"].dtype == mx.uint64
+        assert len(ins) == 7 + 4 * len(layers)
+        # (traced: the rings are the compiled step's arguments, not the ring's arrays)
+        assert "wq_0" not in ins and ins["kr_0"].shape == kv.keys[2 * g].shape
+        assert "wtab[i]" in c["kw"]["source"]
+    # off: the weights are inputs again (a trace of its own)
+    temporal.weight_tables = False
+    calls.clear()
+    mx.eval(gen.model.hidden(mx.zeros((1, 1, cfg.dim)), kv, compiled=True))
+    assert calls and all("wtab" not in c["inputs"] and "wq_0" in c["inputs"] for c in calls)
+    temporal_kernel._capture_kernel.cache_clear()
+
+
+def test_weight_tables_are_opt_in(monkeypatch):
+    from engine.lm.temporal import Temporal
+    monkeypatch.delenv("PARLEY_WEIGHT_TABLE", raising=False)
+    assert not Temporal([], mx.ones((4,)), 1, 8, 10000.0).weight_tables
+    monkeypatch.setenv("PARLEY_WEIGHT_TABLE", "1")
+    assert Temporal([], mx.ones((4,)), 1, 8, 10000.0).weight_tables
+
+
+@cuda
+def test_on_cuda_weight_tables_give_the_same_bits_and_frames(tiny_dir, monkeypatch):
+    """The step through weight tables reads the same weights as the step that takes them as
+    inputs: the same output and ring bits; and greedy frames through the engine agree."""
+    from engine.duplex import DuplexEngine
+    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "1")
+    monkeypatch.setattr(temporal_kernel, "LAYERS_PER_LAUNCH", 1)  # a table each launch
+    gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    x = mx.random.normal((1, 1, cfg.dim), key=mx.random.key(2))
+    keys = [mx.random.normal(k.shape, key=mx.random.key(10 + i)) for i, k in enumerate(kv.keys)]
+    temporal.weight_tables = True
+    tables = temporal.weight_tables_for(mx.float32)
+    assert len(tables.tables) == len(temporal.layers)
+    results = []
+    for t in (None, tables):
+        rings = [k + 0 for k in keys]
+        out = temporal_kernel.step(temporal, x, mx.array(4, dtype=mx.int32),
+                                   mx.array([4, 5], dtype=mx.int32), kv.counters(),
+                                   temporal._barrier_state(), rings, [r + 1 for r in rings],
+                                   *_rings(kv)[2:], tables=t)
+        mx.eval(out, rings)
+        results.append((np.array(out), [np.array(r) for r in rings]))
+    assert not temporal.step_kernel_failed()
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    assert np.abs(results[0][0]).sum() > 0
+    for a, b in zip(results[1][1], results[0][1]):
+        np.testing.assert_array_equal(a, b)
+    pcm = (0.1 * np.random.default_rng(5).standard_normal((10, 1920))).astype(np.float32)
+    t_engine, t_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_WEIGHT_TABLE": "1"},
+                                        pcm, wrap_after=5)
+    assert t_engine.gen.model.temporal.weight_tables and t_engine.gen.model.temporal._tables
+    monkeypatch.delenv("PARLEY_WEIGHT_TABLE")
+    r_engine, r_tokens = _greedy_tokens(tiny_dir, monkeypatch, {}, pcm, wrap_after=5)
+    assert not r_engine.gen.model.temporal._tables
+    for a, b in zip(t_tokens, r_tokens):
+        np.testing.assert_array_equal(a, b)

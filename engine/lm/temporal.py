@@ -53,8 +53,13 @@ class Temporal:
         # `mx.async_eval` after each but the last), so the device starts on the first layers
         # while the host still issues the rest. Opt-in (PARLEY_SPLIT_SUBMIT=1) until measured.
         self.split_submit = os.environ.get("PARLEY_SPLIT_SUBMIT") == "1"
+        # With step_kernel: each launch takes its weights through one table of their device
+        # addresses (temporal_kernel.WeightTables) instead of ~112 inputs: MLX's host time to
+        # issue a launch grows with its inputs. Opt-in (PARLEY_WEIGHT_TABLE=1) until measured.
+        self.weight_tables = os.environ.get("PARLEY_WEIGHT_TABLE") == "1"
         self._barrier = None  # the step kernel's grid-barrier state, made on first use
         self._step_fns = {}
+        self._tables = {}  # dtype -> WeightTables, made on first use
 
     def can_attend_fused(self, head_dim: int, quantized_ring: bool = False) -> bool:
         """Whether fused.ring_attention takes this model's heads (in an 8-bit ring or not)."""
@@ -76,16 +81,32 @@ class Temporal:
     def _kernel_step(self):
         """With step_kernel: the step as one compiled call of (x, offset, meta, counters,
         barrier, *KVRing.kernel_inputs()) through temporal_kernel.step."""
-        if "kernel" not in self._step_fns:
+        key = ("kernel", self.weight_tables)  # a trace holds its tables (or their absence)
+        if key not in self._step_fns:
             n = len(self.layers)
 
             def step(x, offset, meta, counters, barrier, *rings):
                 return temporal_kernel.step(self, x, offset, meta, counters, barrier,
                                             list(rings[:n]), list(rings[n:2 * n]),
-                                            list(rings[2 * n:3 * n]), list(rings[3 * n:]))
+                                            list(rings[2 * n:3 * n]), list(rings[3 * n:]),
+                                            tables=self.weight_tables_for(x.dtype))
 
-            self._step_fns["kernel"] = mx.compile(step)
-        return self._step_fns["kernel"]
+            compiled = mx.compile(step)
+
+            def call(x, *rest):
+                self.weight_tables_for(x.dtype)  # made (and evaluated) before the trace
+                return compiled(x, *rest)
+
+            self._step_fns[key] = call
+        return self._step_fns[key]
+
+    def weight_tables_for(self, dtype: mx.Dtype):
+        """The step kernel's WeightTables for `dtype` with weight_tables on, else None."""
+        if not self.weight_tables:
+            return None
+        if dtype not in self._tables:
+            self._tables[dtype] = temporal_kernel.WeightTables(self, dtype)
+        return self._tables[dtype]
 
     def _barrier_state(self) -> mx.array:
         if self._barrier is None:
@@ -228,7 +249,8 @@ class Temporal:
             rings = kv.kernel_inputs()
             out = temporal_kernel.step(self, x, offset, kv.step_meta(), kv.counters(),
                                        self._barrier_state(), rings[:n], rings[n:2 * n],
-                                       rings[2 * n:3 * n], rings[3 * n:], submit=mx.async_eval)
+                                       rings[2 * n:3 * n], rings[3 * n:], submit=mx.async_eval,
+                                       tables=self.weight_tables_for(x.dtype))
             kv.advance(1)
             return out
         if self.use_fused and self.ring_attention and self.step_kernel:

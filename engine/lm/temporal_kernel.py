@@ -58,6 +58,7 @@ RING_CHUNK = int(os.environ.get("PARLEY_TEMPORAL_RING_CHUNK", "0"))
 # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values,
 # key params, value params (an 8-bit ring's row scales; a dummy otherwise)
 _PER_LAYER = 18
+_WEIGHTS = 14  # of them weights (the rest: the rings)
 
 _HELPERS = r"""
 namespace parley {
@@ -157,9 +158,7 @@ _BODY = r"""
   __shared__ float red[32];
   __shared__ int last_s;
   __shared__ const void* lp[L * PER_LAYER];
-  if (threadIdx.x == 0) {
-    {layer_ptrs}
-  }
+  {layer_ptrs}
   __syncthreads();
   const int p = pos[0], slot = meta[0], n = meta[1];
   // With PROBE, block 0 notes the GPU's clock (ns) at the start and after each phase's barrier.
@@ -297,12 +296,26 @@ _LAUNCH_BOUNDS = """
 
 
 @functools.cache
-def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float, blocks_per_sm: int = 1):
+def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float, blocks_per_sm: int = 1,
+            table: bool = False):
+    """The step kernel over `layers` layers. With `table`, a layer's weights come from `wtab`
+    (weight_table's device addresses) and only the rings are inputs of their own."""
     names = ["x0", "pos", "meta", "cnt", "sync", "out_norm"]
-    for l in range(layers):
-        names += _layer_names(l)
-    layer_ptrs = " ".join(f"lp[{l * _PER_LAYER + i}] = {n};"
-                          for l in range(layers) for i, n in enumerate(_layer_names(l)))
+    if table:
+        names.append("wtab")
+        for l in range(layers):
+            names += _layer_names(l)[_WEIGHTS:]
+        rings = " ".join(f"lp[{l * _PER_LAYER + i}] = {n};" for l in range(layers)
+                         for i, n in enumerate(_layer_names(l)) if i >= _WEIGHTS)
+        layer_ptrs = (f"if (threadIdx.x == 0) {{ {rings} }}\n"
+                      f"  for (int i = threadIdx.x; i < L * {_WEIGHTS}; i += NT)\n"
+                      f"    lp[i / {_WEIGHTS} * PER_LAYER + i % {_WEIGHTS}] = (const void*)wtab[i];")
+    else:
+        for l in range(layers):
+            names += _layer_names(l)
+        layer_ptrs = "if (threadIdx.x == 0) { " + " ".join(
+            f"lp[{l * _PER_LAYER + i}] = {n};"
+            for l in range(layers) for i, n in enumerate(_layer_names(l))) + " }"
     src = (_BODY.replace("{layer_ptrs}", layer_ptrs).replace("{eps}", repr(float(RMS_EPS)))
            .replace("{scale}", repr(float(scale)))
            .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
@@ -314,6 +327,48 @@ def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float, blocks_per
                                output_names=["y", "x", "q", "k", "v", "attn", "hb", "part",
                                              "ticks"],
                                source=src, header=header)
+
+
+@functools.cache
+def _capture_kernel(n: int):
+    names = [f"w{i}" for i in range(n)]
+    src = ("if (threadIdx.x == 0 && blockIdx.x == 0) {\n"
+           + "".join(f"  table[{i}] = (unsigned long long)(const void*)w{i};\n" for i in range(n))
+           + "}")
+    return mx.fast.cuda_kernel(name=f"parley_weight_table_{n}", input_names=names,
+                               output_names=["table"], source=src)
+
+
+def _layer_weights(layer, dtype: mx.Dtype) -> list[mx.array]:
+    """A layer's weight arrays in _layer_names' order (the first _WEIGHTS of them)."""
+    return [layer.norm1, *fused._weights(layer.in_proj, dtype),
+            *fused._weights(layer.out_proj, dtype), layer.norm2,
+            *fused._weights(layer.linear_in, dtype), *fused._weights(layer.linear_out, dtype)]
+
+
+class WeightTables:
+    """For each launch of a step, one uint64 array of its layers' weights' device addresses
+    (_WEIGHTS a layer, in _layer_names' order), so a launch takes one input for its weights
+    instead of ~112: MLX's host time to issue a launch grows with its inputs. Holds the arrays
+    it points at, so they live as long as the addresses are used. Only for weights, which
+    nothing writes after loading; the rings, written in place and replaced by resets, stay
+    inputs of their own (MLX orders the launches that touch them)."""
+
+    def __init__(self, temporal, dtype: mx.Dtype):
+        self.held, self.tables = [], []
+        layers = temporal.layers
+        for first in range(0, len(layers), LAYERS_PER_LAUNCH):
+            ws = []
+            for layer in layers[first:first + LAYERS_PER_LAUNCH]:
+                # contiguous: the kernel reads them as dense rows (a no-op for loaded weights)
+                ws += [mx.contiguous(a) for a in _layer_weights(layer, dtype)]
+            mx.eval(ws)
+            table = _capture_kernel(len(ws))(inputs=ws, grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                                             output_shapes=[(len(ws),)],
+                                             output_dtypes=[mx.uint64])[0]
+            mx.eval(table)
+            self.held.append(ws)
+            self.tables.append(table)
 
 
 def supports(temporal, dtype: mx.Dtype, head_dim: int) -> bool:
@@ -365,7 +420,7 @@ def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
          barrier: mx.array, keys: list[mx.array], values: list[mx.array],
          key_params: list[mx.array], value_params: list[mx.array], probe: bool = False,
-         submit=None):
+         submit=None, tables: WeightTables | None = None):
     """The one-position step: x [1, 1, D] at position `offset` (int32 scalar), meta = [slot, n]
     of the KV ring (KVRing.step_meta), counters uint32 [H] zeros (left zero), barrier a grid
     barrier state (depth_kernel.new_barrier), keys/values each layer's ring [1, H, S, hd]
@@ -374,7 +429,8 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     [1, 1, D]. With `probe`, (out, ticks): for each launch the
     GPU clock in ns at its start and after each layer's five phases (uint64 [1 + 5 L]).
     `submit` (e.g. mx.async_eval; uncompiled callers only) is called with each launch's output
-    but the last's, as soon as that launch is built."""
+    but the last's, as soon as that launch is built. With `tables` (WeightTables of this
+    temporal and dtype) each launch takes its weights through its table."""
     dtype = x.dtype
     layers = temporal.layers
     H = temporal.num_heads
@@ -397,13 +453,12 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
         group = range(first, min(first + LAYERS_PER_LAUNCH, n))
         last = group[-1] == n - 1
         ins = [h, pos, meta, counters, barrier, temporal.out_norm]
+        if tables is not None:
+            ins.append(tables.tables[first // LAYERS_PER_LAUNCH])
         for i in group:
-            layer = layers[i]
-            ins += [layer.norm1, *fused._weights(layer.in_proj, dtype),
-                    *fused._weights(layer.out_proj, dtype), layer.norm2,
-                    *fused._weights(layer.linear_in, dtype),
-                    *fused._weights(layer.linear_out, dtype), keys[i], values[i],
-                    key_params[i], value_params[i]]
+            if tables is None:
+                ins += _layer_weights(layers[i], dtype)
+            ins += [keys[i], values[i], key_params[i], value_params[i]]
         template = [("T", dtype), ("BITS", bits), ("GROUP", lin.group_size if bits else 64),
                     ("D", D), ("HID", HID), ("H", H), ("HD", hd), ("L", len(group)),
                     ("S", S), ("C", chunks), ("CL", cl), ("LPR", lpr), ("NB", nb),
@@ -414,7 +469,7 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
                     ("RWO", depth_kernel._rows_per_warp(D, warps)),
                     ("RWG", depth_kernel._rows_per_warp(HID, warps)),
                     ("RWD", depth_kernel._rows_per_warp(D, warps))]
-        kern = _kernel(len(group), attention_scale(hd), c, bps)
+        kern = _kernel(len(group), attention_scale(hd), c, bps, tables is not None)
         outs = kern(inputs=ins, template=template,
                     output_shapes=[(D if last else 1,), (D,), (D,), (D,), (D,), (D,), (HID,),
                                    (H * chunks * (hd + 2),), (1 + 5 * len(group) if probe else 1,)],
