@@ -283,6 +283,23 @@ PY
     for f in "$out"/stats*.csv; do echo "== $f"; head -25 "$f"; done
     rm -f "$out/frame.sqlite"
     ;;
+  tables)
+    # Session 11: what a launch's inputs cost the host (scripts/bench_kernel_inputs.py), the
+    # weight tables' CUDA checks, then the timeline with and without them. After `stage`.
+    install
+    timeout ${INPUTS_TIMEOUT:-120} python3 scripts/bench_kernel_inputs.py | tee "$out/kernel_inputs.jsonl" || true
+    timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
+      ${PYTEST_MORE:-} 2>&1 | tail -6 | tee "$out/pytest.txt" || true
+    timeout ${TIMELINE_TIMEOUT:-250} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
+      --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
+    python3 - "$out/timeline.json" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k, v in d.items():
+    if isinstance(v, dict):
+        print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
+PY
+    ;;
   issue)
     # What issuing a custom kernel costs the host by its inputs and template arguments, and
     # whether a pointer table can stand in for the inputs (scripts/bench_kernel_inputs.py);
@@ -311,7 +328,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|tables|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac
