@@ -914,6 +914,31 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
             out.append((f"temporal step kernel d={dims['d']} {dtype} BITS={bits} L={tpl['L']} "
                         f"LAST={tpl['LAST']} blocks/SM={bps} LOADS={loads} PROBE={probe}"
                         f"{' 8-bit ring' if q8 else ''}", _mlx_like_source(kw, ckw)))
+    # Weight tables (PARLEY_WEIGHT_TABLE): the launch taking its weights through one table, and
+    # the kernel writing a table.
+    from types import SimpleNamespace
+    for dims, bits, dtype, q8 in ((seven_b, 4, mx.bfloat16, True), (tiny, 0, mx.float32, False)):
+        temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = 3, 4
+        layers = 8
+        t = shaped_temporal(dims, bits, dtype, layers)
+        H, hd = dims["heads"], dims["d"] // dims["heads"]
+        shape = (1, H, dims["slots"], hd)
+        ring = mx.zeros(shape, dtype=mx.uint8 if q8 else dtype)
+        params = mx.zeros(shape[:-1] + (2,) if q8 else (1,), dtype=mx.float32)
+        tables = SimpleNamespace(tables=[mx.zeros((temporal_kernel._WEIGHTS * layers,), mx.uint64)])
+        kw, ckw = _captured(lambda: temporal_kernel.step(
+            t, mx.zeros((1, 1, dims["d"]), dtype=dtype), mx.array(5, dtype=mx.int32),
+            mx.array([5, 6], dtype=mx.int32), mx.zeros((H,), dtype=mx.uint32),
+            mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers,
+            [params] * layers, [params] * layers, tables=tables))
+        out.append((f"temporal step kernel d={dims['d']} {dtype} BITS={bits} weight table"
+                    f"{' 8-bit ring' if q8 else ''}", _mlx_like_source(kw, ckw)))
+        ws = [a for layer in t.layers for a in temporal_kernel._layer_weights(layer, dtype)]
+        kw, ckw = _captured(lambda: temporal_kernel._capture_kernel(len(ws))(
+            inputs=ws, grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(len(ws),)],
+            output_dtypes=[mx.uint64]))
+        out.append((f"weight table capture d={dims['d']} {dtype} BITS={bits}",
+                    _mlx_like_source(kw, ckw)))
     temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = saved
     depth_kernel.shared_memory_per_sm = smem
     return out
@@ -933,7 +958,7 @@ def _captured_all(fn) -> list[tuple[dict, dict]]:
     from engine.lm import sample_kernel, temporal_kernel
     from engine.mimi import transformer_kernel
     caches = (fused._kernel, depth_kernel._kernel, sample_kernel._kernel, temporal_kernel._kernel,
-              transformer_kernel._kernel)
+              temporal_kernel._capture_kernel, transformer_kernel._kernel)
     mx.fast.cuda_kernel = capture
     for cache in caches:
         cache.cache_clear()
@@ -1155,7 +1180,7 @@ def _mlx_like_source(kw: dict, ckw: dict) -> str:
     params = [f"const {CUDA_TYPES[a.dtype]}* {n}" for n, a in zip(kw["input_names"], ckw["inputs"])]
     params += [f"{CUDA_TYPES[d]}* {n}" for n, d in zip(kw["output_names"], ckw["output_dtypes"])]
     lines = []
-    for name, v in ckw["template"]:
+    for name, v in ckw.get("template") or []:
         if isinstance(v, mx.Dtype):
             lines.append(f"  using {name} = {CUDA_TYPES[v]};")
         elif isinstance(v, bool):
@@ -1163,7 +1188,7 @@ def _mlx_like_source(kw: dict, ckw: dict) -> str:
         else:
             lines.append(f"  constexpr int {name} = {int(v)};")
     return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
-            + kw["header"] + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            + kw.get("header", "") + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
             + "__global__ void kern(" + ", ".join(params) + ") {\n" + "\n".join(lines) + "\n"
             + kw["source"] + "\n}\n}\n")
 
