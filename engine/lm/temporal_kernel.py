@@ -335,8 +335,10 @@ def _capture_kernel(n: int):
     src = ("if (threadIdx.x == 0 && blockIdx.x == 0) {\n"
            + "".join(f"  table[{i}] = (unsigned long long)(const void*)w{i};\n" for i in range(n))
            + "}")
+    # ensure_row_contiguous off: MLX would copy a strided input into a temporary, whose address
+    # would outlive it; the weights are dense arrays of their own (loaded, converted or made).
     return mx.fast.cuda_kernel(name=f"parley_weight_table_{n}", input_names=names,
-                               output_names=["table"], source=src)
+                               output_names=["table"], source=src, ensure_row_contiguous=False)
 
 
 def _layer_weights(layer, dtype: mx.Dtype) -> list[mx.array]:
@@ -360,8 +362,7 @@ class WeightTables:
         for first in range(0, len(layers), LAYERS_PER_LAUNCH):
             ws = []
             for layer in layers[first:first + LAYERS_PER_LAUNCH]:
-                # contiguous: the kernel reads them as dense rows (a no-op for loaded weights)
-                ws += [mx.contiguous(a) for a in _layer_weights(layer, dtype)]
+                ws += _layer_weights(layer, dtype)
             mx.eval(ws)
             table = _capture_kernel(len(ws))(inputs=ws, grid=(32, 1, 1), threadgroup=(32, 1, 1),
                                              output_shapes=[(len(ws),)],
