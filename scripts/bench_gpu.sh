@@ -291,6 +291,7 @@ PY
     timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
       ${PYTEST_MORE:-} 2>&1 | tail -6 | tee "$out/pytest.txt" || true
     timeout ${TIMELINE_TIMEOUT:-250} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
+      ${DEPTH_BLOCKS:+--depth-blocks $DEPTH_BLOCKS} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
     python3 - "$out/timeline.json" <<'PY' || true
 import json, sys
