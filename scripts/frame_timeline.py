@@ -199,6 +199,8 @@ def main() -> None:
                     help="also time back-to-back frames with the depth step kernel over this many "
                          "blocks (depth_kernel.BLOCKS; default one a multiprocessor)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
+    ap.add_argument("--only", nargs="*", default=[],
+                    help="only the variants whose names contain one of these")
     args = ap.parse_args()
     if args.tiny:
         from engine.duplex import DuplexEngine
@@ -225,12 +227,16 @@ def main() -> None:
         variants = {"next temporal step submitted ahead": (True, False, False),
                     "temporal step built in its frame": (False, False, False),
                     "next step built before the barrier (chain ahead)": (True, False, True)}
+        from engine.lm import temporal_kernel
         if temporal.step_kernel:
             variants["submitted ahead, each launch handed over as built"] = (True, True, False)
             variants["chain ahead, each launch handed over as built"] = (True, True, True)
             # each launch's weights through one table of their addresses (PARLEY_WEIGHT_TABLE)
             variants["submitted ahead, weights through tables"] = (True, False, False, 0, True)
             variants["chain ahead, split, weights through tables"] = (True, True, True, 0, True)
+            if temporal_kernel.supports_layers_a_launch(temporal, gen.model.dtype, 16):
+                variants["submitted ahead, tables, 16 layers a launch"] = (True, False, False, 0,
+                                                                           True, 16)
         # The depth step kernel over fewer blocks (--depth-blocks): its grid is fixed when the
         # depth chain is traced, so each count has its own traced frame function.
         from engine.lm import depth_kernel
@@ -241,12 +247,15 @@ def main() -> None:
             variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = (
                 True, False, False, nb)
         depth_kernel.BLOCKS, gen._frame = 0, frames_fn[0]
-        variants = {k: (v + (0, False))[:5] for k, v in variants.items()}
+        variants = {k: (v + (0, False, 0))[:6] for k, v in variants.items()
+                    if not args.only or any(o in k for o in args.only)}
+        default_lpl = temporal_kernel.LAYERS_PER_LAUNCH
         blocks = {name: [] for name in variants}
         for _ in range(2):
-            for name, (presubmit, split, chain, nb, tables) in variants.items():
+            for name, (presubmit, split, chain, nb, tables, lpl) in variants.items():
                 gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
                 temporal.weight_tables = tables
+                temporal_kernel.LAYERS_PER_LAUNCH = lpl or default_lpl
                 gen._frame = frames_fn[nb]
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
@@ -259,17 +268,19 @@ def main() -> None:
         for name in variants:
             result[f"back to back, {name}"] = summarize(blocks[name], markers)
         save()
-        for name, (presubmit, split, chain, nb, tables) in variants.items():
+        for name, (presubmit, split, chain, nb, tables, lpl) in variants.items():
             if chain or nb:
                 continue  # at real-time pace the live path hands the output over first
             gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
             temporal.weight_tables = tables
+            temporal_kernel.LAYERS_PER_LAUNCH = lpl or default_lpl
             run(engine, mic, 2, markers, frame)
             result[f"real-time pace, {name}"] = summarize(
                 run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
             save()
         gen.presubmit, temporal.split_submit, gen.chain_ahead = True, False, False
         temporal.weight_tables = False
+        temporal_kernel.LAYERS_PER_LAUNCH = default_lpl
         engine.close()
         print(json.dumps(result, indent=1))
     finally:

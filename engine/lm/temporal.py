@@ -59,7 +59,7 @@ class Temporal:
         self.weight_tables = os.environ.get("PARLEY_WEIGHT_TABLE") == "1"
         self._barrier = None  # the step kernel's grid-barrier state, made on first use
         self._step_fns = {}
-        self._tables = {}  # dtype -> WeightTables, made on first use
+        self._tables = {}  # (dtype, layers a launch) -> WeightTables, made on first use
 
     def can_attend_fused(self, head_dim: int, quantized_ring: bool = False) -> bool:
         """Whether fused.ring_attention takes this model's heads (in an 8-bit ring or not)."""
@@ -81,7 +81,8 @@ class Temporal:
     def _kernel_step(self):
         """With step_kernel: the step as one compiled call of (x, offset, meta, counters,
         barrier, *KVRing.kernel_inputs()) through temporal_kernel.step."""
-        key = ("kernel", self.weight_tables)  # a trace holds its tables (or their absence)
+        # a trace holds its tables (or their absence) and its launches
+        key = ("kernel", self.weight_tables, temporal_kernel.LAYERS_PER_LAUNCH)
         if key not in self._step_fns:
             n = len(self.layers)
 
@@ -104,9 +105,10 @@ class Temporal:
         """The step kernel's WeightTables for `dtype` with weight_tables on, else None."""
         if not self.weight_tables:
             return None
-        if dtype not in self._tables:
-            self._tables[dtype] = temporal_kernel.WeightTables(self, dtype)
-        return self._tables[dtype]
+        key = (dtype, temporal_kernel.LAYERS_PER_LAUNCH)
+        if key not in self._tables:
+            self._tables[key] = temporal_kernel.WeightTables(self, dtype)
+        return self._tables[key]
 
     def _barrier_state(self) -> mx.array:
         if self._barrier is None:

@@ -392,6 +392,18 @@ def supports(temporal, dtype: mx.Dtype, head_dim: int) -> bool:
     return D % temporal.num_heads == 0 and floats + 32 + LAYERS_PER_LAUNCH * _PER_LAYER * 2 <= 12 * 1024
 
 
+def supports_layers_a_launch(temporal, dtype: mx.Dtype, layers: int) -> bool:
+    """Whether the kernel also fits with `layers` layers a launch (each adds its arrays'
+    addresses to a block's shared memory)."""
+    global LAYERS_PER_LAUNCH
+    saved, LAYERS_PER_LAUNCH = LAYERS_PER_LAUNCH, layers
+    try:
+        D = fused._shape(temporal.layers[0].out_proj)[0]
+        return supports(temporal, dtype, D // temporal.num_heads)
+    finally:
+        LAYERS_PER_LAUNCH = saved
+
+
 def _xs_floats(k: int, vpl: int) -> int:
     return vpl * (k // vpl + 1)
 
