@@ -22,12 +22,12 @@ def _stand_in(monkeypatch, calls: list) -> None:
     answered with zeros of the declared output shapes; the temporal kernel's calls are recorded."""
 
     def fake_cuda_kernel(**kw):
-        def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup):
+        def call(*, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None):
             assert len(inputs) == len(kw["input_names"]), kw["name"]
             assert len(output_shapes) == len(kw["output_names"]) == len(output_dtypes)
             outs = [mx.zeros(s, dtype=d) for s, d in zip(output_shapes, output_dtypes)]
             if kw["name"].startswith("parley_temporal_"):
-                calls.append({"kw": kw, "t": dict(template),
+                calls.append({"kw": kw, "t": dict(template or []),
                               "inputs": dict(zip(kw["input_names"], inputs)),
                               "outs": dict(zip(kw["output_names"], outs)),
                               "grid": grid, "block": threadgroup})
@@ -353,7 +353,7 @@ def test_weight_tables_stand_for_each_launchs_weights(engine, monkeypatch):
         if kw["name"].startswith("parley_weight_table_"):
             def capture(**c):
                 captures.append((kw, c["inputs"]))
-                return call(template=None, **c)
+                return call(**c)
             return capture
         return call
     monkeypatch.setattr(mx.fast, "cuda_kernel", recording)
@@ -386,12 +386,12 @@ def test_weight_tables_stand_for_each_launchs_weights(engine, monkeypatch):
     temporal_kernel._capture_kernel.cache_clear()
 
 
-def test_weight_tables_are_opt_in(monkeypatch):
+def test_weight_tables_are_the_default_and_can_be_turned_off(monkeypatch):
     from engine.lm.temporal import Temporal
     monkeypatch.delenv("PARLEY_WEIGHT_TABLE", raising=False)
-    assert not Temporal([], mx.ones((4,)), 1, 8, 10000.0).weight_tables
-    monkeypatch.setenv("PARLEY_WEIGHT_TABLE", "1")
     assert Temporal([], mx.ones((4,)), 1, 8, 10000.0).weight_tables
+    monkeypatch.setenv("PARLEY_WEIGHT_TABLE", "0")
+    assert not Temporal([], mx.ones((4,)), 1, 8, 10000.0).weight_tables
 
 
 @cuda
@@ -426,8 +426,8 @@ def test_on_cuda_weight_tables_give_the_same_bits_and_frames(tiny_dir, monkeypat
     t_engine, t_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_WEIGHT_TABLE": "1"},
                                         pcm, wrap_after=5)
     assert t_engine.gen.model.temporal.weight_tables and t_engine.gen.model.temporal._tables
-    monkeypatch.delenv("PARLEY_WEIGHT_TABLE")
-    r_engine, r_tokens = _greedy_tokens(tiny_dir, monkeypatch, {}, pcm, wrap_after=5)
+    r_engine, r_tokens = _greedy_tokens(tiny_dir, monkeypatch, {"PARLEY_WEIGHT_TABLE": "0"},
+                                        pcm, wrap_after=5)
     assert not r_engine.gen.model.temporal._tables
     for a, b in zip(t_tokens, r_tokens):
         np.testing.assert_array_equal(a, b)

@@ -54,9 +54,10 @@ class Temporal:
         # while the host still issues the rest. Opt-in (PARLEY_SPLIT_SUBMIT=1) until measured.
         self.split_submit = os.environ.get("PARLEY_SPLIT_SUBMIT") == "1"
         # With step_kernel: each launch takes its weights through one table of their device
-        # addresses (temporal_kernel.WeightTables) instead of ~112 inputs: MLX's host time to
-        # issue a launch grows with its inputs. Opt-in (PARLEY_WEIGHT_TABLE=1) until measured.
-        self.weight_tables = os.environ.get("PARLEY_WEIGHT_TABLE") == "1"
+        # addresses (temporal_kernel.WeightTables) instead of ~112 inputs: less for MLX to
+        # encode when the step is handed over (H200: the handover 0.93 -> 0.62 ms, frame
+        # 9.46 -> 9.07 ms back to back; same bits). PARLEY_WEIGHT_TABLE=0 turns it off.
+        self.weight_tables = os.environ.get("PARLEY_WEIGHT_TABLE", "1") != "0"
         self._barrier = None  # the step kernel's grid-barrier state, made on first use
         self._step_fns = {}
         self._tables = {}  # (dtype, layers a launch) -> WeightTables, made on first use
