@@ -1,5 +1,5 @@
-"""What MLX's CUDA build costs the host to issue one custom kernel, by its number of inputs and
-template arguments: chains of dependent launches of a trivial kernel taking N distinct arrays,
+"""What MLX's CUDA build costs the host to issue one custom kernel, by its number of inputs, their
+size and template arguments: chains of dependent launches of a trivial kernel taking N distinct arrays,
 µs of host time per launch before `async_eval` returns, and per launch on the wall.
 
 Also checks the pointer-table trick that would let the temporal step kernel take its weights as
@@ -99,6 +99,17 @@ def main() -> None:
         for templated in (False, True):
             rows.append(time_chain(n, arrays, args.chain, args.reps, templated))
             print(json.dumps(rows[-1]), flush=True)
+    # MLX's CUDA encoder commits its graph once the inputs it has seen pass MLX_MAX_MB_PER_BUFFER
+    # (400 MB on an H100/H200) or MLX_MAX_OPS_PER_BUFFER ops: a launch whose inputs are a few
+    # layers' weights commits a graph of its own. The same chain with one small and one large
+    # input shows what such a commit costs.
+    for mb in (1, 500):
+        big = mx.zeros((mb * 1024 * 1024 // 4,), mx.float32)
+        mx.eval(big)
+        row = time_chain(1, [big], args.chain, args.reps, False)
+        row["input_mb"] = mb
+        print(json.dumps(row), flush=True)
+        del big
     print(json.dumps({"pointer_table": check_pointer_table(arrays[:150])}), flush=True)
 
 
