@@ -270,6 +270,18 @@ def test_on_cuda_the_step_kernel_keeps_the_frames_the_same(tiny_dir, monkeypatch
         np.testing.assert_array_equal(a, b)
 
 
+def _step_at_slot_4(temporal, kv, x, keys, **kw) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One kernel step at position 4 over copies of `keys` (values: keys + 1) -> (output, the
+    key rings after it) as numpy."""
+    rings = [k + 0 for k in keys]
+    out = temporal_kernel.step(temporal, x, mx.array(4, dtype=mx.int32),
+                               mx.array([4, 5], dtype=mx.int32), kv.counters(),
+                               temporal._barrier_state(), rings, [r + 1 for r in rings],
+                               *_rings(kv)[2:], **kw)
+    mx.eval(out, rings)
+    return np.array(out), [np.array(r) for r in rings]
+
+
 @cuda
 def test_on_cuda_launch_configurations_agree_bit_for_bit(tiny_dir, monkeypatch):
     """Blocks an SM and loads in flight change who computes what, not the sums: the step's output
@@ -284,13 +296,7 @@ def test_on_cuda_launch_configurations_agree_bit_for_bit(tiny_dir, monkeypatch):
     for bps, loads in ((1, 0), (2, 8), (2, 2)):
         monkeypatch.setattr(temporal_kernel, "BLOCKS_PER_SM", bps)
         monkeypatch.setattr(temporal_kernel, "LOADS", loads)
-        rings = [k + 0 for k in keys]
-        out = temporal_kernel.step(temporal, x, mx.array(4, dtype=mx.int32),
-                                   mx.array([4, 5], dtype=mx.int32), kv.counters(),
-                                   temporal._barrier_state(), rings, [r + 1 for r in rings],
-                                   *_rings(kv)[2:])
-        mx.eval(out, rings)
-        results.append((np.array(out), [np.array(r) for r in rings]))
+        results.append(_step_at_slot_4(temporal, kv, x, keys))
     assert not temporal.step_kernel_failed()
     for out, rings in results[1:]:
         np.testing.assert_array_equal(out, results[0][0])
@@ -410,13 +416,7 @@ def test_on_cuda_weight_tables_give_the_same_bits_and_frames(tiny_dir, monkeypat
     assert len(tables.tables) == len(temporal.layers)
     results = []
     for t in (None, tables):
-        rings = [k + 0 for k in keys]
-        out = temporal_kernel.step(temporal, x, mx.array(4, dtype=mx.int32),
-                                   mx.array([4, 5], dtype=mx.int32), kv.counters(),
-                                   temporal._barrier_state(), rings, [r + 1 for r in rings],
-                                   *_rings(kv)[2:], tables=t)
-        mx.eval(out, rings)
-        results.append((np.array(out), [np.array(r) for r in rings]))
+        results.append(_step_at_slot_4(temporal, kv, x, keys, tables=t))
     assert not temporal.step_kernel_failed()
     np.testing.assert_array_equal(results[1][0], results[0][0])
     assert np.abs(results[0][0]).sum() > 0
