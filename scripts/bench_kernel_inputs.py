@@ -1,6 +1,7 @@
-"""What MLX's CUDA build costs the host to issue one custom kernel, by its number of inputs, their
-size and template arguments: chains of dependent launches of a trivial kernel taking N distinct arrays,
-µs of host time per launch before `async_eval` returns, and per launch on the wall.
+"""What MLX's CUDA build costs the host to issue one custom kernel, by its number of inputs,
+their size and template arguments: chains of dependent launches of a trivial kernel taking N
+distinct arrays, µs of host time per launch before `async_eval` returns, and per launch on the
+wall.
 
 Also checks the pointer-table trick that would let the temporal step kernel take its weights as
 one input: a kernel that writes its inputs' device addresses into a uint64 table, and a kernel

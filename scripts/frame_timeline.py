@@ -234,7 +234,8 @@ def main() -> None:
             # each launch's weights through one table of their addresses (PARLEY_WEIGHT_TABLE)
             variants["submitted ahead, weights through tables"] = (True, False, False, 0, True)
             variants["chain ahead, split, weights through tables"] = (True, True, True, 0, True)
-            if temporal_kernel.supports_layers_a_launch(temporal, gen.model.dtype, 16):
+            hd = gen.cfg.dim // gen.cfg.num_heads
+            if temporal_kernel.supports(temporal, gen.model.dtype, hd, layers_a_launch=16):
                 variants["submitted ahead, tables, 16 layers a launch"] = (True, False, False, 0,
                                                                            True, 16)
         # The depth step kernel over fewer blocks (--depth-blocks): its grid is fixed when the

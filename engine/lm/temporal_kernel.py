@@ -309,7 +309,8 @@ def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float, blocks_per
                          for i, n in enumerate(_layer_names(l)) if i >= _WEIGHTS)
         layer_ptrs = (f"if (threadIdx.x == 0) {{ {rings} }}\n"
                       f"  for (int i = threadIdx.x; i < L * {_WEIGHTS}; i += NT)\n"
-                      f"    lp[i / {_WEIGHTS} * PER_LAYER + i % {_WEIGHTS}] = (const void*)wtab[i];")
+                      f"    lp[i / {_WEIGHTS} * PER_LAYER + i % {_WEIGHTS}]"
+                      " = (const void*)wtab[i];")
     else:
         for l in range(layers):
             names += _layer_names(l)
@@ -351,10 +352,14 @@ def _layer_weights(layer, dtype: mx.Dtype) -> list[mx.array]:
 class WeightTables:
     """For each launch of a step, one uint64 array of its layers' weights' device addresses
     (_WEIGHTS a layer, in _layer_names' order), so a launch takes one input for its weights
-    instead of ~112: MLX's host time to issue a launch grows with its inputs. Holds the arrays
-    it points at, so they live as long as the addresses are used. Only for weights, which
-    nothing writes after loading; the rings, written in place and replaced by resets, stay
-    inputs of their own (MLX orders the launches that touch them)."""
+    instead of ~112. MLX encodes every input of a launch and counts its bytes toward committing
+    its CUDA graph (MLX_MAX_MB_PER_BUFFER, 400 MB on an H100/H200), so eight layers' weights as
+    inputs (~900 MB at 4 bits) likely make each launch a graph of its own; on the H200 the
+    tables took handing a step over from 0.93 to 0.62 ms (docs/benchmarks.md, session 11).
+    Holds the arrays it points at, so they live as long as the addresses are used. Only for
+    weights, which nothing writes after loading; the rings, written in place and replaced by
+    resets, stay inputs of their own (MLX orders the launches that touch them).
+    """
 
     def __init__(self, temporal, dtype: mx.Dtype):
         self.held, self.tables = [], []
@@ -372,10 +377,12 @@ class WeightTables:
             self.tables.append(table)
 
 
-def supports(temporal, dtype: mx.Dtype, head_dim: int) -> bool:
+def supports(temporal, dtype: mx.Dtype, head_dim: int,
+             layers_a_launch: int | None = None) -> bool:
     """Whether `temporal` (a Temporal) fits the kernel: every linear in fused.py's layouts with
     one BITS/GROUP for all, heads fused.ring_item takes, and a staged input that fits a block's
-    shared memory."""
+    shared memory (with `layers_a_launch` layers a launch, default LAYERS_PER_LAUNCH: each adds
+    its arrays' addresses to a block's shared memory)."""
     if dtype not in (mx.bfloat16, mx.float32) or fused.ring_layout(head_dim) is None:
         return False
     lins = [lin for layer in temporal.layers
@@ -389,19 +396,8 @@ def supports(temporal, dtype: mx.Dtype, head_dim: int) -> bool:
     lin = temporal.layers[0].in_proj
     vpl = 128 // lin.bits if lin.quantized else 16 // dtype.size
     floats = max(_xs_floats(D, vpl), _xs_floats(HID, vpl))
-    return D % temporal.num_heads == 0 and floats + 32 + LAYERS_PER_LAUNCH * _PER_LAYER * 2 <= 12 * 1024
-
-
-def supports_layers_a_launch(temporal, dtype: mx.Dtype, layers: int) -> bool:
-    """Whether the kernel also fits with `layers` layers a launch (each adds its arrays'
-    addresses to a block's shared memory)."""
-    global LAYERS_PER_LAUNCH
-    saved, LAYERS_PER_LAUNCH = LAYERS_PER_LAUNCH, layers
-    try:
-        D = fused._shape(temporal.layers[0].out_proj)[0]
-        return supports(temporal, dtype, D // temporal.num_heads)
-    finally:
-        LAYERS_PER_LAUNCH = saved
+    lpl = LAYERS_PER_LAUNCH if layers_a_launch is None else layers_a_launch
+    return D % temporal.num_heads == 0 and floats + 32 + lpl * _PER_LAYER * 2 <= 12 * 1024
 
 
 def _xs_floats(k: int, vpl: int) -> int:
