@@ -287,13 +287,15 @@ PY
     # Session 11: what a launch's inputs cost the host (scripts/bench_kernel_inputs.py), the
     # weight tables' CUDA checks, then the timeline with and without them. After `stage`.
     install
-    # INPUTS=0 skips the input costs; PYTEST_K filters the tests (e.g. on_cuda); TL_ARGS goes to
+    # INPUTS=0 skips the input costs; PYTEST=0 the tests, PYTEST_K filters them; TL_ARGS goes to
     # the timeline (e.g. --only tables); MLX_USE_CUDA_GRAPHS=0 runs it all without CUDA graphs.
     if [ "${INPUTS:-1}" != 0 ]; then
       timeout ${INPUTS_TIMEOUT:-120} python3 scripts/bench_kernel_inputs.py | tee "$out/kernel_inputs.jsonl" || true
     fi
-    timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
-      ${PYTEST_K:+-k $PYTEST_K} ${PYTEST_MORE:-} 2>&1 | tail -6 | tee "$out/pytest.txt" || true
+    if [ "${PYTEST:-1}" != 0 ]; then
+      timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
+        ${PYTEST_K:+-k $PYTEST_K} ${PYTEST_MORE:-} 2>&1 | tail -6 | tee "$out/pytest.txt" || true
+    fi
     timeout ${TIMELINE_TIMEOUT:-250} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
       ${DEPTH_BLOCKS:+--depth-blocks $DEPTH_BLOCKS} ${TL_ARGS:-} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
