@@ -184,6 +184,8 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
         "presubmit": bool(getattr(engine.gen, "presubmit", False)),
         "chain_ahead": bool(getattr(engine.gen, "chain_ahead", False)),
+        "encode_after_issue": bool(engine.overlap_encode
+                                   and getattr(engine, "encode_after_issue", False)),
         "weight_tables": bool(engine.gen.model.temporal.step_kernel
                               and engine.gen.model.temporal.weight_tables),
         "paced_latency": _percentiles(paced) if paced else None,

@@ -12,6 +12,7 @@ All MLX work happens on the thread that calls these methods.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -111,6 +112,11 @@ class DuplexEngine:
         self._worker_resets = -1  # encoder_resets when the encoder state was last made concrete
         self._overlap_encode = False
         self.overlap_encode = default_overlap_encode() if overlap_encode is None else overlap_encode
+        # With overlap_encode: queue a live frame's encode only once the frame's depth chain and
+        # decode are handed to the device, so the worker's Python does not compete for the GIL
+        # while this thread issues them (the real-time latency's critical path). Opt-in
+        # (PARLEY_ENCODE_AFTER=1) until measured on a GPU.
+        self.encode_after_issue = os.environ.get("PARLEY_ENCODE_AFTER") == "1"
         self._frames = 0
         self._last_live = False
         self.persona: Persona | None = None
@@ -274,7 +280,16 @@ class DuplexEngine:
         profile = self.profile_stages or (every > 0 and self._frames % every == 0)
         if live:
             timings: dict[str, float] | None = {} if profile else None
-            if self.overlap_encode:
+            issued = None
+            if self.overlap_encode and self.encode_after_issue:
+                # The encode queued only once the frame's own work is on the device (its Python
+                # would otherwise hold the GIL while this thread issues the depth chain).
+                from concurrent.futures import Future
+                codes, worker = Future(), self._encode_worker()
+
+                def issued(future=codes, worker=worker, pcm=pcm_in):
+                    worker.submit_to(future, self._encode_frame, pcm)
+            elif self.overlap_encode:
                 codes = self._encode_worker().submit(self._encode_frame, pcm_in)
             # The next temporal step is handed over as the frame ends, except for the bench's
             # stage split (profile_stages: whole stages) and with defer_next, where the frame
@@ -286,7 +301,7 @@ class DuplexEngine:
                 codes, self.mimi.decode_step, force_agent_silence, timings,
                 submit_next=False if self.profile_stages or defer_next else None,
                 user_later=defer_next,
-                check_kernels=self._frames % self.DEPTH_CHECK_EVERY == 1)
+                check_kernels=self._frames % self.DEPTH_CHECK_EVERY == 1, issued=issued)
             timings = timings or {}
         else:  # before any prompt (Moshi-style start): the plain step with three barriers
             mx.eval(codes)
@@ -446,6 +461,9 @@ class _EncodeWorker:
 
     def submit(self, fn, *args):
         from concurrent.futures import Future
-        future = Future()
+        return self.submit_to(Future(), fn, *args)
+
+    def submit_to(self, future, fn, *args):
+        """`submit` resolving a Future made beforehand (handed out before the call is queued)."""
         self._jobs.put((future, fn, args))
         return future

@@ -221,43 +221,53 @@ def main() -> None:
         gen = engine.gen
         temporal = gen.model.temporal
         # Back to back, in alternating blocks (the next frame picks up a step handed over ahead,
-        # so variants cannot alternate frame by frame), then at real-time pace. Variants:
-        # (presubmit, split submission of the temporal step kernel's launches, chain ahead,
-        # depth blocks, weight tables).
-        variants = {"next temporal step submitted ahead": (True, False, False),
-                    "temporal step built in its frame": (False, False, False),
-                    "next step built before the barrier (chain ahead)": (True, False, True)}
-        from engine.lm import temporal_kernel
+        # so variants cannot alternate frame by frame), then at real-time pace. A variant is
+        # the engine's defaults (pre-submission, weight tables) with some settings changed:
+        # presubmit, split (each temporal launch handed over as built), chain (chain ahead),
+        # nb (depth kernel blocks), tables (PARLEY_WEIGHT_TABLE), lpl (layers a launch),
+        # after (the encode queued once the frame is handed over, PARLEY_ENCODE_AFTER).
+        from engine.lm import depth_kernel, temporal_kernel
+        V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False)
+        variants = {"next temporal step submitted ahead": V,
+                    "temporal step built in its frame": {**V, "presubmit": False},
+                    "next step built before the barrier (chain ahead)": {**V, "chain": True},
+                    "submitted ahead, encode queued after the frame is issued": {**V,
+                                                                                 "after": True}}
         if temporal.step_kernel:
-            variants["submitted ahead, each launch handed over as built"] = (True, True, False)
-            variants["chain ahead, each launch handed over as built"] = (True, True, True)
-            # each launch's weights through one table of their addresses (PARLEY_WEIGHT_TABLE)
-            variants["submitted ahead, weights through tables"] = (True, False, False, 0, True)
-            variants["chain ahead, split, weights through tables"] = (True, True, True, 0, True)
+            variants["submitted ahead, each launch handed over as built"] = {**V, "split": True}
+            variants["chain ahead, each launch handed over as built"] = {**V, "split": True,
+                                                                         "chain": True}
+            variants["submitted ahead, weights as inputs (no tables)"] = {**V, "tables": False}
+            variants["chain ahead, split, encode after"] = {**V, "split": True, "chain": True,
+                                                            "after": True}
             hd = gen.cfg.dim // gen.cfg.num_heads
             if temporal_kernel.supports(temporal, gen.model.dtype, hd, layers_a_launch=16):
-                variants["submitted ahead, tables, 16 layers a launch"] = (True, False, False, 0,
-                                                                           True, 16)
+                variants["submitted ahead, 16 layers a launch"] = {**V, "lpl": 16}
         # The depth step kernel over fewer blocks (--depth-blocks): its grid is fixed when the
         # depth chain is traced, so each count has its own traced frame function.
-        from engine.lm import depth_kernel
         frames_fn = {0: gen._frame}
         for nb in args.depth_blocks:
             depth_kernel.BLOCKS, gen._frame = nb, None
             frames_fn[nb] = gen._make_frame()
-            variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = (
-                True, False, False, nb)
+            variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = {**V,
+                                                                                     "nb": nb}
         depth_kernel.BLOCKS, gen._frame = 0, frames_fn[0]
-        variants = {k: (v + (0, False, 0))[:6] for k, v in variants.items()
+        variants = {k: v for k, v in variants.items()
                     if not args.only or any(o in k for o in args.only)}
         default_lpl = temporal_kernel.LAYERS_PER_LAUNCH
+
+        def apply(v):
+            gen.presubmit, temporal.split_submit, gen.chain_ahead = (v["presubmit"], v["split"],
+                                                                     v["chain"])
+            temporal.weight_tables = v["tables"]
+            temporal_kernel.LAYERS_PER_LAUNCH = v["lpl"] or default_lpl
+            engine.encode_after_issue = v["after"]
+            gen._frame = frames_fn[v["nb"]]
+
         blocks = {name: [] for name in variants}
         for _ in range(2):
-            for name, (presubmit, split, chain, nb, tables, lpl) in variants.items():
-                gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
-                temporal.weight_tables = tables
-                temporal_kernel.LAYERS_PER_LAUNCH = lpl or default_lpl
-                gen._frame = frames_fn[nb]
+            for name, v in variants.items():
+                apply(v)
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
         gen._frame = frames_fn[0]
@@ -269,19 +279,15 @@ def main() -> None:
         for name in variants:
             result[f"back to back, {name}"] = summarize(blocks[name], markers)
         save()
-        for name, (presubmit, split, chain, nb, tables, lpl) in variants.items():
-            if chain or nb:
+        for name, v in variants.items():
+            if v["chain"] or v["nb"]:
                 continue  # at real-time pace the live path hands the output over first
-            gen.presubmit, temporal.split_submit, gen.chain_ahead = presubmit, split, chain
-            temporal.weight_tables = tables
-            temporal_kernel.LAYERS_PER_LAUNCH = lpl or default_lpl
+            apply(v)
             run(engine, mic, 2, markers, frame)
             result[f"real-time pace, {name}"] = summarize(
                 run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
             save()
-        gen.presubmit, temporal.split_submit, gen.chain_ahead = True, False, False
-        temporal.weight_tables = False
-        temporal_kernel.LAYERS_PER_LAUNCH = default_lpl
+        apply(V)
         engine.close()
         print(json.dumps(result, indent=1))
     finally:

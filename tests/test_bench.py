@@ -28,6 +28,7 @@ def test_bench_json_has_every_field(tiny_dir, capsys):
     assert 0 < paced["p50_ms"] <= paced["p95_ms"] <= paced["max_ms"] < 80
     assert data["presubmit"] is True
     assert data["weight_tables"] is False  # no step kernel on this CPU
+    assert data["encode_after_issue"] is False  # no encode worker on this CPU either
     # A persona switch once compiled: the same prefill again, timed.
     assert 0 < data["switch_prefill_ms"] and data["prefill_frames"] > 0
 

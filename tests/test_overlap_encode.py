@@ -147,3 +147,44 @@ def test_early_submit_gives_the_same_frames(tiny_dir, monkeypatch):
         np.testing.assert_array_equal(ta, tb)
         np.testing.assert_array_equal(ua, ub)
         np.testing.assert_allclose(pa, pb, atol=1e-6)
+
+
+def test_encode_after_issue_queues_the_encode_behind_the_frame_and_keeps_the_frames(
+        tiny_dir, monkeypatch):
+    """encode_after_issue (PARLEY_ENCODE_AFTER=1): each live frame's encode is queued only after
+    the frame's outputs were handed to the device, and the frames (also deferred ones, finished
+    by after_step) equal those of the one-thread engine."""
+    import mlx.core as mx
+    monkeypatch.delenv("PARLEY_ENCODE_AFTER", raising=False)
+    assert not DuplexEngine.load(str(tiny_dir), seed=0).encode_after_issue
+    monkeypatch.setenv("PARLEY_ENCODE_AFTER", "1")
+    rng = np.random.default_rng(5)
+    pcm = (0.1 * rng.standard_normal((30, 1920))).astype(np.float32)
+    persona = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
+    plain = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0)
+    after = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0)
+    after.overlap_encode = True
+    assert after.encode_after_issue
+    events = []
+    real_async = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *a: (events.append("handed over"),
+                                                      real_async(*a))[1])
+    worker = after._encode_worker()
+    real_submit_to = worker.submit_to
+    monkeypatch.setattr(worker, "submit_to", lambda *a: (events.append("encode queued"),
+                                                         real_submit_to(*a))[1])
+    a = _frames(plain, persona, pcm, 12)
+    b = _frames(after, persona, pcm, 12)
+    queued = [i for i, e in enumerate(events) if e == "encode queued"]
+    assert len(queued) >= 20  # the live frames of both conversations
+    for i, j in zip([-1] + queued, queued):
+        assert "handed over" in events[i + 1:j]  # this frame's outputs first
+    for (ta, pa, ua), (tb, pb, ub) in zip(a, b):
+        np.testing.assert_array_equal(ta, tb)
+        np.testing.assert_array_equal(ua, ub)
+        np.testing.assert_allclose(pa, pb, atol=1e-6)
+    for j in range(24, 30):  # deferred frames, finished by after_step
+        r = after.step(pcm[j], defer_next=True)
+        after.after_step()
+        np.testing.assert_array_equal(r.tokens, plain.step(pcm[j]).tokens)
+        np.testing.assert_array_equal(after.last_user_codes, plain.last_user_codes)

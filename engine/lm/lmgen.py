@@ -534,7 +534,7 @@ class LMGen:
 
     def step_live(self, user_codes: mx.array, decode, force_agent_silence: bool = False,
                   timings: dict | None = None, submit_next: bool | None = None,
-                  user_later: bool = False, check_kernels: bool = False):
+                  user_later: bool = False, check_kernels: bool = False, issued=None):
         """A live frame with one evaluation barrier (MODEL.md §11.6): `user_codes` may be the lazy
         output of Mimi's encoder and `decode(codes[8])` a lazy Mimi decode; the temporal step, the
         depformer, the encode and the decode of the emitted frame all run in one `mx.eval`.
@@ -552,6 +552,8 @@ class LMGen:
         check_kernels: `check_depth_kernel()` once this frame's kernels are done and before the
         next step is issued (reading the barrier flags would otherwise wait for that step); its
         sentence, if any, is kept for `take_kernel_notice()`.
+        issued: called once the frame's own work (depth chain, decode) is handed to the device
+        and before anything waits for `user_codes` (e.g. to queue the encode that resolves them).
         """
         self.finish_frame()
         s = self.s
@@ -608,6 +610,10 @@ class LMGen:
         codes = mx.where(mx.array(take_host), mx.array(np.where(take_host, host_vals, 0)
                                                       .astype(np.int32)), sampled[1:n + 1])
         pcm = decode(codes)
+        if issued is not None:
+            if timings is None:
+                mx.async_eval(sampled, pcm, text_logits, *outs[2:])
+            issued()
         kv_arrays = self.kv.arrays()
         later = deferred and user_later and timings is None
         chained = None
