@@ -346,3 +346,25 @@ def test_the_simulated_runner_reports_a_failed_after_step_after_its_step():
     got = runner.poll(0.0) + runner.poll(1.0)
     assert [d.kind for d in got] == ["step", "error"] and model.deferred
     assert "out of memory" in got[1].error and runner.failed
+
+
+def test_a_frames_output_does_not_depend_on_its_own_audio(tiny_dir):
+    """What lets a live frame return before its encode (and could let a frame's output be made
+    before its audio arrives): with the default depth steps, frame s's tokens and audio are the
+    same whatever audio frame s carries; frame s+1's differ."""
+    rng = np.random.default_rng(11)
+    pcm = (0.1 * rng.standard_normal((12, 1920))).astype(np.float32)
+    other = (0.3 * rng.standard_normal(1920)).astype(np.float32)
+    a, b = _engine(tiny_dir, True, greedy=True), _engine(tiny_dir, True, greedy=True)
+    assert a.gen.model.depformer_steps == a.gen.cfg.n_q // 2
+    for e in (a, b):
+        e.start(TEACHER)
+        for j in range(8):
+            e.step(pcm[j])
+    ra, rb = a.step(pcm[8]), b.step(other)  # frame 8: different audio
+    np.testing.assert_array_equal(ra.tokens, rb.tokens)
+    np.testing.assert_array_equal(ra.pcm, rb.pcm)
+    assert not np.array_equal(a.last_user_codes, b.last_user_codes)
+    later = [(a.step(pcm[j]), b.step(pcm[j])) for j in range(9, 12)]
+    assert any(not np.array_equal(x.tokens, y.tokens) or not np.array_equal(x.pcm, y.pcm)
+               for x, y in later)
