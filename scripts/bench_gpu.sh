@@ -288,7 +288,8 @@ PY
     # weight tables' CUDA checks, then the timeline with and without them. After `stage`.
     install
     # INPUTS=0 skips the input costs; PYTEST=0 the tests, PYTEST_K filters them; TL_ARGS goes to
-    # the timeline (e.g. --only tables); MLX_USE_CUDA_GRAPHS=0 runs it all without CUDA graphs.
+    # the timeline, split on spaces (e.g. "--only tables encode": --only takes substrings of
+    # variant names, one word each); MLX_USE_CUDA_GRAPHS=0 runs it all without CUDA graphs.
     if [ "${INPUTS:-1}" != 0 ]; then
       timeout ${INPUTS_TIMEOUT:-120} python3 scripts/bench_kernel_inputs.py | tee "$out/kernel_inputs.jsonl" || true
     fi
