@@ -25,13 +25,20 @@ def _frames(engine, persona, pcm, n):
     return out
 
 
-def test_overlapped_encode_gives_the_same_frames(tiny_dir):
-    rng = np.random.default_rng(0)
-    pcm = (0.1 * rng.standard_normal((24, 1920))).astype(np.float32)
+def _plain_and_overlapped(tiny_dir, seed: int, frames: int):
+    """Noise frames, the teacher persona, a one-thread greedy engine and one with the encode
+    worker on."""
+    rng = np.random.default_rng(seed)
+    pcm = (0.1 * rng.standard_normal((frames, 1920))).astype(np.float32)
     persona = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
     plain = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0)
     overlapped = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0)
     overlapped.overlap_encode = True
+    return pcm, persona, plain, overlapped
+
+
+def test_overlapped_encode_gives_the_same_frames(tiny_dir):
+    pcm, persona, plain, overlapped = _plain_and_overlapped(tiny_dir, seed=0, frames=24)
     overlapped.profile_stages = True  # the stage split is still reported
     a = _frames(plain, persona, pcm, 12)
     b = _frames(overlapped, persona, pcm, 12)
@@ -158,12 +165,7 @@ def test_encode_after_issue_queues_the_encode_behind_the_frame_and_keeps_the_fra
     monkeypatch.delenv("PARLEY_ENCODE_AFTER", raising=False)
     assert not DuplexEngine.load(str(tiny_dir), seed=0).encode_after_issue
     monkeypatch.setenv("PARLEY_ENCODE_AFTER", "1")
-    rng = np.random.default_rng(5)
-    pcm = (0.1 * rng.standard_normal((30, 1920))).astype(np.float32)
-    persona = Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0")
-    plain = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0)
-    after = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0)
-    after.overlap_encode = True
+    pcm, persona, plain, after = _plain_and_overlapped(tiny_dir, seed=5, frames=30)
     assert after.encode_after_issue
     events = []
     real_async = mx.async_eval
