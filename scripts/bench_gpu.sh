@@ -308,6 +308,32 @@ for k, v in d.items():
         print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
 PY
     ;;
+  prefetch)
+    # Session 12: the temporal step kernel's L2 prefetches (PARLEY_TEMPORAL_PREFETCH, a mask). One
+    # launch of 8 layers at 7B widths over an 8-bit ring under each mask (bit-for-bit check and
+    # per-phase clock), the CUDA tests, then the timeline with masks. After `stage`.
+    # PF_CONFIGS: BLOCKS,LOADS,DPL,CHUNK,MASK entries; PYTEST=0 / TIMELINE=0 skip those parts.
+    install
+    timeout ${CONFIGS_TIMEOUT:-240} python3 scripts/check_fused_kernels.py --temporal-kernel \
+      --configs-only --q8-only --q8-configs --configs ${PF_CONFIGS:-3,4 3,4,0,0,1 3,4,0,0,2 3,4,0,0,4 3,4,0,0,8 3,4,0,0,16 3,4,0,0,27 3,4,0,0,31} \
+      2>&1 | tee "$out/prefetch_configs.txt" | grep -v "^ *$" | tail -14 || true
+    if [ "${PYTEST:-1}" != 0 ]; then
+      timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
+        -k "${PYTEST_K:-configurations or prefetch}" 2>&1 | tail -4 | tee "$out/pytest.txt" || true
+    fi
+    if [ "${TIMELINE:-1}" != 0 ]; then
+      timeout ${TIMELINE_TIMEOUT:-250} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
+        --paced-frames ${PACED:-20} --only next_temporal prefetch --prefetch ${TL_PF:-31 27} \
+        --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
+      python3 - "$out/timeline.json" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k, v in d.items():
+    if isinstance(v, dict):
+        print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
+PY
+    fi
+    ;;
   issue)
     # What issuing a custom kernel costs the host by its inputs and template arguments, and
     # whether a pointer table can stand in for the inputs (scripts/bench_kernel_inputs.py);
@@ -336,7 +362,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|tables|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|tables|prefetch|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

@@ -798,30 +798,33 @@ PHASES = ("norm+QKV+RoPE", "attention", "out proj", "norm+gated", "down proj")
 
 
 def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[int, ...]],
-                            layers: int = 8, reps: int = 20) -> list[str]:
+                            layers: int = 8, reps: int = 20, q8: bool = False) -> list[str]:
     """The step kernel's launch configurations against each other, each (blocks an SM, loads in
-    flight a lane[, attention values a lane, attention chunk]): a configuration with the first's
+    flight a lane[, attention values a lane, attention chunk[, L2 prefetch mask]]), over bf16
+    rings or (q8) 8-bit ones as the engine's default: a configuration with the first's
     attention layout must equal the first bit for bit (the same sums in the same order), one
     with another layout come within bf16 rounding of it; then its step time (one launch of
     `layers` layers, wall time) and, from the kernel's own clock (block 0, PROBE), the time each
     phase of a layer takes, p50 over layers and steps."""
     from engine.lm import temporal_kernel as tk
-    t, rings, counters, barrier, _ = _temporal_setup(dtype, bits, dims, layers)
+    t, rings, counters, barrier, _ = _temporal_setup(dtype, bits, dims, layers, q8=q8)
     S = dims["slots"]
     x = mx.random.normal((1, 1, dims["d"]), key=mx.random.key(3)).astype(dtype)
     slot = 7 % S
     offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([slot, S], dtype=mx.int32)
-    saved = tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH
+    saved = (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH,
+             tk.PREFETCH)
     lines, first = [], None
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
     try:
         tk.LAYERS_PER_LAUNCH = layers
         for config in configs:
-            bps, loads, dpl, chunk = (tuple(config) + (0, 0))[:4]
+            bps, loads, dpl, chunk, pf = (tuple(config) + (0, 0, 0))[:5]
             tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK = bps, loads, dpl, chunk
+            tk.PREFETCH = pf
             name = (f"{bps} block(s) an SM, loads {loads or 'compiler'}"
                     + (f", attention {dpl or 'default'} values a lane, chunks of {chunk or 'default'}"
-                       if dpl or chunk else ""))
+                       if dpl or chunk else "") + (f", L2 prefetch {pf}" if pf else ""))
             rb = [r + 0 for r in rings]
             mx.eval(rb)
             try:
@@ -867,7 +870,8 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
                              f"{ph} {float(np.median(v)):.1f}" for ph, v in zip(PHASES, phases))
                          + f" (a layer {per_layer:.1f})")
     finally:
-        (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH) = saved
+        (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH,
+         tk.PREFETCH) = saved
         tk._kernel.cache_clear()
     return lines
 
@@ -917,8 +921,12 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
     # Weight tables (PARLEY_WEIGHT_TABLE): the launch taking its weights through one table, and
     # the kernel writing a table.
     from types import SimpleNamespace
-    for dims, bits, dtype, q8 in ((seven_b, 4, mx.bfloat16, True), (tiny, 0, mx.float32, False)):
-        temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = 3, 4
+    # Each with every L2 prefetch on too (PARLEY_TEMPORAL_PREFETCH).
+    saved_pf = temporal_kernel.PREFETCH
+    for dims, bits, dtype, q8, pf in ((seven_b, 4, mx.bfloat16, True, 0), (tiny, 0, mx.float32, False, 0),
+                                      (seven_b, 4, mx.bfloat16, True, 31), (seven_b, 8, mx.bfloat16, False, 31),
+                                      (tiny, 0, mx.float32, True, 31), (tiny, 0, mx.float32, False, 31)):
+        temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS, temporal_kernel.PREFETCH = 3, 4, pf
         layers = 8
         t = shaped_temporal(dims, bits, dtype, layers)
         H, hd = dims["heads"], dims["d"] // dims["heads"]
@@ -932,7 +940,10 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
             mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers,
             [params] * layers, [params] * layers, tables=tables))
         out.append((f"temporal step kernel d={dims['d']} {dtype} BITS={bits} weight table"
-                    f"{' 8-bit ring' if q8 else ''}", _mlx_like_source(kw, ckw)))
+                    f"{' 8-bit ring' if q8 else ''}{f' L2 prefetch {pf}' if pf else ''}",
+                    _mlx_like_source(kw, ckw)))
+        if pf:
+            continue
         ws = [a for layer in t.layers for a in temporal_kernel._layer_weights(layer, dtype)]
         kw, ckw = _captured(lambda: temporal_kernel._capture_kernel(len(ws))(
             inputs=ws, grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(len(ws),)],
@@ -940,6 +951,7 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
         out.append((f"weight table capture d={dims['d']} {dtype} BITS={bits}",
                     _mlx_like_source(kw, ckw)))
     temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = saved
+    temporal_kernel.PREFETCH = saved_pf
     depth_kernel.shared_memory_per_sm = smem
     return out
 
@@ -1214,7 +1226,10 @@ def main() -> None:
                          "then step timings")
     ap.add_argument("--configs", nargs="*", default=["1,0", "1,8", "2,0", "2,8", "2,4", "3,4"],
                     help="with --temporal-kernel: launch configurations to compare, each "
-                         "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK] (0: the default)")
+                         "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK[,PREFETCH]] (0: the default)")
+    ap.add_argument("--q8-configs", action="store_true",
+                    help="with --temporal-kernel: compare the configurations over an 8-bit ring "
+                         "too (4-bit weights)")
     ap.add_argument("--configs-only", action="store_true",
                     help="with --temporal-kernel: only the configurations' comparison")
     ap.add_argument("--q8-only", action="store_true",
@@ -1270,6 +1285,10 @@ def main() -> None:
             fails += report(f"temporal step kernel configurations, bf16 bits={bits}, 7B widths, "
                             f"one launch of 8 layers",
                             temporal_kernel_configs(mx.bfloat16, bits, seven_b_ring, configs))
+        if args.q8_configs:  # the engine's default ring with quantized weights
+            fails += report("temporal step kernel configurations, bf16 bits=4, 7B widths, "
+                            "8-bit ring, one launch of 8 layers",
+                            temporal_kernel_configs(mx.bfloat16, 4, seven_b_ring, configs, q8=True))
         print("numerics:", "all ok" if not fails else f"{fails} FAILED")
         return
     if args.ring:

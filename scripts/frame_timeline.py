@@ -200,7 +200,11 @@ def main() -> None:
                          "blocks (depth_kernel.BLOCKS; default one a multiprocessor)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a quick check anywhere)")
     ap.add_argument("--only", nargs="*", default=[],
-                    help="only the variants whose names contain one of these")
+                    help="only the variants whose names contain one of these ('_' stands "
+                         "for a space)")
+    ap.add_argument("--prefetch", type=int, nargs="*", default=[],
+                    help="also time the defaults with each of these L2 prefetch masks "
+                         "(PARLEY_TEMPORAL_PREFETCH)")
     args = ap.parse_args()
     if args.tiny:
         from engine.duplex import DuplexEngine
@@ -227,7 +231,9 @@ def main() -> None:
         # nb (depth kernel blocks), tables (PARLEY_WEIGHT_TABLE), lpl (layers a launch),
         # after (the encode queued once the frame is handed over, PARLEY_ENCODE_AFTER).
         from engine.lm import depth_kernel, temporal_kernel
-        V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False)
+        # pf (the step kernel's L2 prefetch mask, PARLEY_TEMPORAL_PREFETCH; None: the default).
+        V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False,
+                 pf=None)
         variants = {"next temporal step submitted ahead": V,
                     "temporal step built in its frame": {**V, "presubmit": False},
                     "next step built before the barrier (chain ahead)": {**V, "chain": True},
@@ -243,6 +249,8 @@ def main() -> None:
             hd = gen.cfg.dim // gen.cfg.num_heads
             if temporal_kernel.supports(temporal, gen.model.dtype, hd, layers_a_launch=16):
                 variants["submitted ahead, 16 layers a launch"] = {**V, "lpl": 16}
+            for pf in args.prefetch:
+                variants[f"submitted ahead, L2 prefetch {pf}"] = {**V, "pf": pf}
         # The depth step kernel over fewer blocks (--depth-blocks): its grid is fixed when the
         # depth chain is traced, so each count has its own traced frame function.
         frames_fn = {0: gen._frame}
@@ -253,14 +261,15 @@ def main() -> None:
                                                                                      "nb": nb}
         depth_kernel.BLOCKS, gen._frame = 0, frames_fn[0]
         variants = {k: v for k, v in variants.items()
-                    if not args.only or any(o in k for o in args.only)}
-        default_lpl = temporal_kernel.LAYERS_PER_LAUNCH
+                    if not args.only or any(o.replace("_", " ") in k for o in args.only)}
+        default_lpl, default_pf = temporal_kernel.LAYERS_PER_LAUNCH, temporal_kernel.PREFETCH
 
         def apply(v):
             gen.presubmit, temporal.split_submit, gen.chain_ahead = (v["presubmit"], v["split"],
                                                                      v["chain"])
             temporal.weight_tables = v["tables"]
             temporal_kernel.LAYERS_PER_LAUNCH = v["lpl"] or default_lpl
+            temporal_kernel.PREFETCH = default_pf if v["pf"] is None else v["pf"]
             engine.encode_after_issue = v["after"]
             gen._frame = frames_fn[v["nb"]]
 

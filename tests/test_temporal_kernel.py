@@ -146,6 +146,7 @@ def test_more_blocks_an_sm_bound_the_registers_and_widen_the_grid(engine, monkey
         assert c["t"]["LOADS"] == loads and c["t"]["PROBE"] is False
         sources[bps] = c["kw"]["header"]
     assert "__launch_bounds__" not in sources[1]
+    assert c["t"]["PF"] == temporal_kernel.PREFETCH
     bounds = sources[3][sources[3].index("#undef __global__"):]
     assert "__launch_bounds__(256, 3)" in bounds and "namespace" not in bounds  # after all else
 
@@ -160,6 +161,30 @@ def test_blocks_an_sm_are_as_many_as_its_shared_memory_holds(monkeypatch):
     assert temporal_kernel.blocks_that_fit(3, block) == 2
     monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: None)  # the driver cannot say
     assert temporal_kernel.blocks_that_fit(3, block) == 1
+
+
+def test_the_l2_prefetch_mask_reaches_the_kernel_and_retraces_the_step(engine, monkeypatch):
+    """PARLEY_TEMPORAL_PREFETCH: the mask is a template constant of every launch, the kernel
+    source asks L2 for what each of the five prefetches names, and the engine's compiled step is
+    traced again when the mask changes (a trace holds its launches)."""
+    gen = engine.gen
+    temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
+    src = temporal_kernel._BODY
+    for bit in (temporal_kernel.PF_RING, temporal_kernel.PF_OUT, temporal_kernel.PF_GATED,
+                temporal_kernel.PF_DOWN, temporal_kernel.PF_NEXT_QKV):
+        assert f"(PF & {bit}) != 0" in src
+    assert "cp.async.bulk.prefetch.L2.global" in temporal_kernel._HELPERS
+    seen = []
+    for pf in (0, 31):
+        monkeypatch.setattr(temporal_kernel, "PREFETCH", pf)
+        calls = []
+        _stand_in(monkeypatch, calls)
+        temporal_kernel.step(temporal, mx.zeros((1, 1, cfg.dim)), mx.array(3, dtype=mx.int32),
+                             kv.step_meta(), kv.counters(), temporal._barrier_state(),
+                             *_rings(kv))
+        assert {c["t"]["PF"] for c in calls} == {pf}
+        seen.append(temporal._kernel_step())
+    assert seen[0] is not seen[1]
 
 
 def test_the_probe_returns_each_launchs_clock_ticks(engine, monkeypatch):
@@ -284,8 +309,8 @@ def _step_at_slot_4(temporal, kv, x, keys, **kw) -> tuple[np.ndarray, list[np.nd
 
 @cuda
 def test_on_cuda_launch_configurations_agree_bit_for_bit(tiny_dir, monkeypatch):
-    """Blocks an SM and loads in flight change who computes what, not the sums: the step's output
-    and rings are the same bits under each configuration."""
+    """Blocks an SM, loads in flight and L2 prefetches change who computes what, not the sums:
+    the step's output and rings are the same bits under each configuration."""
     from engine.duplex import DuplexEngine
     monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "1")
     gen = DuplexEngine.load(str(tiny_dir), seed=0, dtype="float32").gen
@@ -293,9 +318,11 @@ def test_on_cuda_launch_configurations_agree_bit_for_bit(tiny_dir, monkeypatch):
     x = mx.random.normal((1, 1, cfg.dim), key=mx.random.key(1))
     keys = [mx.random.normal(k.shape, key=mx.random.key(i)) for i, k in enumerate(kv.keys)]
     results = []
-    for bps, loads in ((1, 0), (2, 8), (2, 2)):
+    # the last with every L2 prefetch on (hints: no value may change)
+    for bps, loads, pf in ((1, 0, 0), (2, 8, 0), (2, 2, 0), (3, 4, 31)):
         monkeypatch.setattr(temporal_kernel, "BLOCKS_PER_SM", bps)
         monkeypatch.setattr(temporal_kernel, "LOADS", loads)
+        monkeypatch.setattr(temporal_kernel, "PREFETCH", pf)
         results.append(_step_at_slot_4(temporal, kv, x, keys))
     assert not temporal.step_kernel_failed()
     for out, rings in results[1:]:
@@ -430,4 +457,32 @@ def test_on_cuda_weight_tables_give_the_same_bits_and_frames(tiny_dir, monkeypat
                                         pcm, wrap_after=5)
     assert not r_engine.gen.model.temporal._tables
     for a, b in zip(t_tokens, r_tokens):
+        np.testing.assert_array_equal(a, b)
+
+
+@cuda
+def test_on_cuda_l2_prefetches_keep_the_frames_the_same(tiny_dir, monkeypatch):
+    """float32 tiny model over an 8-bit KV ring (whose row parameters the ring prefetch also
+    asks for; the tiny widths cannot all be quantized alike, so the weights stay float32 here and
+    scripts/check_fused_kernels.py compares 4-bit 7B launches bit for bit), greedy, across a
+    wrap: every L2 prefetch on gives the same frames as none."""
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    monkeypatch.setenv("PARLEY_TEMPORAL_KERNEL", "1")
+    pcm = (0.1 * np.random.default_rng(6).standard_normal((10, 1920))).astype(np.float32)
+    runs = []
+    for pf in (0, 31):
+        monkeypatch.setattr(temporal_kernel, "PREFETCH", pf)
+        engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32",
+                                   kv_bits=8)
+        assert engine.gen.model.temporal.step_kernel and engine.gen.kv.keys[0].dtype == mx.uint8
+        engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+        tokens = []
+        for i, p in enumerate(pcm):
+            if i == 5:
+                engine.gen.kv.end = 2 * engine.gen.kv.slots - 3
+            tokens.append(engine.step(p).tokens.copy())
+        assert not engine.gen.model.temporal.step_kernel_failed()
+        runs.append(tokens)
+    for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)

@@ -82,8 +82,9 @@ class Temporal:
     def _kernel_step(self):
         """With step_kernel: the step as one compiled call of (x, offset, meta, counters,
         barrier, *KVRing.kernel_inputs()) through temporal_kernel.step."""
-        # a trace holds its tables (or their absence) and its launches
-        key = ("kernel", self.weight_tables, temporal_kernel.LAYERS_PER_LAUNCH)
+        # a trace holds its tables (or their absence), its launches and their L2 prefetches
+        key = ("kernel", self.weight_tables, temporal_kernel.LAYERS_PER_LAUNCH,
+               temporal_kernel.PREFETCH)
         if key not in self._step_fns:
             n = len(self.layers)
 

@@ -55,6 +55,15 @@ LOADS = int(os.environ.get("PARLEY_TEMPORAL_LOADS", "4"))
 # order of the attention's sums (within float32 rounding of the fused step's).
 RING_DPL = int(os.environ.get("PARLEY_TEMPORAL_RING_DPL", "0"))
 RING_CHUNK = int(os.environ.get("PARLEY_TEMPORAL_RING_CHUNK", "0"))
+# What each warp asks L2 to fetch for the next phase once it is done with its share of this one
+# (PARLEY_TEMPORAL_PREFETCH, a mask): 1 its block's attention items' ring chunks (after the
+# QKV), 2 its out projection rows (after the attention), 4 its gated rows (after the out
+# projection), 8 its down projection rows (after the gated half), 16 its next layer's QKV rows
+# (after the down projection, within a launch). The weights and the ring do not depend on the
+# phase before, so their loads can start while the other warps finish, the grid barrier waits
+# and the next input is staged, time in which DRAM otherwise idles. Hints only: no value changes.
+PREFETCH = int(os.environ.get("PARLEY_TEMPORAL_PREFETCH", "0"))
+PF_RING, PF_OUT, PF_GATED, PF_DOWN, PF_NEXT_QKV = 1, 2, 4, 8, 16
 # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values,
 # key params, value params (an 8-bit ring's row scales; a dummy otherwise)
 _PER_LAYER = 18
@@ -115,6 +124,43 @@ __device__ __forceinline__ void gemv_rows_u(const float* xs, const void* wp, con
 #pragma unroll
     for (int r = 0; r < RW; ++r) acc[r] = warp_sum(acc[r]);
   }
+}
+
+// Asks L2 to fetch the 16-byte-aligned interior of [p, p + bytes): a hint, nothing comes back
+// and nothing waits for it. On Hopper one bulk prefetch (lane 0), before that a line a lane.
+__device__ __forceinline__ void l2_prefetch(const void* p, size_t bytes, int lane) {
+  const size_t a = (reinterpret_cast<size_t>(p) + 15) & ~size_t(15);
+  const size_t e = (reinterpret_cast<size_t>(p) + bytes) & ~size_t(15);
+  if (e <= a) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane == 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((unsigned)(e - a))
+                 : "memory");
+#else
+  for (size_t q = a + 128 * (size_t)lane; q < e; q += 128 * 32)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(q));
+#endif
+}
+
+// Rows [r0, r0 + cnt) of a product's matrix (K inputs) into L2: weights, scales and biases.
+template <typename T, int BITS, int K, int GROUP>
+__device__ __forceinline__ void prefetch_rows(const void* w, const T* s, const T* b, int r0,
+                                              int cnt, int lane) {
+  constexpr size_t RB = BITS ? (size_t)K * BITS / 8 : (size_t)K * sizeof(T);
+  l2_prefetch(reinterpret_cast<const char*>(w) + (size_t)r0 * RB, (size_t)cnt * RB, lane);
+  if constexpr (BITS != 0) {
+    constexpr size_t G = K / GROUP;
+    l2_prefetch(s + (size_t)r0 * G, (size_t)cnt * G * sizeof(T), lane);
+    l2_prefetch(b + (size_t)r0 * G, (size_t)cnt * G * sizeof(T), lane);
+  }
+}
+
+// Every task of this warp in a product of N rows, RW rows a task (tasks as add_rows takes them).
+template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
+__device__ __forceinline__ void prefetch_tasks(const void* w, const T* s, const T* b, int gw,
+                                               int lane, int row_offset = 0) {
+  for (int t = gw; t < N / RW; t += TW)
+    prefetch_rows<T, BITS, K, GROUP>(w, s, b, row_offset + t * RW, RW, lane);
 }
 
 // The loads a lane keeps in flight (LOADS) as lane-iterations for RW rows at a time.
@@ -225,6 +271,21 @@ _BODY = r"""
         }
       }
     }
+    if constexpr ((PF & 1) != 0) {  // this block's attention items: their chunks of both rings
+      for (int i = 0, it = blockIdx.x; it < H * C; ++i, it += NB) {
+        if (i % WARPS != warp) continue;
+        const int h = it / C, j0 = (it % C) * CL, j1 = min(j0 + CL, n);
+        if (j1 <= j0) continue;
+        constexpr size_t RB = Q8 ? HD : HD * sizeof(T);
+        const size_t at = (size_t)h * S + j0, rows = (size_t)(j1 - j0);
+        l2_prefetch(reinterpret_cast<const char*>(kring) + at * RB, rows * RB, lane);
+        l2_prefetch(reinterpret_cast<const char*>(vring) + at * RB, rows * RB, lane);
+        if constexpr (Q8) {
+          l2_prefetch(kpar + 2 * at, rows * 2 * sizeof(float), lane);
+          l2_prefetch(vpar + 2 * at, rows * 2 * sizeof(float), lane);
+        }
+      }
+    }
     grid_sync<AR>(bar, NB);
     tick(1 + 5 * l);
 
@@ -234,12 +295,17 @@ _BODY = r"""
                                                     vpar, slot, n, {scale}f, part, counts, attn,
                                                     xs, red, xs + CL, &last_s);
     }
+    if constexpr ((PF & 2) != 0) prefetch_tasks<T, BITS, D, GROUP, RWO, D, TW>(wo, so, bo, gw, lane);
     grid_sync<AR>(bar, NB);
     tick(2 + 5 * l);
 
     // 3. Out projection + residual.
     stage_x<T, VPL, D, NT, true, false>(attn, nullptr, 0.f, xs, red);
     add_rows<T, BITS, D, GROUP, RWO, D, TW, LOADS>(x, xr, xs, wo, so, bo, gw, lane);
+    if constexpr ((PF & 4) != 0) {  // both halves of the gated rows
+      prefetch_tasks<T, BITS, D, GROUP, RWG, HID, TW>(wi, si, bi, gw, lane);
+      prefetch_tasks<T, BITS, D, GROUP, RWG, HID, TW>(wi, si, bi, gw, lane, HID);
+    }
     grid_sync<AR>(bar, NB);
     tick(3 + 5 * l);
 
@@ -262,12 +328,21 @@ _BODY = r"""
         }
       }
     }
+    if constexpr ((PF & 8) != 0) prefetch_tasks<T, BITS, HID, GROUP, RWD, D, TW>(wd, sd, bd, gw, lane);
     grid_sync<AR>(bar, NB);
     tick(4 + 5 * l);
 
     // 5. Down projection + residual.
     stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
     add_rows<T, BITS, HID, GROUP, RWD, D, TW, LOADS>(x, x, xs, wd, sd, bd, gw, lane);
+    if constexpr ((PF & 16) != 0) {  // the next layer's QKV rows (RoPE pairs: RWQ a task)
+      if (l + 1 < L) {
+        const void* const* pn = pl + PER_LAYER;
+        for (int t = gw; t < 3 * D / RWQ; t += TW)
+          prefetch_rows<T, BITS, D, GROUP>(pn[1], (const T*)pn[2], (const T*)pn[3], t * RWQ, RWQ,
+                                           lane);
+      }
+    }
     if (l + 1 < L || LAST) grid_sync<AR>(bar, NB);
     tick(5 + 5 * l);
   }
@@ -423,7 +498,8 @@ def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
     """How the step's launches are laid out on this GPU (for `parley bench --json`)."""
     _, _, _, bps = _geometry(temporal, dtype, slots)
     return {"layers_per_launch": LAYERS_PER_LAUNCH, "blocks_per_sm": bps,
-            "sms": depth_kernel.sm_count(), "loads_in_flight": LOADS}
+            "sms": depth_kernel.sm_count(), "loads_in_flight": LOADS,
+            "l2_prefetch": PREFETCH}
 
 
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
@@ -474,6 +550,7 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
                     ("WARPS", WARPS), ("XS", xs), ("PER_LAYER", _PER_LAYER), ("LAST", last),
                     ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
                     ("PROBE", probe), ("LOADS", LOADS), ("Q8", keys[0].dtype == mx.uint8),
+                    ("PF", PREFETCH),
                     ("RWQ", _even_rows(3 * D, warps)),
                     ("RWO", depth_kernel._rows_per_warp(D, warps)),
                     ("RWG", depth_kernel._rows_per_warp(HID, warps)),
