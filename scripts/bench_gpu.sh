@@ -30,6 +30,17 @@ install() {
   export PYTHONPATH=/root/site:/root/site-extra:$PWD PYTHONUNBUFFERED=1
 }
 
+# Each timeline variant's host returns and device marks, from $out/timeline.json.
+timeline_summary() {
+  python3 - "$out/timeline.json" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k, v in d.items():
+    if isinstance(v, dict):
+        print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
+PY
+}
+
 case "$phase" in
   stage)
     mkdir -p /root/gpu && cp .gpu/a/* /root/gpu/ && ls -la /root/gpu
@@ -261,13 +272,7 @@ PY
     timeout ${TIMELINE_TIMEOUT:-150} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
       ${DEPTH_BLOCKS:+--depth-blocks $DEPTH_BLOCKS} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || true
-    python3 - "$out/timeline.json" <<'PY' || true
-import json, sys
-d = json.load(open(sys.argv[1]))
-for k, v in d.items():
-    if isinstance(v, dict):
-        print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
-PY
+    timeline_summary
     ;;
   nsys|nsys-only)
     # Where the host's ~1.3 ms of issuing a temporal step goes: Nsight Systems over a few
@@ -325,13 +330,7 @@ PY
       timeout ${TIMELINE_TIMEOUT:-250} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
         --paced-frames ${PACED:-20} --only next_temporal prefetch --prefetch ${TL_PF:-31 27} \
         --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
-      python3 - "$out/timeline.json" <<'PY' || true
-import json, sys
-d = json.load(open(sys.argv[1]))
-for k, v in d.items():
-    if isinstance(v, dict):
-        print(k, {e: v[e] for e in v if "returned" in e or "[gpu]" in e})
-PY
+      timeline_summary
     fi
     ;;
   issue)
