@@ -316,7 +316,8 @@ PY
   prefetch)
     # Session 12: the temporal step kernel's L2 prefetches (PARLEY_TEMPORAL_PREFETCH, a mask). One
     # launch of 8 layers at 7B widths over an 8-bit ring under each mask (bit-for-bit check and
-    # per-phase clock), the CUDA tests, then the timeline with masks. After `stage`.
+    # per-phase clock), the CUDA tests, then the timeline with masks and the depth step
+    # kernel's prefetch (PARLEY_DEPTH_PREFETCH). After `stage`.
     # PF_CONFIGS: BLOCKS,LOADS,DPL,CHUNK,MASK entries; PYTEST=0 / TIMELINE=0 skip those parts.
     install
     timeout ${CONFIGS_TIMEOUT:-240} python3 scripts/check_fused_kernels.py --temporal-kernel \
@@ -324,11 +325,11 @@ PY
       2>&1 | tee "$out/prefetch_configs.txt" | grep -v "^ *$" | tail -14 || true
     if [ "${PYTEST:-1}" != 0 ]; then
       timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
-        -k "${PYTEST_K:-configurations or prefetch}" 2>&1 | tail -4 | tee "$out/pytest.txt" || true
+        tests/test_depth_kernel.py -k "${PYTEST_K:-configurations or prefetch}" 2>&1 | tail -4 | tee "$out/pytest.txt" || true
     fi
     if [ "${TIMELINE:-1}" != 0 ]; then
       timeout ${TIMELINE_TIMEOUT:-250} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-40} \
-        --paced-frames ${PACED:-20} --only next_temporal prefetch --prefetch ${TL_PF:-31 27} \
+        --paced-frames ${PACED:-20} --only next_temporal prefetch --prefetch ${TL_PF:-31 27} --depth-prefetch \
         --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
       timeline_summary
     fi

@@ -657,16 +657,21 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
                              table_group=tg)
         hn = mx.zeros((1, 1, dims["hin"]), dtype=dtype)
         kv_size = len(dep.layers) * 2 * dims["d"]
-        variants = [(0, "fences"), (2, "fences")] + ([(2, "acqrel")] if bits == 4 and not tb else [])
-        for nkv, barrier in variants:
+        # (steps before, barrier kind, L2 prefetch: PARLEY_DEPTH_PREFETCH)
+        variants = ([(0, "fences", 0), (2, "fences", 0), (2, "fences", 1)]
+                    + ([(2, "acqrel", 0)] if bits == 4 and not tb else []))
+        for nkv, barrier, pf in variants:
             os.environ["PARLEY_DEPTH_BARRIER"] = barrier
+            saved_pf, depth_kernel.PREFETCH = depth_kernel.PREFETCH, pf
             try:
                 kw, ckw = _captured(lambda: dep.step_kernel(
                     nkv, hn, mx.array([1], dtype=mx.int32), [mx.zeros((kv_size,), dtype=dtype)] * nkv))
             finally:
                 os.environ.pop("PARLEY_DEPTH_BARRIER")
+                depth_kernel.PREFETCH = saved_pf
             out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} EBITS={tb} "
-                        f"NKV={nkv} barrier={barrier}", _mlx_like_source(kw, ckw)))
+                        f"NKV={nkv} barrier={barrier}{' L2 prefetch' if pf else ''}",
+                        _mlx_like_source(kw, ckw)))
     return out
 
 

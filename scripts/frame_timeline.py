@@ -202,6 +202,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=[],
                     help="only the variants whose names contain one of these ('_' stands "
                          "for a space)")
+    ap.add_argument("--depth-prefetch", action="store_true",
+                    help="also time the defaults with the depth step kernel's L2 prefetch "
+                         "(PARLEY_DEPTH_PREFETCH) and, with --prefetch, each mask with it")
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time the defaults with each of these L2 prefetch masks "
                          "(PARLEY_TEMPORAL_PREFETCH)")
@@ -232,8 +235,9 @@ def main() -> None:
         # after (the encode queued once the frame is handed over, PARLEY_ENCODE_AFTER).
         from engine.lm import depth_kernel, temporal_kernel
         # pf (the step kernel's L2 prefetch mask, PARLEY_TEMPORAL_PREFETCH; None: the default).
+        # dpf (the depth step kernel's L2 prefetch, PARLEY_DEPTH_PREFETCH).
         V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False,
-                 pf=None)
+                 pf=None, dpf=depth_kernel.PREFETCH)
         variants = {"next temporal step submitted ahead": V,
                     "temporal step built in its frame": {**V, "presubmit": False},
                     "next step built before the barrier (chain ahead)": {**V, "chain": True},
@@ -251,15 +255,18 @@ def main() -> None:
                 variants["submitted ahead, 16 layers a launch"] = {**V, "lpl": 16}
             for pf in args.prefetch:
                 variants[f"submitted ahead, L2 prefetch {pf}"] = {**V, "pf": pf}
-        # The depth step kernel over fewer blocks (--depth-blocks): its grid is fixed when the
-        # depth chain is traced, so each count has its own traced frame function.
-        frames_fn = {0: gen._frame}
+                if args.depth_prefetch:
+                    variants[f"submitted ahead, L2 prefetch {pf} and depth prefetch"] = {
+                        **V, "pf": pf, "dpf": 1}
+        if args.depth_prefetch and gen.depth_path == "kernel":
+            variants["submitted ahead, depth prefetch"] = {**V, "dpf": 1}
+        # The depth step kernel over fewer blocks (--depth-blocks) or with its L2 prefetch: its
+        # grid and template are fixed when the depth chain is traced (on a frame function's first
+        # call, with apply's settings), so each has its own frame function.
+        frames_fn = {(0, V["dpf"]): gen._frame}
         for nb in args.depth_blocks:
-            depth_kernel.BLOCKS, gen._frame = nb, None
-            frames_fn[nb] = gen._make_frame()
             variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = {**V,
                                                                                      "nb": nb}
-        depth_kernel.BLOCKS, gen._frame = 0, frames_fn[0]
         variants = {k: v for k, v in variants.items()
                     if not args.only or any(o.replace("_", " ") in k for o in args.only)}
         default_lpl, default_pf = temporal_kernel.LAYERS_PER_LAUNCH, temporal_kernel.PREFETCH
@@ -271,7 +278,10 @@ def main() -> None:
             temporal_kernel.LAYERS_PER_LAUNCH = v["lpl"] or default_lpl
             temporal_kernel.PREFETCH = default_pf if v["pf"] is None else v["pf"]
             engine.encode_after_issue = v["after"]
-            gen._frame = frames_fn[v["nb"]]
+            depth_kernel.BLOCKS, depth_kernel.PREFETCH = v["nb"], v["dpf"]
+            if (v["nb"], v["dpf"]) not in frames_fn:
+                frames_fn[v["nb"], v["dpf"]] = gen._make_frame()
+            gen._frame = frames_fn[v["nb"], v["dpf"]]
 
         blocks = {name: [] for name in variants}
         for _ in range(2):
@@ -279,7 +289,7 @@ def main() -> None:
                 apply(v)
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
-        gen._frame = frames_fn[0]
+        apply(V)
         def save():  # after each section, so a run cut short still leaves what it measured
             if args.out:
                 with open(args.out, "w") as f:

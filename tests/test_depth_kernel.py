@@ -253,6 +253,43 @@ def test_the_barrier_kind_is_a_template_switch(gen, monkeypatch):
     assert "grid_sync<AR>" in calls[0]["kw"]["source"]
 
 
+def test_the_l2_prefetch_is_a_template_switch(gen, monkeypatch):
+    """PARLEY_DEPTH_PREFETCH: a template constant of the step kernel, whose source asks L2 for
+    the rows of each product a warp takes (input projection, each layer's four, the head)."""
+    calls = []
+    _stand_in(monkeypatch, calls)
+    hn = mx.zeros((1, 1, gen.cfg.dim), dtype=mx.float32)
+    dep = gen.model.depformer
+    for pf in (1, 0):
+        monkeypatch.setattr(depth_kernel, "PREFETCH", pf)
+        dep.step_kernel(0, hn, mx.array(1, dtype=mx.int32), [])
+    assert [c["t"]["PF"] for c in calls] == [True, False]
+    src = calls[0]["kw"]["source"]
+    body = src[src.index("if constexpr (PF)"):src.index("// Input:")]
+    for w in ("win", "p[1]", "p[4]", "p[8]", "p[11]", "hw"):
+        assert f"({w}," in body
+    assert body.count("p[8]") == 2  # both halves of the gated rows
+
+
+@cuda
+def test_on_cuda_the_depth_prefetch_keeps_the_frames_the_same(tiny_dir, monkeypatch):
+    """float32 tiny model, greedy: the same frames with the depth step kernel's L2 prefetch as
+    without (a hint), and no grid barrier gave up."""
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    pcm = (0.1 * np.random.default_rng(7).standard_normal((8, 1920))).astype(np.float32)
+    runs = []
+    for pf in (1, 0):
+        monkeypatch.setattr(depth_kernel, "PREFETCH", pf)
+        engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32")
+        assert engine.gen.depth_path == "kernel"
+        engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+        runs.append([engine.step(p).tokens.copy() for p in pcm])
+        assert not engine.gen.model.depformer.step_kernel_failed()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_failed_grid_barrier_falls_back_to_the_per_layer_kernels(gen, monkeypatch):
     dep = gen.model.depformer
     assert gen.check_depth_kernel() is None  # not on the step-kernel path (this CPU)

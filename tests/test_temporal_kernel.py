@@ -167,13 +167,14 @@ def test_the_l2_prefetch_mask_reaches_the_kernel_and_retraces_the_step(engine, m
     """PARLEY_TEMPORAL_PREFETCH: the mask is a template constant of every launch, the kernel
     source asks L2 for what each of the five prefetches names, and the engine's compiled step is
     traced again when the mask changes (a trace holds its launches)."""
+    from engine.lm import depth_kernel
     gen = engine.gen
     temporal, kv, cfg = gen.model.temporal, gen.kv, gen.cfg
     src = temporal_kernel._BODY
     for bit in (temporal_kernel.PF_RING, temporal_kernel.PF_OUT, temporal_kernel.PF_GATED,
                 temporal_kernel.PF_DOWN, temporal_kernel.PF_NEXT_QKV):
         assert f"(PF & {bit}) != 0" in src
-    assert "cp.async.bulk.prefetch.L2.global" in temporal_kernel._HELPERS
+    assert "cp.async.bulk.prefetch.L2.global" in depth_kernel._HELPERS
     seen = []
     for pf in (0, 31):
         monkeypatch.setattr(temporal_kernel, "PREFETCH", pf)

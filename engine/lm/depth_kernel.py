@@ -62,6 +62,22 @@ _BODY = r"""
     kvp[NKV] = kv;
   }
   __syncthreads();
+  if constexpr (PF) {  // every weight row this warp reads in the step, asked of L2 at once
+    prefetch_tasks<T, BITS, HIN, GROUP, RW0, D, TW>(win, win_s, win_b, gw, lane);
+    for (int l = 0; l < L; ++l) {
+      const void* const* p = lp + l * PER_LAYER;
+      prefetch_tasks<T, BITS, D, GROUP, RWQ, 3 * D, TW>(p[1], (const T*)p[2], (const T*)p[3], gw,
+                                                        lane);
+      prefetch_tasks<T, BITS, D, GROUP, RWO, D, TW>(p[4], (const T*)p[5], (const T*)p[6], gw, lane);
+      prefetch_tasks<T, BITS, D, GROUP, RWG, HID, TW>(p[8], (const T*)p[9], (const T*)p[10], gw,
+                                                      lane);
+      prefetch_tasks<T, BITS, D, GROUP, RWG, HID, TW>(p[8], (const T*)p[9], (const T*)p[10], gw,
+                                                      lane, HID);
+      prefetch_tasks<T, BITS, HID, GROUP, RWD, D, TW>(p[11], (const T*)p[12], (const T*)p[13], gw,
+                                                      lane);
+    }
+    prefetch_tasks<T, HBITS, D, HGROUP, RWH, CARD, TW>(hw, hw_s, hw_b, gw, lane);
+  }
 
   // Input: x = depformer_in(hn) + emb(token) (id -1 embeds as zeros).
   stage_x<T, VPL, HIN, NT, false, false>(hn, nullptr, 0.f, xs, red);
@@ -244,6 +260,43 @@ __device__ __forceinline__ float table_value(const void* emb, const T* scales, c
   }
 }
 
+// Asks L2 to fetch the 16-byte-aligned interior of [p, p + bytes): a hint, nothing comes back
+// and nothing waits for it. On Hopper one bulk prefetch (lane 0), before that a line a lane.
+__device__ __forceinline__ void l2_prefetch(const void* p, size_t bytes, int lane) {
+  const size_t a = (reinterpret_cast<size_t>(p) + 15) & ~size_t(15);
+  const size_t e = (reinterpret_cast<size_t>(p) + bytes) & ~size_t(15);
+  if (e <= a) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane == 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((unsigned)(e - a))
+                 : "memory");
+#else
+  for (size_t q = a + 128 * (size_t)lane; q < e; q += 128 * 32)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(q));
+#endif
+}
+
+// Rows [r0, r0 + cnt) of a product's matrix (K inputs) into L2: weights, scales and biases.
+template <typename T, int BITS, int K, int GROUP>
+__device__ __forceinline__ void prefetch_rows(const void* w, const T* s, const T* b, int r0,
+                                              int cnt, int lane) {
+  constexpr size_t RB = BITS ? (size_t)K * BITS / 8 : (size_t)K * sizeof(T);
+  l2_prefetch(reinterpret_cast<const char*>(w) + (size_t)r0 * RB, (size_t)cnt * RB, lane);
+  if constexpr (BITS != 0) {
+    constexpr size_t G = K / GROUP;
+    l2_prefetch(s + (size_t)r0 * G, (size_t)cnt * G * sizeof(T), lane);
+    l2_prefetch(b + (size_t)r0 * G, (size_t)cnt * G * sizeof(T), lane);
+  }
+}
+
+// Every task of this warp in a product of N rows, RW rows a task (tasks as add_rows takes them).
+template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
+__device__ __forceinline__ void prefetch_tasks(const void* w, const T* s, const T* b, int gw,
+                                               int lane, int row_offset = 0) {
+  for (int t = gw; t < N / RW; t += TW)
+    prefetch_rows<T, BITS, K, GROUP>(w, s, b, row_offset + t * RW, RW, lane);
+}
+
 // x[row] += T(W[row] . staged xs) for the rows of every task t of this warp (RW rows a task):
 // a projection added to the residual stream in place (each row read and written by one lane).
 template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
@@ -332,6 +385,12 @@ def _kernel(layers: int, nkv: int, scale: float):
                                output_names=["logits", "kv", "x", "q", "hb"], source=src,
                                header=header)
 
+
+# PARLEY_DEPTH_PREFETCH=1: each warp asks L2 for every weight row it will read in the step as
+# the step starts (~40 MB at 4 bits, within an H100/H200's 50 MB of L2), so the phases after the
+# first read from L2 instead of waiting on DRAM between their barriers. A hint: no value changes.
+# Read when a depth step is traced; off until measured.
+PREFETCH = int(os.environ.get("PARLEY_DEPTH_PREFETCH", "0") or 0)
 
 # Blocks in the depth step kernel's grid; 0: one a streaming multiprocessor (`sm_count()`).
 # PARLEY_DEPTH_BLOCKS sets it, to measure: fewer blocks make each grid barrier cheaper (a step
@@ -475,7 +534,7 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
                 ("HIN", HIN), ("D", D), ("HID", HID), ("CARD", CARD), ("H", H), ("L", L),
                 ("NKV", len(priors)), ("NB", nb), ("WARPS", WARPS), ("XS", xs),
                 ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
-                ("PER_LAYER", _PER_LAYER),
+                ("PER_LAYER", _PER_LAYER), ("PF", bool(PREFETCH)),
                 ("RW0", _rows_per_warp(D, warps)), ("RWQ", _rows_per_warp(3 * D, warps)),
                 ("RWO", _rows_per_warp(D, warps)), ("RWG", _rows_per_warp(HID, warps)),
                 ("RWD", _rows_per_warp(D, warps)), ("RWH", _rows_per_warp(CARD, warps))]

@@ -126,43 +126,6 @@ __device__ __forceinline__ void gemv_rows_u(const float* xs, const void* wp, con
   }
 }
 
-// Asks L2 to fetch the 16-byte-aligned interior of [p, p + bytes): a hint, nothing comes back
-// and nothing waits for it. On Hopper one bulk prefetch (lane 0), before that a line a lane.
-__device__ __forceinline__ void l2_prefetch(const void* p, size_t bytes, int lane) {
-  const size_t a = (reinterpret_cast<size_t>(p) + 15) & ~size_t(15);
-  const size_t e = (reinterpret_cast<size_t>(p) + bytes) & ~size_t(15);
-  if (e <= a) return;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (lane == 0)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((unsigned)(e - a))
-                 : "memory");
-#else
-  for (size_t q = a + 128 * (size_t)lane; q < e; q += 128 * 32)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(q));
-#endif
-}
-
-// Rows [r0, r0 + cnt) of a product's matrix (K inputs) into L2: weights, scales and biases.
-template <typename T, int BITS, int K, int GROUP>
-__device__ __forceinline__ void prefetch_rows(const void* w, const T* s, const T* b, int r0,
-                                              int cnt, int lane) {
-  constexpr size_t RB = BITS ? (size_t)K * BITS / 8 : (size_t)K * sizeof(T);
-  l2_prefetch(reinterpret_cast<const char*>(w) + (size_t)r0 * RB, (size_t)cnt * RB, lane);
-  if constexpr (BITS != 0) {
-    constexpr size_t G = K / GROUP;
-    l2_prefetch(s + (size_t)r0 * G, (size_t)cnt * G * sizeof(T), lane);
-    l2_prefetch(b + (size_t)r0 * G, (size_t)cnt * G * sizeof(T), lane);
-  }
-}
-
-// Every task of this warp in a product of N rows, RW rows a task (tasks as add_rows takes them).
-template <typename T, int BITS, int K, int GROUP, int RW, int N, int TW>
-__device__ __forceinline__ void prefetch_tasks(const void* w, const T* s, const T* b, int gw,
-                                               int lane, int row_offset = 0) {
-  for (int t = gw; t < N / RW; t += TW)
-    prefetch_rows<T, BITS, K, GROUP>(w, s, b, row_offset + t * RW, RW, lane);
-}
-
 // The loads a lane keeps in flight (LOADS) as lane-iterations for RW rows at a time.
 template <int RW> __device__ constexpr int unroll_for(int loads) {
   return loads <= 0 ? 0 : (loads / RW > 1 ? loads / RW : 1);
