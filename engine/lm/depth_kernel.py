@@ -389,7 +389,8 @@ def _kernel(layers: int, nkv: int, scale: float):
 # PARLEY_DEPTH_PREFETCH=1: each warp asks L2 for every weight row it will read in the step as
 # the step starts (~40 MB at 4 bits, within an H100/H200's 50 MB of L2), so the phases after the
 # first read from L2 instead of waiting on DRAM between their barriers. A hint: no value changes.
-# Read when a depth step is traced; off until measured.
+# Read when a depth step is traced. Measured on the H200 (docs/benchmarks.md, session 12): no
+# gain (4-bit frame 9.19 ms with it, 9.04 without), so off.
 PREFETCH = int(os.environ.get("PARLEY_DEPTH_PREFETCH", "0") or 0)
 
 # Blocks in the depth step kernel's grid; 0: one a streaming multiprocessor (`sm_count()`).

@@ -62,6 +62,8 @@ RING_CHUNK = int(os.environ.get("PARLEY_TEMPORAL_RING_CHUNK", "0"))
 # (after the down projection, within a launch). The weights and the ring do not depend on the
 # phase before, so their loads can start while the other warps finish, the grid barrier waits
 # and the next input is staged, time in which DRAM otherwise idles. Hints only: no value changes.
+# Measured on the H200 (docs/benchmarks.md, session 12): every mask made the step slower (1.50 ->
+# 1.62-1.95 ms for 8 layers; the issuing phase pays, the next one does not speed up), so off.
 PREFETCH = int(os.environ.get("PARLEY_TEMPORAL_PREFETCH", "0"))
 PF_RING, PF_OUT, PF_GATED, PF_DOWN, PF_NEXT_QKV = 1, 2, 4, 8, 16
 # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values,
