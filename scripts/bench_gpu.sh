@@ -2,7 +2,8 @@
 # The GPU comparison of issue 8, on the lent H100 (see ../shared/spec/GPU.md). Not a unit test.
 #
 # Prepare here: bash ../shared/tools/gpu-wheels.sh (MLX's CUDA build in .gpu/a + .gpu/b) and the
-# wheels the GPU machine lacks in .whl/ (moshi==0.2.13, soundfile, cffi, pycparser, samplerate).
+# wheels the GPU machine lacks in .whl/ (moshi==0.2.13, soundfile, cffi, pycparser, samplerate,
+# pytest and its dependencies, sentencepiece; py-spy for the `pyspy` phase).
 # Then two device calls in a row on the same warm machine (one call cannot carry everything):
 #   1. carry [".gpu/a"]:          bash scripts/bench_gpu.sh stage
 #   2. carry [".gpu/b", ".whl"]:  bash scripts/bench_gpu.sh run [extra parley bench args]
@@ -334,6 +335,20 @@ PY
       timeline_summary
     fi
     ;;
+  pyspy)
+    # Where each thread's time goes in live frames (session 12's question: what the ~0.6 ms of
+    # handing a temporal step over is, with no Nsight Systems on the lent machines): py-spy
+    # (wheel in .whl/) samples the timeline's frames with native stacks, idle time included, a
+    # stack a thread; $out/frames.txt is the collapsed stacks (one line a stack and its count).
+    install
+    spy=/root/site-extra/bin/py-spy
+    timeout ${PYSPY_TIMEOUT:-300} "$spy" record --native --idle --threads --rate ${RATE:-2000} \
+      --format raw -o "$out/frames.txt" -- python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-60} \
+      --paced-frames ${PACED:-30} --only next_temporal --out "$out/timeline.json" > /dev/null \
+      2> "$out/pyspy.err" || tail -5 "$out/pyspy.err"
+    timeline_summary
+    ls -la "$out"
+    ;;
   issue)
     # What issuing a custom kernel costs the host by its inputs and template arguments, and
     # whether a pointer table can stand in for the inputs (scripts/bench_kernel_inputs.py);
@@ -362,7 +377,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|tables|prefetch|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|tables|prefetch|pyspy|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac
