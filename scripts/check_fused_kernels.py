@@ -616,9 +616,12 @@ def ceilings_and_attention(layers: int = 32, ctx: int = 2999) -> list[str]:
     return out
 
 
-def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
+def nvrtc_compile_all(lib_path: str, includes: list[str], ptxas_info: bool = False) -> int:
     """Compiles every kernel variant the engine uses with NVRTC, as MLX's `cuda_kernel` would
-    wrap it (signature, template constants), with the CUDA toolkit headers instead of MLX's."""
+    wrap it (signature, template constants), with the CUDA toolkit headers instead of MLX's.
+    With `ptxas_info`, down to sm_90 machine code (ptxas runs, so inline PTX is checked too),
+    printing each kernel's registers and spills (session 12: the temporal step kernel at 3
+    blocks an SM uses its 80 registers and spills ~560 bytes, mostly around staging inputs)."""
     lib = ctypes.CDLL(lib_path)
     failures = 0
     sources = (_product_sources() + _depth_kernel_sources() + _temporal_kernel_sources()
@@ -626,7 +629,10 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
     for label, src in sources:
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None)
-        opts = [b"--gpu-architecture=compute_90", b"-std=c++17"] + [f"-I{d}".encode() for d in includes]
+        arch = b"--gpu-architecture=sm_90" if ptxas_info else b"--gpu-architecture=compute_90"
+        opts = [arch, b"-std=c++17"] + [f"-I{d}".encode() for d in includes]
+        if ptxas_info:
+            opts.append(b"--ptxas-options=-v")
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         n = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
@@ -634,9 +640,16 @@ def nvrtc_compile_all(lib_path: str, includes: list[str]) -> int:
         lib.nvrtcGetProgramLog(prog, log)
         status = "ok" if rc == 0 else "FAIL"
         failures += rc != 0
+        text = log.value.decode()
+        if ptxas_info and rc == 0:  # the kernel's own lines: registers, then its spills
+            info = [ln.split(":", 1)[-1].strip() for ln in text.splitlines()
+                    if "Used" in ln and "registers" in ln]
+            spills = [ln.split(".", 1)[-1].strip() for ln in text.splitlines() if "spill" in ln]
+            print(f"{status} {label}: {info[0] if info else '?'}; {spills[0] if spills else ''}")
+            continue
         print(f"{status} {label}")
-        if rc != 0 or log.value.strip():
-            print(log.value.decode()[:4000])
+        if rc != 0 or text.strip():
+            print(text[:4000])
     return failures
 
 
@@ -1214,6 +1227,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nvrtc", help="compile-only check with this libnvrtc")
     ap.add_argument("--include", action="append", default=[])
+    ap.add_argument("--ptxas-info", action="store_true",
+                    help="with --nvrtc: compile to sm_90 code and print registers and spills")
     ap.add_argument("--no-timings", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="4-bit and the tiny float32 model only (numerics and timings)")
@@ -1246,7 +1261,7 @@ def main() -> None:
                     help="with --quick: only the depth step kernel (numerics, frame timings)")
     args = ap.parse_args()
     if args.nvrtc:
-        sys.exit(1 if nvrtc_compile_all(args.nvrtc, args.include) else 0)
+        sys.exit(1 if nvrtc_compile_all(args.nvrtc, args.include, args.ptxas_info) else 0)
     if not fused.enabled():
         sys.exit("The fused kernels need MLX's CUDA backend (run this on the GPU machine).")
     seven_b = {"d": 4096, "hidden": 11264, "heads": 32}

@@ -93,7 +93,9 @@ def instrument(engine, markers: Markers):
         frame["device"][name] = m
         return mx.depends([out], [m])[0]
 
-    hidden, frame_fn = model.hidden, gen._frame
+    hidden = model.hidden
+    # The frame function frame_w wraps: a variant may swap in another (instrument.inner["fn"]).
+    inner = instrument.inner = {"fn": gen._frame}
     encode_step, decode_step = mimi.encode_step, mimi.decode_step
     async_eval, eval_ = mx.async_eval, mx.eval
 
@@ -106,7 +108,7 @@ def instrument(engine, markers: Markers):
 
     def frame_w(hn, *a):
         host("depth build start")
-        outs = list(frame_fn(hn, *a))
+        outs = list(inner["fn"](hn, *a))
         host("depth built")
         outs[0] = chain("depth end", outs[0])
         return outs
@@ -263,7 +265,7 @@ def main() -> None:
         # The depth step kernel over fewer blocks (--depth-blocks) or with its L2 prefetch: its
         # grid and template are fixed when the depth chain is traced (on a frame function's first
         # call, with apply's settings), so each has its own frame function.
-        frames_fn = {(0, V["dpf"]): gen._frame}
+        frames_fn = {(0, V["dpf"]): instrument.inner["fn"]}
         for nb in args.depth_blocks:
             variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = {**V,
                                                                                      "nb": nb}
@@ -281,7 +283,7 @@ def main() -> None:
             depth_kernel.BLOCKS, depth_kernel.PREFETCH = v["nb"], v["dpf"]
             if (v["nb"], v["dpf"]) not in frames_fn:
                 frames_fn[v["nb"], v["dpf"]] = gen._make_frame()
-            gen._frame = frames_fn[v["nb"], v["dpf"]]
+            instrument.inner["fn"] = frames_fn[v["nb"], v["dpf"]]
 
         blocks = {name: [] for name in variants}
         for _ in range(2):
