@@ -3,7 +3,8 @@
 #
 # Prepare here: bash ../shared/tools/gpu-wheels.sh (MLX's CUDA build in .gpu/a + .gpu/b) and the
 # wheels the GPU machine lacks in .whl/ (moshi==0.2.13, soundfile, cffi, pycparser, samplerate,
-# pytest and its dependencies, sentencepiece; py-spy for the `pyspy` phase).
+# pytest and its dependencies, sentencepiece). The py-spy wheel for the `pyspy` phase goes in
+# .spy/ (it does not fit in one call beside .gpu/a or .gpu/b: 64 MiB a call).
 # Then two device calls in a row on the same warm machine (one call cannot carry everything):
 #   1. carry [".gpu/a"]:          bash scripts/bench_gpu.sh stage
 #   2. carry [".gpu/b", ".whl"]:  bash scripts/bench_gpu.sh run [extra parley bench args]
@@ -45,6 +46,10 @@ PY
 case "$phase" in
   stage)
     mkdir -p /root/gpu && cp .gpu/a/* /root/gpu/ && ls -la /root/gpu
+    ;;
+  stage-spy)
+    # Before `pyspy`, on the same warm machine: carry [".spy"] (pip download py-spy --no-deps).
+    mkdir -p /root/gpu && cp .spy/py_spy-*.whl /root/gpu/ && ls -la /root/gpu
     ;;
   run)
     install
@@ -338,10 +343,12 @@ PY
   pyspy)
     # Where each thread's time goes in live frames (session 12's question: what the ~0.6 ms of
     # handing a temporal step over is, with no Nsight Systems on the lent machines): py-spy
-    # (wheel in .whl/) samples the timeline's frames with native stacks, idle time included, a
-    # stack a thread; $out/frames.txt is the collapsed stacks (one line a stack and its count).
+    # (staged by `stage-spy`) samples the timeline's frames with native stacks, idle time
+    # included, a stack a thread; $out/frames.txt is the collapsed stacks (one line a stack and
+    # its count; read it with scripts/pyspy_summary.py). Calls: stage, stage-spy, pyspy.
     install
-    spy=/root/site-extra/bin/py-spy
+    python3 -m pip install -q --no-index --no-deps --target /root/site-spy /root/gpu/py_spy-*.whl
+    spy=/root/site-spy/bin/py-spy
     timeout ${PYSPY_TIMEOUT:-300} "$spy" record --native --idle --threads --rate ${RATE:-2000} \
       --format raw -o "$out/frames.txt" -- python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-60} \
       --paced-frames ${PACED:-30} --only next_temporal --out "$out/timeline.json" > /dev/null \
@@ -377,7 +384,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|run|memory|lean|pipeline|tables|prefetch|pyspy|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|stage-spy|run|memory|lean|pipeline|tables|prefetch|pyspy|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac
