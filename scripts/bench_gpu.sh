@@ -356,6 +356,24 @@ PY
     timeline_summary
     ls -la "$out"
     ;;
+  depthgrid)
+    # Session 12's open question: the depth step kernel runs one block of 8 warps an SM (128
+    # registers a thread), 8 warps to hide a latency-bound step's loads. The CUDA tests of 16
+    # warps a block (PARLEY_DEPTH_WARPS, launch bounds at 128 registers), then the timeline with
+    # blocks of 16 warps and with a grid of two blocks an SM (PARLEY_DEPTH_BLOCKS=2 x SMs). Each
+    # new depth setting compiles eight kernels first: ~400 s in all. After `stage`.
+    install
+    if [ "${PYTEST:-1}" != 0 ]; then
+      timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_depth_kernel.py \
+        -k "warps" 2>&1 | tail -3 | tee "$out/pytest.txt" || true
+    fi
+    sms=$(python3 -c "from engine.lm import depth_kernel; print(depth_kernel.sm_count())")
+    timeout ${TIMELINE_TIMEOUT:-420} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-30} \
+      --paced-frames ${PACED:-10} --only next_temporal --depth-warps ${DEPTH_WARPS:-16} \
+      --depth-blocks ${DEPTH_BLOCKS:-$((2 * sms))} \
+      --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
+    timeline_summary
+    ;;
   issue)
     # What issuing a custom kernel costs the host by its inputs and template arguments, and
     # whether a pointer table can stand in for the inputs (scripts/bench_kernel_inputs.py);
@@ -384,7 +402,7 @@ PY
       "$out/ncu-depth.txt" | head -60
     ;;
   *)
-    echo "usage: bash scripts/bench_gpu.sh stage|stage-spy|run|memory|lean|pipeline|tables|prefetch|pyspy|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
+    echo "usage: bash scripts/bench_gpu.sh stage|stage-spy|run|memory|lean|pipeline|tables|prefetch|pyspy|depthgrid|issue|nsys|timeline|parts|temporal|options|tkernel|mimi|explore|variants|fused|ncu|probe" >&2
     exit 2
     ;;
 esac

@@ -670,20 +670,23 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
                              table_group=tg)
         hn = mx.zeros((1, 1, dims["hin"]), dtype=dtype)
         kv_size = len(dep.layers) * 2 * dims["d"]
-        # (steps before, barrier kind, L2 prefetch: PARLEY_DEPTH_PREFETCH)
-        variants = ([(0, "fences", 0), (2, "fences", 0), (2, "fences", 1)]
-                    + ([(2, "acqrel", 0)] if bits == 4 and not tb else []))
-        for nkv, barrier, pf in variants:
+        # (steps before, barrier kind, L2 prefetch: PARLEY_DEPTH_PREFETCH, warps a block)
+        variants = ([(0, "fences", 0, 8), (2, "fences", 0, 8), (2, "fences", 1, 8),
+                     (2, "fences", 0, 16)]
+                    + ([(2, "acqrel", 0, 8)] if bits == 4 and not tb else []))
+        for nkv, barrier, pf, warps in variants:
             os.environ["PARLEY_DEPTH_BARRIER"] = barrier
-            saved_pf, depth_kernel.PREFETCH = depth_kernel.PREFETCH, pf
+            saved = depth_kernel.PREFETCH, depth_kernel.WARPS
+            depth_kernel.PREFETCH, depth_kernel.WARPS = pf, warps
             try:
                 kw, ckw = _captured(lambda: dep.step_kernel(
                     nkv, hn, mx.array([1], dtype=mx.int32), [mx.zeros((kv_size,), dtype=dtype)] * nkv))
             finally:
                 os.environ.pop("PARLEY_DEPTH_BARRIER")
-                depth_kernel.PREFETCH = saved_pf
+                depth_kernel.PREFETCH, depth_kernel.WARPS = saved
             out.append((f"depth step kernel d={dims['d']} {dtype} BITS={bits} EBITS={tb} "
-                        f"NKV={nkv} barrier={barrier}{' L2 prefetch' if pf else ''}",
+                        f"NKV={nkv} barrier={barrier}{' L2 prefetch' if pf else ''}"
+                        f"{f' {warps} warps a block' if warps != 8 else ''}",
                         _mlx_like_source(kw, ckw)))
     return out
 

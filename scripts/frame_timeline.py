@@ -207,6 +207,9 @@ def main() -> None:
     ap.add_argument("--depth-prefetch", action="store_true",
                     help="also time the defaults with the depth step kernel's L2 prefetch "
                          "(PARLEY_DEPTH_PREFETCH) and, with --prefetch, each mask with it")
+    ap.add_argument("--depth-warps", type=int, nargs="*", default=[],
+                    help="also time the defaults with this many warps a depth step kernel block "
+                         "(PARLEY_DEPTH_WARPS)")
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time the defaults with each of these L2 prefetch masks "
                          "(PARLEY_TEMPORAL_PREFETCH)")
@@ -238,8 +241,9 @@ def main() -> None:
         from engine.lm import depth_kernel, temporal_kernel
         # pf (the step kernel's L2 prefetch mask, PARLEY_TEMPORAL_PREFETCH; None: the default).
         # dpf (the depth step kernel's L2 prefetch, PARLEY_DEPTH_PREFETCH).
+        # dw (warps a depth step kernel block, PARLEY_DEPTH_WARPS).
         V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False,
-                 pf=None, dpf=depth_kernel.PREFETCH)
+                 pf=None, dpf=depth_kernel.PREFETCH, dw=depth_kernel.WARPS)
         variants = {"next temporal step submitted ahead": V,
                     "temporal step built in its frame": {**V, "presubmit": False},
                     "next step built before the barrier (chain ahead)": {**V, "chain": True},
@@ -262,10 +266,13 @@ def main() -> None:
                         **V, "pf": pf, "dpf": 1}
         if args.depth_prefetch and gen.depth_path == "kernel":
             variants["submitted ahead, depth prefetch"] = {**V, "dpf": 1}
+        for dw in args.depth_warps if gen.depth_path == "kernel" else []:
+            variants[f"next temporal step submitted ahead, depth blocks of {dw} warps"] = {
+                **V, "dw": dw}
         # The depth step kernel over fewer blocks (--depth-blocks) or with its L2 prefetch: its
         # grid and template are fixed when the depth chain is traced (on a frame function's first
         # call, with apply's settings), so each has its own frame function.
-        frames_fn = {(0, V["dpf"]): instrument.inner["fn"]}
+        frames_fn = {(0, V["dpf"], V["dw"]): instrument.inner["fn"]}
         for nb in args.depth_blocks:
             variants[f"next temporal step submitted ahead, depth over {nb} blocks"] = {**V,
                                                                                      "nb": nb}
@@ -280,10 +287,12 @@ def main() -> None:
             temporal_kernel.LAYERS_PER_LAUNCH = v["lpl"] or default_lpl
             temporal_kernel.PREFETCH = default_pf if v["pf"] is None else v["pf"]
             engine.encode_after_issue = v["after"]
-            depth_kernel.BLOCKS, depth_kernel.PREFETCH = v["nb"], v["dpf"]
-            if (v["nb"], v["dpf"]) not in frames_fn:
-                frames_fn[v["nb"], v["dpf"]] = gen._make_frame()
-            instrument.inner["fn"] = frames_fn[v["nb"], v["dpf"]]
+            depth_kernel.BLOCKS, depth_kernel.PREFETCH, depth_kernel.WARPS = (v["nb"], v["dpf"],
+                                                                              v["dw"])
+            key = (v["nb"], v["dpf"], v["dw"])
+            if key not in frames_fn:
+                frames_fn[key] = gen._make_frame()
+            instrument.inner["fn"] = frames_fn[key]
 
         blocks = {name: [] for name in variants}
         for _ in range(2):
@@ -301,7 +310,7 @@ def main() -> None:
             result[f"back to back, {name}"] = summarize(blocks[name], markers)
         save()
         for name, v in variants.items():
-            if v["chain"] or v["nb"]:
+            if v["chain"] or v["nb"] or v["dw"] != V["dw"]:
                 continue  # at real-time pace the live path hands the output over first
             apply(v)
             run(engine, mic, 2, markers, frame)

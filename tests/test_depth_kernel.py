@@ -271,6 +271,45 @@ def test_the_l2_prefetch_is_a_template_switch(gen, monkeypatch):
     assert body.count("p[8]") == 2  # both halves of the gated rows
 
 
+def test_more_warps_a_block_come_with_launch_bounds(gen, monkeypatch):
+    """PARLEY_DEPTH_WARPS=16: blocks of 512 threads (the grid's warps and the template follow),
+    declared with launch bounds that cap the registers so that a block fits an SM; 8 keeps the
+    kernel as it was."""
+    calls = []
+    _stand_in(monkeypatch, calls)
+    hn = mx.zeros((1, 1, gen.cfg.dim), dtype=mx.float32)
+    dep = gen.model.depformer
+    for warps in (16, 8):
+        monkeypatch.setattr(depth_kernel, "WARPS", warps)
+        dep.step_kernel(0, hn, mx.array(1, dtype=mx.int32), [])
+    wide, plain = calls
+    assert wide["t"]["WARPS"] == 16 and wide["block"][0] == 512
+    assert wide["grid"][0] == wide["t"]["NB"] * 512
+    bounds = wide["kw"]["header"][wide["kw"]["header"].index("#undef __global__"):]
+    assert "__launch_bounds__(512, 1)" in bounds and "namespace" not in bounds  # after all else
+    assert plain["t"]["WARPS"] == 8 and plain["block"][0] == 256
+    assert "__launch_bounds__" not in plain["kw"]["header"]
+
+
+@cuda
+def test_on_cuda_16_warps_a_block_give_the_frames_of_the_mlx_operations(tiny_dir, monkeypatch):
+    """float32 tiny model, greedy: with 16 warps a depth block the session's tokens equal those
+    of plain MLX operations, and no grid barrier gave up."""
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+    pcm = (0.1 * np.random.default_rng(8).standard_normal((8, 1920))).astype(np.float32)
+    runs = []
+    monkeypatch.setattr(depth_kernel, "WARPS", 16)
+    for path in ("kernel", "mlx"):
+        engine = DuplexEngine.load(str(tiny_dir), greedy=True, seed=0, dtype="float32")
+        engine.gen.depth_path = path
+        engine.start(Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"))
+        runs.append([engine.step(p).tokens.copy() for p in pcm])
+        assert not engine.gen.model.depformer.step_kernel_failed()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 @cuda
 def test_on_cuda_the_depth_prefetch_keeps_the_frames_the_same(tiny_dir, monkeypatch):
     """float32 tiny model, greedy: the same frames with the depth step kernel's L2 prefetch as

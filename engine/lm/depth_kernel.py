@@ -38,7 +38,12 @@ import mlx.core as mx
 from . import fused
 from .layers import RMS_EPS, Embedding, attention_scale
 
-WARPS = 8  # warps per block (256 threads: room for up to 255 registers a thread)
+# Warps per block. 8 (256 threads) leaves room for up to 255 registers a thread; the kernel
+# takes 128, so one block of 8 warps an SM keeps only 8 warps to hide a latency-bound step's
+# loads. PARLEY_DEPTH_WARPS=16 (512 threads, launch bounds capping the registers at 128) doubles
+# them with the same grid and barrier; to measure (docs/benchmarks.md, session 12). Read when a
+# depth step is traced.
+WARPS = int(os.environ.get("PARLEY_DEPTH_WARPS", "8") or 8)
 _BARRIER_WORDS = 4  # arrived count, generation, failure flag, spare
 _PER_LAYER = 14  # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3)
 
@@ -368,8 +373,18 @@ def _layer_names(l: int) -> list[str]:
             f"n2_{l}", f"wi_{l}", f"si_{l}", f"bi_{l}", f"wd_{l}", f"sd_{l}", f"bd_{l}"]
 
 
+# Launch bounds (the temporal kernel's BLOCKS_PER_SM > 1, this kernel's WARPS > 8). MLX's
+# cuda_kernel writes the kernel's signature itself, so the bounds ride on the `__global__` it
+# writes: redefined after every header that uses it, to carry them (the kernel is the only
+# function declared after our header).
+LAUNCH_BOUNDS = """
+#undef __global__
+#define __global__ __attribute__((global)) __launch_bounds__({threads}, {blocks})
+"""
+
+
 @functools.cache
-def _kernel(layers: int, nkv: int, scale: float):
+def _kernel(layers: int, nkv: int, scale: float, warps: int = 8):
     names = ["hn", "tok", "emb", "emb_s", "emb_b", "win", "win_s", "win_b"]
     for l in range(layers):
         names += _layer_names(l)
@@ -380,6 +395,8 @@ def _kernel(layers: int, nkv: int, scale: float):
     src = (_BODY.replace("{layer_ptrs}", layer_ptrs).replace("{kv_ptrs}", kv_ptrs)
            .replace("{eps}", repr(float(RMS_EPS))).replace("{scale}", repr(float(scale))))
     header = fused._HEADER + _HELPERS
+    if warps > 8:  # at most 128 registers a thread, so that a block of them fits an SM
+        header += LAUNCH_BOUNDS.format(threads=warps * 32, blocks=1)
     digest = hashlib.sha1((header + src).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"parley_depth_step_{digest}", input_names=names,
                                output_names=["logits", "kv", "x", "q", "hb"], source=src,
@@ -539,7 +556,7 @@ def step(dep, k: int, hn: mx.array, token: mx.array, priors: list[mx.array],
                 ("RW0", _rows_per_warp(D, warps)), ("RWQ", _rows_per_warp(3 * D, warps)),
                 ("RWO", _rows_per_warp(D, warps)), ("RWG", _rows_per_warp(HID, warps)),
                 ("RWD", _rows_per_warp(D, warps)), ("RWH", _rows_per_warp(CARD, warps))]
-    kern = _kernel(L, len(priors), attention_scale(hd))
+    kern = _kernel(L, len(priors), attention_scale(hd), WARPS)
     logits, kv, _, _, _ = kern(
         inputs=ins, template=template,
         output_shapes=[(CARD,), (L * 2 * D,), (D,), (D,), (HID,)],

@@ -326,13 +326,6 @@ def _layer_names(l: int) -> list[str]:
             f"kr_{l}", f"vr_{l}", f"kp_{l}", f"vp_{l}"]
 
 
-# Launch bounds for BLOCKS_PER_SM > 1. MLX's cuda_kernel writes the kernel's signature itself,
-# so the bounds ride on the `__global__` it writes: redefined here, after every header that
-# uses it, to carry them (the kernel is the only function declared after our header).
-_LAUNCH_BOUNDS = """
-#undef __global__
-#define __global__ __attribute__((global)) __launch_bounds__({threads}, {blocks})
-"""
 
 
 @functools.cache
@@ -362,7 +355,7 @@ def _kernel(layers: int, scale: float, neg_log_base_2_over_hd: float, blocks_per
            .replace("{neg_log_base_2_over_hd}", repr(float(neg_log_base_2_over_hd))))
     header = fused._HEADER + fused._RING_HELPERS + depth_kernel._HELPERS + _HELPERS
     if blocks_per_sm > 1:
-        header += _LAUNCH_BOUNDS.format(threads=WARPS * 32, blocks=blocks_per_sm)
+        header += depth_kernel.LAUNCH_BOUNDS.format(threads=WARPS * 32, blocks=blocks_per_sm)
     digest = hashlib.sha1((header + src).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"parley_temporal_{digest}", input_names=names,
                                output_names=["y", "x", "q", "k", "v", "attn", "hb", "part",
