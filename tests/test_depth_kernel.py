@@ -253,16 +253,22 @@ def test_the_barrier_kind_is_a_template_switch(gen, monkeypatch):
     assert "grid_sync<AR>" in calls[0]["kw"]["source"]
 
 
-def test_the_l2_prefetch_is_a_template_switch(gen, monkeypatch):
-    """PARLEY_DEPTH_PREFETCH: a template constant of the step kernel, whose source asks L2 for
-    the rows of each product a warp takes (input projection, each layer's four, the head)."""
+def _first_step_under(gen, monkeypatch, setting: str, values) -> list[dict]:
+    """The stand-in's record of depth step 0's kernel call under each value of a depth_kernel
+    setting, in order."""
     calls = []
     _stand_in(monkeypatch, calls)
     hn = mx.zeros((1, 1, gen.cfg.dim), dtype=mx.float32)
-    dep = gen.model.depformer
-    for pf in (1, 0):
-        monkeypatch.setattr(depth_kernel, "PREFETCH", pf)
-        dep.step_kernel(0, hn, mx.array(1, dtype=mx.int32), [])
+    for value in values:
+        monkeypatch.setattr(depth_kernel, setting, value)
+        gen.model.depformer.step_kernel(0, hn, mx.array(1, dtype=mx.int32), [])
+    return calls
+
+
+def test_the_l2_prefetch_is_a_template_switch(gen, monkeypatch):
+    """PARLEY_DEPTH_PREFETCH: a template constant of the step kernel, whose source asks L2 for
+    the rows of each product a warp takes (input projection, each layer's four, the head)."""
+    calls = _first_step_under(gen, monkeypatch, "PREFETCH", (1, 0))
     assert [c["t"]["PF"] for c in calls] == [True, False]
     src = calls[0]["kw"]["source"]
     body = src[src.index("if constexpr (PF)"):src.index("// Input:")]
@@ -275,14 +281,7 @@ def test_more_warps_a_block_come_with_launch_bounds(gen, monkeypatch):
     """PARLEY_DEPTH_WARPS=16: blocks of 512 threads (the grid's warps and the template follow),
     declared with launch bounds that cap the registers so that a block fits an SM; 8 keeps the
     kernel as it was."""
-    calls = []
-    _stand_in(monkeypatch, calls)
-    hn = mx.zeros((1, 1, gen.cfg.dim), dtype=mx.float32)
-    dep = gen.model.depformer
-    for warps in (16, 8):
-        monkeypatch.setattr(depth_kernel, "WARPS", warps)
-        dep.step_kernel(0, hn, mx.array(1, dtype=mx.int32), [])
-    wide, plain = calls
+    wide, plain = _first_step_under(gen, monkeypatch, "WARPS", (16, 8))
     assert wide["t"]["WARPS"] == 16 and wide["block"][0] == 512
     assert wide["grid"][0] == wide["t"]["NB"] * 512
     bounds = wide["kw"]["header"][wide["kw"]["header"].index("#undef __global__"):]
