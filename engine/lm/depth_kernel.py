@@ -42,8 +42,10 @@ from .layers import RMS_EPS, Embedding, attention_scale
 # takes 128, so one block of 8 warps an SM keeps only 8 warps to hide a latency-bound step's
 # loads. PARLEY_DEPTH_WARPS=16 (512 threads, launch bounds capping the registers at 128) doubles
 # them with the same grid and barrier; to measure (docs/benchmarks.md, session 12). Read when a
-# depth step is traced.
-WARPS = int(os.environ.get("PARLEY_DEPTH_WARPS", "8") or 8)
+# depth step is traced. A block holds at most 32 warps (its reductions' scratch); a value
+# outside 1-32, or not a number, keeps 8.
+_w = os.environ.get("PARLEY_DEPTH_WARPS", "8")
+WARPS = int(_w) if _w.isdigit() and 1 <= int(_w) <= 32 else 8
 _BARRIER_WORDS = 4  # arrived count, generation, failure flag, spare
 _PER_LAYER = 14  # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3)
 
