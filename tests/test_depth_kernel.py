@@ -9,6 +9,8 @@ step on the 7B's shapes (and compiles every variant with NVRTC anywhere).
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -41,7 +43,9 @@ def _stand_in(monkeypatch, calls: list) -> None:
         return call
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", fake_cuda_kernel)
-    depth_kernel._kernel.cache_clear()
+    # A cache of its own for the stand-in's kernels, dropped with the monkeypatch: a stand-in
+    # left in the module's cache would be the kernel a later CUDA test runs.
+    monkeypatch.setattr(depth_kernel, "_kernel", functools.cache(depth_kernel._kernel.__wrapped__))
 
 
 @pytest.fixture
@@ -404,3 +408,23 @@ def test_the_depth_grid_can_be_set_without_touching_the_temporal_one(gen, monkey
     assert settings["sms"] == 132
     monkeypatch.setattr(depth_kernel, "BLOCKS", 0)
     assert depth_kernel.grid_blocks() == 132
+
+
+def test_blocks_that_fill_an_sm_keep_the_grid_at_one_an_sm(monkeypatch):
+    """Blocks of 16 warps take an SM's whole register file: a grid of more blocks than SMs could
+    not be resident at once (its barriers would give up), so PARLEY_DEPTH_BLOCKS is capped; with
+    8 warps two blocks share an SM and a larger grid stays as asked."""
+    monkeypatch.setattr(depth_kernel, "sm_count", lambda: 132)
+    monkeypatch.setattr(depth_kernel, "BLOCKS", 264)
+    monkeypatch.setattr(depth_kernel, "WARPS", 16)
+    assert depth_kernel.grid_blocks() == 132
+    monkeypatch.setattr(depth_kernel, "BLOCKS", 66)
+    assert depth_kernel.grid_blocks() == 66
+    monkeypatch.setattr(depth_kernel, "BLOCKS", 264)
+    monkeypatch.setattr(depth_kernel, "WARPS", 8)
+    assert depth_kernel.grid_blocks() == 264
+
+
+def test_the_default_block_is_16_warps():
+    for env, want in ((None, 16), ("", 16), ("8", 8), ("32", 32), ("33", 16), ("0", 16), ("x", 16)):
+        assert depth_kernel.warps_from(env) == want
