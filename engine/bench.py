@@ -46,6 +46,8 @@ class BenchResult:
             f"Stages (p50 ms): {split}" + (
                 " (encode overlapped with the LM step)" if d.get("overlap_encode") else ""),
             "Depth transformer: " + _DEPTH_PATHS.get(d.get("depth_path", ""), "MLX operations")
+            + (" ({blocks} blocks of {warps} warps)".format(**d["depth_kernel_launch"])
+               if d.get("depth_kernel_launch") else "")
             + "; temporal: " + ("CUDA kernels of several layers each" if d.get("temporal_kernel")
                                 else "fused CUDA kernels" if d.get("temporal_fused")
                                 else "MLX operations")
@@ -104,7 +106,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
     compiled (the first prefill includes compiling them on a GPU)."""
     import mlx.core as mx
 
-    from engine.lm import temporal_kernel
+    from engine.lm import depth_kernel, temporal_kernel
 
     frame = engine.frame_size
     mic = speech_level_noise(frame)
@@ -180,6 +182,8 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "temporal_kernel_launch": (temporal_kernel.launch_settings(
             engine.gen.model.temporal, engine.gen.model.dtype, kv.slots)
             if engine.gen.model.temporal.step_kernel else None),
+        "depth_kernel_launch": ({"blocks": depth_kernel.grid_blocks(), "warps": depth_kernel.WARPS}
+                                if getattr(engine.gen, "depth_path", "mlx") == "kernel" else None),
         "one_kernel_draws": bool(getattr(engine.gen, "one_kernel_draws", False)),
         "early_submit": bool(getattr(engine.gen, "early_submit", False)),
         "presubmit": bool(getattr(engine.gen, "presubmit", False)),

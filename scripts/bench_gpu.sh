@@ -356,6 +356,19 @@ PY
     timeline_summary
     ls -la "$out"
     ;;
+  warps)
+    # The depth kernel's 16-warp blocks: the CUDA test with its full report, the 7B-width check
+    # against MLX operations, then (RUN=1) the reference and a 4-bit bench with them. After `stage`.
+    install
+    timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_depth_kernel.py \
+      -k "on_cuda" > "$out/pytest.txt" 2>&1 || true
+    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -40
+    PARLEY_DEPTH_WARPS=16 timeout ${CHECK_TIMEOUT:-150} python3 scripts/check_fused_kernels.py \
+      --depth-only --no-timings 2>&1 | tee "$out/check16.txt" | tail -15 || true
+    if [ -n "${RUN:-}" ]; then
+      PARLEY_DEPTH_WARPS=16 BITS=4 FRAMES=${FRAMES:-100} bash "$0" run
+    fi
+    ;;
   depthgrid)
     # Session 12's open question: the depth step kernel runs one block of 8 warps an SM (128
     # registers a thread), 8 warps to hide a latency-bound step's loads. The CUDA tests of 16

@@ -129,3 +129,19 @@ def test_bench_reports_the_model_and_the_ring_beside_the_peak(tiny_dir, capsys):
     assert data["peak_memory_gb"] >= data["model_memory_gb"] + ring
     line = [s for s in BenchResult(data).summary_lines() if s.startswith("Peak memory")][0]
     assert "the model after loading" in line and "the KV ring" in line
+
+
+def test_bench_names_the_depth_kernels_launch(tiny_dir):
+    """On the one-kernel depth path the JSON and the summary say the grid it ran (blocks and
+    warps a block, which change its speed); other paths have none."""
+    from engine.bench import BenchResult, run_bench
+    from engine.duplex import DuplexEngine
+    from engine.personas import TEACHER_PROMPT, Persona
+
+    engine = DuplexEngine.load(str(tiny_dir), greedy=True)
+    data = run_bench(engine, Persona(name="t", prompt=TEACHER_PROMPT, voice="TINY0"),
+                     frames=1, warmup=1).data
+    assert data["depth_path"] == "mlx" and data["depth_kernel_launch"] is None  # no CUDA here
+    data = {**data, "depth_path": "kernel", "depth_kernel_launch": {"blocks": 132, "warps": 16}}
+    line = [s for s in BenchResult(data).summary_lines() if s.startswith("Depth transformer")][0]
+    assert line.startswith("Depth transformer: one CUDA kernel a step (132 blocks of 16 warps);")

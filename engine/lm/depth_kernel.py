@@ -38,14 +38,19 @@ import mlx.core as mx
 from . import fused
 from .layers import RMS_EPS, Embedding, attention_scale
 
-# Warps per block. 8 (256 threads) leaves room for up to 255 registers a thread; the kernel
-# takes 128, so one block of 8 warps an SM keeps only 8 warps to hide a latency-bound step's
-# loads. PARLEY_DEPTH_WARPS=16 (512 threads, launch bounds capping the registers at 128) doubles
-# them with the same grid and barrier; to measure (docs/benchmarks.md, session 12). Read when a
-# depth step is traced. A block holds at most 32 warps (its reductions' scratch); a value
-# outside 1-32, or not a number, keeps 8.
-_w = os.environ.get("PARLEY_DEPTH_WARPS", "8")
-WARPS = int(_w) if _w.isdigit() and 1 <= int(_w) <= 32 else 8
+# Warps per block: 16 (512 threads). The kernel needs ~128 registers a thread, so one block an
+# SM either way: with 8 warps (the first layout) only 8 warps hid a latency-bound step's loads.
+# Launch bounds cap the registers at 128 so that a block of 16 fits an SM's 64K. Measured on
+# the H200 (docs/benchmarks.md, session 13): a 4-bit frame back to back 9.26 -> 8.76 ms.
+# PARLEY_DEPTH_WARPS picks another count (8: the old layout); a block holds at most 32 warps
+# (its reductions' scratch), so a value outside 1-32, or not a number, keeps 16. Read when a
+# depth step is traced.
+def warps_from(value: str | None) -> int:
+    """Warps a block for a PARLEY_DEPTH_WARPS value (None: unset)."""
+    return int(value) if value and value.isdigit() and 1 <= int(value) <= 32 else 16
+
+
+WARPS = warps_from(os.environ.get("PARLEY_DEPTH_WARPS"))
 _BARRIER_WORDS = 4  # arrived count, generation, failure flag, spare
 _PER_LAYER = 14  # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3)
 
@@ -419,8 +424,12 @@ BLOCKS = int(os.environ.get("PARLEY_DEPTH_BLOCKS", "0") or 0)
 
 
 def grid_blocks() -> int:
-    """The depth step kernel's grid: BLOCKS, else one block a streaming multiprocessor."""
-    return BLOCKS if BLOCKS > 0 else sm_count()
+    """The depth step kernel's grid: BLOCKS, else one block a streaming multiprocessor. Blocks
+    of more than 8 warps take a whole SM's registers, so then BLOCKS is capped at one an SM (a
+    grid that is not resident at once fails its barriers)."""
+    if BLOCKS <= 0:
+        return sm_count()
+    return min(BLOCKS, sm_count()) if WARPS > 8 else BLOCKS
 
 
 @functools.cache
