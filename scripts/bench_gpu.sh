@@ -370,11 +370,11 @@ PY
     fi
     ;;
   depthgrid)
-    # Session 12's open question: the depth step kernel runs one block of 8 warps an SM (128
-    # registers a thread), 8 warps to hide a latency-bound step's loads. The CUDA tests of 16
-    # warps a block (PARLEY_DEPTH_WARPS, launch bounds at 128 registers), then the timeline with
-    # blocks of 16 warps and with a grid of two blocks an SM (PARLEY_DEPTH_BLOCKS=2 x SMs). Each
-    # new depth setting compiles eight kernels first: ~400 s in all. After `stage`.
+    # The depth step kernel's grid (session 12's question; 16 warps a block the default since
+    # session 13): the CUDA tests of other warp counts, then the timeline with blocks of
+    # DEPTH_WARPS (default 8, the old layout) and with a grid of DEPTH_BLOCKS (default two
+    # blocks an SM; capped at one an SM with 16-warp blocks). Each new depth setting compiles
+    # eight kernels first: ~400 s in all. After `stage`.
     install
     if [ "${PYTEST:-1}" != 0 ]; then
       timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_depth_kernel.py \
@@ -382,7 +382,7 @@ PY
     fi
     sms=$(python3 -c "from engine.lm import depth_kernel; print(depth_kernel.sm_count())")
     timeout ${TIMELINE_TIMEOUT:-420} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-30} \
-      --paced-frames ${PACED:-10} --only next_temporal --depth-warps ${DEPTH_WARPS:-16} \
+      --paced-frames ${PACED:-10} --only next_temporal --depth-warps ${DEPTH_WARPS:-8} \
       --depth-blocks ${DEPTH_BLOCKS:-$((2 * sms))} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
     timeline_summary
