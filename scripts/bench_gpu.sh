@@ -356,6 +356,20 @@ PY
     timeline_summary
     ls -la "$out"
     ;;
+  mma)
+    # The temporal kernel's tensor-core products (PARLEY_TEMPORAL_MMA=1, session 13, opt-in):
+    # their CUDA test, the 7B-width numerics against the fused step over the engine's 8-bit
+    # ring, then one 8-layer launch with and without them (phase times from the kernel's clock).
+    # ~4 minutes. After `stage`. Then, if they are right and faster, the whole frame:
+    # PARLEY_TEMPORAL_MMA=1 BITS=4 FRAMES=200 bash scripts/bench_gpu.sh run
+    install
+    timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
+      -k "tensor_core" > "$out/pytest.txt" 2>&1 || true
+    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -30
+    PARLEY_TEMPORAL_MMA=1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/check_fused_kernels.py \
+      --temporal-kernel --q8-only --q8-configs --configs ${MMA_CONFIGS:-3,4 3,4,0,0,0,1} 2>&1 \
+      | tee "$out/check-mma.txt" | grep -vE "^\s*$" | tail -30 || true
+    ;;
   warps)
     # The depth kernel's 16-warp blocks: the CUDA test with its full report, the 7B-width check
     # against MLX operations, then (RUN=1) the reference and a 4-bit bench with them. After `stage`.

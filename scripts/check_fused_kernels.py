@@ -821,10 +821,10 @@ PHASES = ("norm+QKV+RoPE", "attention", "out proj", "norm+gated", "down proj")
 def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[int, ...]],
                             layers: int = 8, reps: int = 20, q8: bool = False) -> list[str]:
     """The step kernel's launch configurations against each other, each (blocks an SM, loads in
-    flight a lane[, attention values a lane, attention chunk[, L2 prefetch mask]]), over bf16
-    rings or (q8) 8-bit ones as the engine's default: a configuration with the first's
-    attention layout must equal the first bit for bit (the same sums in the same order), one
-    with another layout come within bf16 rounding of it; then its step time (one launch of
+    flight a lane[, attention values a lane, attention chunk[, L2 prefetch mask[, tensor-core
+    products]]]), over bf16 rings or (q8) 8-bit ones as the engine's default: a configuration
+    with the first's attention layout and products must equal the first bit for bit (the same
+    sums in the same order), one with others come within bf16 rounding of it; then its step time (one launch of
     `layers` layers, wall time) and, from the kernel's own clock (block 0, PROBE), the time each
     phase of a layer takes, p50 over layers and steps."""
     from engine.lm import temporal_kernel as tk
@@ -834,18 +834,19 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
     slot = 7 % S
     offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([slot, S], dtype=mx.int32)
     saved = (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH,
-             tk.PREFETCH)
+             tk.PREFETCH, tk.MMA)
     lines, first = [], None
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
     try:
         tk.LAYERS_PER_LAUNCH = layers
         for config in configs:
-            bps, loads, dpl, chunk, pf = (tuple(config) + (0, 0, 0))[:5]
+            bps, loads, dpl, chunk, pf, mma = (tuple(config) + (0, 0, 0, 0))[:6]
             tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK = bps, loads, dpl, chunk
-            tk.PREFETCH = pf
+            tk.PREFETCH, tk.MMA = pf, bool(mma)
             name = (f"{bps} block(s) an SM, loads {loads or 'compiler'}"
                     + (f", attention {dpl or 'default'} values a lane, chunks of {chunk or 'default'}"
-                       if dpl or chunk else "") + (f", L2 prefetch {pf}" if pf else ""))
+                       if dpl or chunk else "") + (f", L2 prefetch {pf}" if pf else "")
+                    + (f", tensor-core products ({tk.MMA_STEPS} steps ahead)" if mma else ""))
             rb = [r + 0 for r in rings]
             mx.eval(rb)
             try:
@@ -859,9 +860,9 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
                 barrier = depth_kernel.new_barrier()
                 continue
             if first is None:
-                first = (out, rb, (dpl, chunk))
+                first = (out, rb, (dpl, chunk, bool(mma)))
                 same, ok = "reference for the others", True
-            elif first[2] == (dpl, chunk):
+            elif first[2] == (dpl, chunk, bool(mma)):
                 ok = bool(mx.array_equal(out, first[0]).item()) and all(
                     bool(mx.array_equal(a, b).item()) for a, b in zip(rb, first[1]))
                 same = "equal to the first bit for bit" if ok else "DIFFERS from the first"
@@ -892,7 +893,7 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
                          + f" (a layer {per_layer:.1f})")
     finally:
         (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH,
-         tk.PREFETCH) = saved
+         tk.PREFETCH, tk.MMA) = saved
         tk._kernel.cache_clear()
     return lines
 
@@ -943,11 +944,15 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
     # the kernel writing a table.
     from types import SimpleNamespace
     # Each with every L2 prefetch on too (PARLEY_TEMPORAL_PREFETCH).
-    saved_pf = temporal_kernel.PREFETCH
-    for dims, bits, dtype, q8, pf in ((seven_b, 4, mx.bfloat16, True, 0), (tiny, 0, mx.float32, False, 0),
-                                      (seven_b, 4, mx.bfloat16, True, 31), (seven_b, 8, mx.bfloat16, False, 31),
-                                      (tiny, 0, mx.float32, True, 31), (tiny, 0, mx.float32, False, 31)):
+    # And the tensor-core products (PARLEY_TEMPORAL_MMA), where they apply (4-bit bf16).
+    saved_pf, saved_mma = temporal_kernel.PREFETCH, temporal_kernel.MMA
+    for dims, bits, dtype, q8, pf, mma in (
+            (seven_b, 4, mx.bfloat16, True, 0, False), (tiny, 0, mx.float32, False, 0, False),
+            (seven_b, 4, mx.bfloat16, True, 31, False), (seven_b, 8, mx.bfloat16, False, 31, False),
+            (tiny, 0, mx.float32, True, 31, False), (tiny, 0, mx.float32, False, 31, False),
+            (seven_b, 4, mx.bfloat16, True, 0, True), (seven_b, 4, mx.bfloat16, False, 0, True)):
         temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS, temporal_kernel.PREFETCH = 3, 4, pf
+        temporal_kernel.MMA = mma
         layers = 8
         t = shaped_temporal(dims, bits, dtype, layers)
         H, hd = dims["heads"], dims["d"] // dims["heads"]
@@ -960,10 +965,12 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
             mx.array([5, 6], dtype=mx.int32), mx.zeros((H,), dtype=mx.uint32),
             mx.zeros((4,), dtype=mx.uint32), [ring] * layers, [ring] * layers,
             [params] * layers, [params] * layers, tables=tables))
+        assert dict(ckw["template"])["MMA"] == mma
         out.append((f"temporal step kernel d={dims['d']} {dtype} BITS={bits} weight table"
-                    f"{' 8-bit ring' if q8 else ''}{f' L2 prefetch {pf}' if pf else ''}",
+                    f"{' 8-bit ring' if q8 else ''}{f' L2 prefetch {pf}' if pf else ''}"
+                    f"{' tensor-core products' if mma else ''}",
                     _mlx_like_source(kw, ckw)))
-        if pf:
+        if pf or mma:
             continue
         ws = [a for layer in t.layers for a in temporal_kernel._layer_weights(layer, dtype)]
         kw, ckw = _captured(lambda: temporal_kernel._capture_kernel(len(ws))(
@@ -972,7 +979,7 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
         out.append((f"weight table capture d={dims['d']} {dtype} BITS={bits}",
                     _mlx_like_source(kw, ckw)))
     temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS = saved
-    temporal_kernel.PREFETCH = saved_pf
+    temporal_kernel.PREFETCH, temporal_kernel.MMA = saved_pf, saved_mma
     depth_kernel.shared_memory_per_sm = smem
     return out
 
@@ -1249,7 +1256,8 @@ def main() -> None:
                          "then step timings")
     ap.add_argument("--configs", nargs="*", default=["1,0", "1,8", "2,0", "2,8", "2,4", "3,4"],
                     help="with --temporal-kernel: launch configurations to compare, each "
-                         "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK[,PREFETCH]] (0: the default)")
+                         "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK[,PREFETCH[,MMA]]] (0: the default; "
+                         "MMA 1: tensor-core products where they fit)")
     ap.add_argument("--q8-configs", action="store_true",
                     help="with --temporal-kernel: compare the configurations over an 8-bit ring "
                          "too (4-bit weights)")

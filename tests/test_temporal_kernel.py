@@ -487,3 +487,122 @@ def test_on_cuda_l2_prefetches_keep_the_frames_the_same(tiny_dir, monkeypatch):
         runs.append(tokens)
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+def _shaped(d: int, hidden: int, heads: int, layers: int, dtype, bits: int, weights=None):
+    """A Temporal of the given widths (scripts/check_fused_kernels.py's, zero weights unless
+    `weights(n, k)` makes each Linear)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from check_fused_kernels import shaped_temporal
+    return shaped_temporal({"d": d, "hidden": hidden, "heads": heads}, bits, dtype, layers, weights)
+
+
+def _kernel_call(t, dtype, slots: int = 16):
+    """One step of `t` through temporal_kernel.step over zero rings of `slots` slots."""
+    d = int(t.layers[0].out_proj.weight.shape[0])
+    H = t.num_heads
+    ring = mx.zeros((1, H, slots, d // H), dtype=dtype)
+    dummy = mx.zeros((1,), dtype=mx.float32)
+    n = len(t.layers)
+    return temporal_kernel.step(t, mx.zeros((1, 1, d), dtype=dtype), mx.array(3, dtype=mx.int32),
+                                mx.array([3, 4], dtype=mx.int32), mx.zeros((H,), dtype=mx.uint32),
+                                mx.zeros((4,), dtype=mx.uint32), [ring] * n, [ring] * n,
+                                [dummy] * n, [dummy] * n)
+
+
+def test_tensor_core_products_fit_4_bit_bf16_widths_of_8_slices():
+    fits = temporal_kernel.mma_fits
+    assert fits(mx.bfloat16, 4, 64, 4096, 11264)  # the 7B's
+    assert fits(mx.bfloat16, 4, 64, 1024, 2048)
+    assert not fits(mx.float32, 4, 64, 4096, 11264)  # x must be bf16 values
+    assert not fits(mx.bfloat16, 8, 64, 4096, 11264)  # bytes do not unpack into bf16 pairs
+    assert not fits(mx.bfloat16, 0, 0, 4096, 11264)
+    assert not fits(mx.bfloat16, 4, 32, 4096, 11264)  # a pair of groups is one 4-byte load
+    assert not fits(mx.bfloat16, 4, 64, 4096, 11264 + 64)  # 8 slices of steps of 128
+    assert not fits(mx.bfloat16, 4, 64, 512, 1024)
+
+
+def test_tensor_core_products_are_an_opt_in_template_switch(monkeypatch):
+    """PARLEY_TEMPORAL_MMA: a template constant set only where the products fit (a 4-bit bf16
+    model of 7B-like widths here; the tiny float32 one never), with the steps a lane loads ahead;
+    the kernel's source holds the tensor-core path and the settings say which ran."""
+    from engine.lm import depth_kernel
+    monkeypatch.setattr(depth_kernel, "sm_count", lambda: 4)
+    monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: 228 * 1024)
+    wide = _shaped(1024, 2048, 8, 2, mx.bfloat16, 4)
+    plain = _shaped(1024, 2048, 8, 2, mx.bfloat16, 8)
+    seen = {}
+    for mma in (False, True):
+        monkeypatch.setattr(temporal_kernel, "MMA", mma)
+        for name, t in (("4-bit", wide), ("8-bit", plain)):
+            calls = []
+            _stand_in(monkeypatch, calls)
+            _kernel_call(t, mx.bfloat16)
+            seen[(mma, name)] = calls[0]["t"]["MMA"]
+            assert calls[0]["t"]["MU"] == temporal_kernel.MMA_STEPS
+            assert temporal_kernel.launch_settings(t, mx.bfloat16, 16)["tensor_core_products"] \
+                is seen[(mma, name)]
+    assert seen == {(False, "4-bit"): False, (False, "8-bit"): False,
+                    (True, "4-bit"): True, (True, "8-bit"): False}
+    header = calls[0]["kw"]["header"]
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in header
+    assert "if constexpr (MMA)" in calls[0]["kw"]["source"]
+
+
+def test_the_engine_traces_its_step_again_when_the_products_change(engine, monkeypatch):
+    temporal = engine.gen.model.temporal
+    monkeypatch.setattr(temporal_kernel, "MMA", False)
+    before = temporal._kernel_step()
+    monkeypatch.setattr(temporal_kernel, "MMA", True)
+    assert temporal._kernel_step() is not before
+
+
+@cuda
+def test_on_cuda_tensor_core_products_give_the_fused_steps_values(monkeypatch):
+    """A 4-bit bf16 temporal of random weights (widths the tensor-core products take): the
+    step kernel with them comes within bf16 rounding of the fused step (MLX's quantized layout,
+    fused kernels a layer), output and the ring slot it writes, and no barrier gave up."""
+    import math
+
+    from engine.lm import depth_kernel
+    from engine.lm.layers import Linear
+    keys = iter(range(100, 400))
+
+    def weights(n, k):
+        w = (mx.random.normal((n, k), key=mx.random.key(next(keys))) / math.sqrt(k))
+        q, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=4)
+        return Linear(q, s, b, 4, 64)
+
+    t = _shaped(1024, 2048, 8, 2, mx.bfloat16, 4, weights)
+    t.use_fused = t.ring_attention = True
+    mx.eval(t.arrays())
+    whole = t._whole_step()
+    S, H, hd = 16, 8, 128
+    ring0 = [mx.random.normal((1, H, S, hd), key=mx.random.key(i)).astype(mx.bfloat16)
+             for i in range(4)]
+    dummy = [mx.zeros((1,), dtype=mx.float32)] * 4
+    x = mx.random.normal((1, 1, 1024), key=mx.random.key(9)).astype(mx.bfloat16)
+    offset, meta = mx.array(5, dtype=mx.int32), mx.array([5, 6], dtype=mx.int32)
+    counters = mx.zeros((H,), dtype=mx.uint32)
+    ra = [r + 0 for r in ring0]
+    want = whole(x, offset, meta, counters, *ra, *dummy)
+    mx.eval(want, ra)
+    monkeypatch.setattr(temporal_kernel, "MMA", True)
+    barrier = depth_kernel.new_barrier()
+    rb = [r + 0 for r in ring0]
+    got = temporal_kernel.step(t, x, offset, meta, counters, barrier, rb[:2], rb[2:], dummy[:2],
+                               dummy[2:])
+    mx.eval(got, rb)
+    assert not depth_kernel.barrier_failed(barrier)
+
+    def rel(a, b):
+        a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+        return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-9))
+
+    assert rel(got, want) < 2e-2
+    for a, b in zip(ra, rb):
+        assert rel(a[:, :, 5], b[:, :, 5]) < 2e-2
+        np.testing.assert_array_equal(np.array(a[:, :, :5].astype(mx.float32)),
+                                      np.array(b[:, :, :5].astype(mx.float32)))

@@ -82,9 +82,10 @@ class Temporal:
     def _kernel_step(self):
         """With step_kernel: the step as one compiled call of (x, offset, meta, counters,
         barrier, *KVRing.kernel_inputs()) through temporal_kernel.step."""
-        # a trace holds its tables (or their absence), its launches and their L2 prefetches
+        # a trace holds its tables (or their absence), its launches, their L2 prefetches and
+        # their products (tensor cores or not)
         key = ("kernel", self.weight_tables, temporal_kernel.LAYERS_PER_LAUNCH,
-               temporal_kernel.PREFETCH)
+               temporal_kernel.PREFETCH, temporal_kernel.MMA, temporal_kernel.MMA_STEPS)
         if key not in self._step_fns:
             n = len(self.layers)
 

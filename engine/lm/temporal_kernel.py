@@ -66,6 +66,20 @@ RING_CHUNK = int(os.environ.get("PARLEY_TEMPORAL_RING_CHUNK", "0"))
 # 1.62-1.95 ms for 8 layers; the issuing phase pays, the next one does not speed up), so off.
 PREFETCH = int(os.environ.get("PARLEY_TEMPORAL_PREFETCH", "0"))
 PF_RING, PF_OUT, PF_GATED, PF_DOWN, PF_NEXT_QKV = 1, 2, 4, 8, 16
+# Tensor-core products (PARLEY_TEMPORAL_MMA=1; opt-in, to measure). The products of a step are
+# most of its time (~100 of ~146 us a layer on the H200) and look bound by the instructions a
+# 4-bit weight costs on the CUDA cores (~5 a value: unpack, convert, multiply-add, staged x), not
+# by DRAM (session 12: L2 prefetches did not help). With MMA each block takes tiles of 16 rows,
+# its 8 warps a K-slice each; a lane unpacks a weight word into bf16 pairs (128 + q, one logic
+# operation a pair) and the tensor cores multiply them by x staged as bf16 pairs (mma.sync
+# m16n8k16, float32 sums): ~1.3 instructions a weight value. Each group of 64 values is scaled
+# as MLX does, s * (sum q x) + b * (sum x), with the 128 taken back out through the group's sum
+# of x. Only bf16 with 4-bit weights in groups of 64 and widths that split into 8 slices of 128
+# (the 7B's); other models keep the CUDA-core products. Sums in another order: within bf16
+# rounding of them, not bit-equal.
+MMA = os.environ.get("PARLEY_TEMPORAL_MMA", "0") == "1"
+# Steps of 128 values a lane loads ahead in the tensor-core products (PARLEY_TEMPORAL_MMA_STEPS).
+MMA_STEPS = max(1, int(os.environ.get("PARLEY_TEMPORAL_MMA_STEPS", "2") or 2))
 # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values,
 # key params, value params (an 8-bit ring's row scales; a dummy otherwise)
 _PER_LAYER = 18
@@ -153,6 +167,188 @@ __device__ __forceinline__ void add_rows(T* y, const T* res, const float* xs, co
   }
 }
 
+// ---- Tensor-core products (MMA): 4-bit weights, scales and biases in bf16, groups of 64 ----
+
+// The staged input for them, written over xs (the float copy it is made from): for each word of
+// x (8 values, x[8i..8i+8)) its values as bf16 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7), the pairs
+// a 4-bit weight word's nibbles unpack to (uint4 i, from xs[0]); then each group of 64 values'
+// sum (floats from xs + K / 2). x must be bf16 values (stage_x of bf16 rows: it is).
+template <int K, int VPL, int NT>
+__device__ __forceinline__ void stage_pairs(float* xs) {
+  constexpr int KV = K / VPL;
+  constexpr int W = K / 8;
+  constexpr int PER = (W + NT - 1) / NT;
+  static_assert(NT % 8 == 0 && K % 64 == 0, "a group's 8 words on 8 lanes of one warp");
+  uint4 pk[PER];
+  float gs[PER];
+#pragma unroll
+  for (int m = 0; m < PER; ++m) {
+    const int i = threadIdx.x + m * NT;
+    float sum = 0.f;
+    if (W % NT == 0 || i < W) {
+      uint32_t u[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float v = xs[xs_at<VPL, KV>(8 * i + j)];
+        sum += v;
+        u[j] = __float_as_uint(v);
+      }
+      // A bf16 value's bits are its float's upper half; the pair's first value in the low half.
+      pk[m] = make_uint4((u[0] >> 16) | (u[4] & 0xffff0000u), (u[1] >> 16) | (u[5] & 0xffff0000u),
+                         (u[2] >> 16) | (u[6] & 0xffff0000u), (u[3] >> 16) | (u[7] & 0xffff0000u));
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+    gs[m] = sum;
+  }
+  __syncthreads();  // every thread holds its words: xs can be overwritten
+  uint4* xb = reinterpret_cast<uint4*>(xs);
+#pragma unroll
+  for (int m = 0; m < PER; ++m) {
+    const int i = threadIdx.x + m * NT;
+    if (W % NT == 0 || i < W) {
+      xb[i] = pk[m];
+      if ((i & 7) == 0) xs[K / 2 + i / 8] = gs[m];
+    }
+  }
+  __syncthreads();
+}
+
+// Nibbles 0 and 4 of w as a bf16 pair of 128 + q (0x4300 is 128; its 7 mantissa bits hold q).
+// One LOP3 with both constants in registers (written in C, the compiler spends two on it).
+__device__ __forceinline__ uint32_t nib_pair(uint32_t w) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(w), "r"(0x000F000Fu), "r"(0x43004300u));
+  return r;  // 0xEA: (a & b) | c
+}
+
+// d += A B on the tensor cores: A 16 x 16 bf16 (a0-a3 as PTX lays them out), B 16 x 8 bf16
+// (b0, b1), d 16 x 8 float32.
+__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A group's term, s * (sum q x) + b * (sum x), from d = sum (128 + q) x; s and b are half `h`
+// of a bf16 pair (the pair's two groups).
+__device__ __forceinline__ float group_term(uint32_t sp, uint32_t bp, int h, float d, float xsum) {
+  const float s = __uint_as_float(h ? sp & 0xffff0000u : sp << 16);
+  const float b = __uint_as_float(h ? bp & 0xffff0000u : bp << 16);
+  return fmaf(s, d - 128.f * xsum, b * xsum);
+}
+
+// Rows ra + g and rb + g (g = lane / 4: the fragment's rows g and g + 8) of W [N, K] times x
+// (stage_pairs' xb and group sums xg) over the K-slice [k0, k0 + KS), in steps of 128 values
+// (two groups). In a step, lane c = lane % 4 of a row loads words 2c and 2c + 1 of both groups
+// (8 bytes each): every mma then sums 16 values of one group, so each group is scaled on its
+// own. The mma's k order is ours to choose as long as A and B agree: word w's nibble pairs
+// (0,4) (1,5) go to one mma, (2,6) (3,7) to the next, with the x pairs stage_pairs made.
+// lo and hi get the rows' sums over the slice (every lane of a row the same).
+template <typename T, int K, int KS, int U>
+__device__ __forceinline__ void mma_rows(const uint4* xb, const float* xg, const void* wp,
+                                         const T* scales, const T* biases, int ra, int rb,
+                                         int k0, int lane, float& lo, float& hi) {
+  static_assert(KS % 128 == 0, "steps of two groups");
+  constexpr int STEPS = KS / 128;
+  constexpr int G = K / 64;  // groups a row (even: a pair of them is one 4-byte load)
+  const int g = lane >> 2, c = lane & 3;
+  const uint2* wa = reinterpret_cast<const uint2*>(wp) + (size_t)(ra + g) * (K / 16) + c;
+  const uint2* wb = reinterpret_cast<const uint2*>(wp) + (size_t)(rb + g) * (K / 16) + c;
+  const uint32_t* sa = reinterpret_cast<const uint32_t*>(scales + (size_t)(ra + g) * G);
+  const uint32_t* sb = reinterpret_cast<const uint32_t*>(scales + (size_t)(rb + g) * G);
+  const uint32_t* ba = reinterpret_cast<const uint32_t*>(biases + (size_t)(ra + g) * G);
+  const uint32_t* bb = reinterpret_cast<const uint32_t*>(biases + (size_t)(rb + g) * G);
+  lo = 0.f;
+  hi = 0.f;
+#pragma unroll 1
+  for (int s0 = 0; s0 < STEPS; s0 += U) {
+    uint2 wA[U][2], wB[U][2];
+    uint32_t scA[U], scB[U], bsA[U], bsB[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // every load of U steps first
+      if (STEPS % U == 0 || s0 + u < STEPS) {
+        const int grp = k0 / 64 + 2 * (s0 + u);  // the step's first group (even)
+        wA[u][0] = __ldg(wa + grp * 4);
+        wA[u][1] = __ldg(wa + grp * 4 + 4);
+        wB[u][0] = __ldg(wb + grp * 4);
+        wB[u][1] = __ldg(wb + grp * 4 + 4);
+        scA[u] = __ldg(sa + grp / 2);
+        scB[u] = __ldg(sb + grp / 2);
+        bsA[u] = __ldg(ba + grp / 2);
+        bsB[u] = __ldg(bb + grp / 2);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (STEPS % U == 0 || s0 + u < STEPS) {
+        const int grp = k0 / 64 + 2 * (s0 + u);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int w = 0; w < 2; ++w) {
+            const uint32_t a = w ? wA[u][h].y : wA[u][h].x;  // row ra + g, word 2c + w
+            const uint32_t b = w ? wB[u][h].y : wB[u][h].x;  // row rb + g
+            const uint4 xv = xb[(grp + h) * 8 + 2 * c + w];
+            mma_bf16(d, nib_pair(a), nib_pair(b), nib_pair(a >> 4), nib_pair(b >> 4), xv.x, xv.y);
+            mma_bf16(d, nib_pair(a >> 8), nib_pair(b >> 8), nib_pair(a >> 12), nib_pair(b >> 12),
+                     xv.z, xv.w);
+          }
+          const float xsum = xg[grp + h];
+          lo += group_term(scA[u], bsA[u], h, d[0], xsum);  // d[0]: row g, d[2]: row g + 8
+          hi += group_term(scB[u], bsB[u], h, d[2], xsum);
+        }
+      }
+    }
+  }
+}
+
+// A tile of 16 rows (tile row r: ra + r for r < 8, rb + r - 8 after) times the staged x, by the
+// whole block: warp w takes the K-slice [w K / WARPS, (w + 1) K / WARPS). Thread r < 16 gets
+// tile row r's sum (the warps' slices added in order); other threads 0. Every thread of the
+// block must call it (it synchronises the block).
+template <typename T, int K, int WARPS, int U>
+__device__ __forceinline__ float mma_tile(const float* xs, const void* w, const T* s, const T* b,
+                                          int ra, int rb, float* mpart, int lane, int warp) {
+  constexpr int KS = K / WARPS;
+  float lo, hi;
+  mma_rows<T, K, KS, U>(reinterpret_cast<const uint4*>(xs), xs + K / 2, w, s, b, ra, rb,
+                        warp * KS, lane, lo, hi);
+  if ((lane & 3) == 0) {
+    mpart[warp * 16 + (lane >> 2)] = lo;
+    mpart[warp * 16 + 8 + (lane >> 2)] = hi;
+  }
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x < 16) {
+#pragma unroll
+    for (int i = 0; i < WARPS; ++i) total += mpart[i * 16 + threadIdx.x];
+  }
+  __syncthreads();  // the partials are read: the next tile may write them
+  return total;
+}
+
+// y[row] = T(res[row] + T(W[row] . staged x)) for the N rows of W, a tile of 16 at a time over
+// the grid's NB blocks (the tensor-core add_rows; res may be y itself: each row is read and
+// written by one thread).
+template <typename T, int K, int N, int NB, int WARPS, int U>
+__device__ __forceinline__ void mma_add_rows(T* y, const T* res, const float* xs, const void* w,
+                                             const T* s, const T* b, float* mpart, int lane,
+                                             int warp) {
+  for (int tile = blockIdx.x; tile < N / 16; tile += NB) {
+    const float a = mma_tile<T, K, WARPS, U>(xs, w, s, b, 16 * tile, 16 * tile + 8, mpart, lane,
+                                             warp);
+    if (threadIdx.x < 16) {
+      const int row = 16 * tile + threadIdx.x;
+      y[row] = from_f<T>(ld_cg(res + row) + round_t<T>(a));
+    }
+  }
+}
+
 }  // namespace parley
 """
 
@@ -165,7 +361,8 @@ _BODY = r"""
   constexpr int VPL = Pack<T, BITS>::VPL;
   unsigned int* bar = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
   unsigned int* counts = const_cast<unsigned int*>(cnt);
-  __shared__ float xs[XS];  // the staged input; the attention's scratch in phase 2
+  __shared__ __align__(16) float xs[XS];  // the staged input; the attention's scratch in phase 2
+  __shared__ float mpart[MMA ? WARPS * 16 : 1];  // a tile's partial sums (MMA)
   __shared__ float red[32];
   __shared__ int last_s;
   __shared__ const void* lp[L * PER_LAYER];
@@ -208,31 +405,46 @@ _BODY = r"""
 
     // 1. RMSNorm + QKV, RoPE on queries and keys (as fused._QKV_EPI): q, k, v to scratch.
     stage_x<T, VPL, D, NT, true, true>(xr, n1, {eps}f, xs, red);
-    for (int t = gw; t < 3 * D / RWQ; t += TW) {
-      int rows[RWQ];
-      float acc[RWQ];
+    // Rows (row, row + 1) of the QKV product (row even) to q, k or v, RoPE'd if q or k.
+    auto qkv_out = [&](int row, float a0, float a1) {
+      a0 = round_t<T>(a0);
+      a1 = round_t<T>(a1);
+      if (row < 2 * D) {
+        const int i = (row % HD) / 2;
+        const float freq = expf((float)i * {neg_log_base_2_over_hd}f);
+        const float theta = freq * (float)p;
+        double s, c;
+        sincos((double)theta, &s, &c);
+        const float cf = (float)c, sf = (float)s;
+        const float r0 = a0 * cf - a1 * sf, r1 = a0 * sf + a1 * cf;
+        a0 = r0;
+        a1 = r1;
+      }
+      T* dst = row < D ? q + row : row < 2 * D ? k + (row - D) : v + (row - 2 * D);
+      dst[0] = from_f<T>(a0);
+      dst[1] = from_f<T>(a1);
+    };
+    if constexpr (MMA) {
+      stage_pairs<D, VPL, NT>(xs);
+      for (int tile = blockIdx.x; tile < 3 * D / 16; tile += NB) {
+        const float a = mma_tile<T, D, WARPS, MU>(xs, wq, sq, bq, 16 * tile, 16 * tile + 8, mpart,
+                                                  lane, warp);
+        if (warp == 0) {
+          const float a1 = __shfl_down_sync(0xffffffffu, a, 1);
+          if (lane < 16 && (lane & 1) == 0) qkv_out(16 * tile + lane, a, a1);
+        }
+      }
+    } else {
+      for (int t = gw; t < 3 * D / RWQ; t += TW) {
+        int rows[RWQ];
+        float acc[RWQ];
 #pragma unroll
-      for (int r = 0; r < RWQ; ++r) rows[r] = t * RWQ + r;
-      gemv_rows_u<T, BITS, D, GROUP, RWQ, unroll_for<RWQ>(LOADS)>(xs, wq, sq, bq, rows, acc, lane);
-      if (lane == 0) {
+        for (int r = 0; r < RWQ; ++r) rows[r] = t * RWQ + r;
+        gemv_rows_u<T, BITS, D, GROUP, RWQ, unroll_for<RWQ>(LOADS)>(xs, wq, sq, bq, rows, acc,
+                                                                     lane);
+        if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < RWQ; r += 2) {
-          const int row = rows[r];
-          float a0 = round_t<T>(acc[r]), a1 = round_t<T>(acc[r + 1]);
-          if (row < 2 * D) {
-            const int i = (row % HD) / 2;
-            const float freq = expf((float)i * {neg_log_base_2_over_hd}f);
-            const float theta = freq * (float)p;
-            double s, c;
-            sincos((double)theta, &s, &c);
-            const float cf = (float)c, sf = (float)s;
-            const float r0 = a0 * cf - a1 * sf, r1 = a0 * sf + a1 * cf;
-            a0 = r0;
-            a1 = r1;
-          }
-          T* dst = row < D ? q + row : row < 2 * D ? k + (row - D) : v + (row - 2 * D);
-          dst[0] = from_f<T>(a0);
-          dst[1] = from_f<T>(a1);
+          for (int r = 0; r < RWQ; r += 2) qkv_out(rows[r], acc[r], acc[r + 1]);
         }
       }
     }
@@ -266,7 +478,12 @@ _BODY = r"""
 
     // 3. Out projection + residual.
     stage_x<T, VPL, D, NT, true, false>(attn, nullptr, 0.f, xs, red);
-    add_rows<T, BITS, D, GROUP, RWO, D, TW, LOADS>(x, xr, xs, wo, so, bo, gw, lane);
+    if constexpr (MMA) {
+      stage_pairs<D, VPL, NT>(xs);
+      mma_add_rows<T, D, D, NB, WARPS, MU>(x, xr, xs, wo, so, bo, mpart, lane, warp);
+    } else {
+      add_rows<T, BITS, D, GROUP, RWO, D, TW, LOADS>(x, xr, xs, wo, so, bo, gw, lane);
+    }
     if constexpr ((PF & 4) != 0) {  // both halves of the gated rows
       prefetch_tasks<T, BITS, D, GROUP, RWG, HID, TW>(wi, si, bi, gw, lane);
       prefetch_tasks<T, BITS, D, GROUP, RWG, HID, TW>(wi, si, bi, gw, lane, HID);
@@ -276,20 +493,34 @@ _BODY = r"""
 
     // 4. RMSNorm + the gated half of the feed-forward.
     stage_x<T, VPL, D, NT, true, true>(x, n2, {eps}f, xs, red);
-    for (int t = gw; t < HID / RWG; t += TW) {
-      int rows[2 * RWG];
-      float acc[2 * RWG];
+    // Row r of the gated half from its gate and up sums.
+    auto gated_out = [&](int r, float gate, float up) {
+      const float g = round_t<T>(gate);
+      const float u = round_t<T>(up);
+      const float sig = round_t<T>(1.f / (1.f + expf(-g)));
+      hb[r] = from_f<T>(round_t<T>(g * sig) * u);
+    };
+    if constexpr (MMA) {  // a tile: 8 gate rows, then their 8 up rows
+      stage_pairs<D, VPL, NT>(xs);
+      for (int tile = blockIdx.x; tile < HID / 8; tile += NB) {
+        const float a = mma_tile<T, D, WARPS, MU>(xs, wi, si, bi, 8 * tile, HID + 8 * tile, mpart,
+                                                  lane, warp);
+        if (warp == 0) {
+          const float up = __shfl_down_sync(0xffffffffu, a, 8);
+          if (lane < 8) gated_out(8 * tile + lane, a, up);
+        }
+      }
+    } else {
+      for (int t = gw; t < HID / RWG; t += TW) {
+        int rows[2 * RWG];
+        float acc[2 * RWG];
 #pragma unroll
-      for (int r = 0; r < RWG; ++r) { rows[r] = t * RWG + r; rows[RWG + r] = HID + t * RWG + r; }
-      gemv_rows_u<T, BITS, D, GROUP, 2 * RWG, unroll_for<2 * RWG>(LOADS)>(xs, wi, si, bi, rows,
-                                                                           acc, lane);
+        for (int r = 0; r < RWG; ++r) { rows[r] = t * RWG + r; rows[RWG + r] = HID + t * RWG + r; }
+        gemv_rows_u<T, BITS, D, GROUP, 2 * RWG, unroll_for<2 * RWG>(LOADS)>(xs, wi, si, bi, rows,
+                                                                             acc, lane);
 #pragma unroll
-      for (int r = 0; r < RWG; ++r) {
-        if (lane == r) {
-          const float g = round_t<T>(acc[r]);
-          const float u = round_t<T>(acc[RWG + r]);
-          const float sig = round_t<T>(1.f / (1.f + expf(-g)));
-          hb[rows[r]] = from_f<T>(round_t<T>(g * sig) * u);
+        for (int r = 0; r < RWG; ++r) {
+          if (lane == r) gated_out(rows[r], acc[r], acc[RWG + r]);
         }
       }
     }
@@ -299,7 +530,12 @@ _BODY = r"""
 
     // 5. Down projection + residual.
     stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
-    add_rows<T, BITS, HID, GROUP, RWD, D, TW, LOADS>(x, x, xs, wd, sd, bd, gw, lane);
+    if constexpr (MMA) {
+      stage_pairs<HID, VPL, NT>(xs);
+      mma_add_rows<T, HID, D, NB, WARPS, MU>(x, x, xs, wd, sd, bd, mpart, lane, warp);
+    } else {
+      add_rows<T, BITS, HID, GROUP, RWD, D, TW, LOADS>(x, x, xs, wd, sd, bd, gw, lane);
+    }
     if constexpr ((PF & 16) != 0) {  // the next layer's QKV rows (RoPE pairs: RWQ a task)
       if (l + 1 < L) {
         const void* const* pn = pl + PER_LAYER;
@@ -455,9 +691,22 @@ def _geometry(temporal, dtype: mx.Dtype, slots: int) -> tuple[int, int, int, int
 def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
     """How the step's launches are laid out on this GPU (for `parley bench --json`)."""
     _, _, _, bps = _geometry(temporal, dtype, slots)
+    lin = temporal.layers[0].in_proj
+    D = fused._shape(temporal.layers[0].out_proj)[0]
+    HID = fused._shape(temporal.layers[0].linear_out)[1]
+    mma = MMA and mma_fits(dtype, lin.bits if lin.quantized else 0,
+                           lin.group_size if lin.quantized else 0, D, HID)
     return {"layers_per_launch": LAYERS_PER_LAUNCH, "blocks_per_sm": bps,
             "sms": depth_kernel.sm_count(), "loads_in_flight": LOADS,
-            "l2_prefetch": PREFETCH}
+            "l2_prefetch": PREFETCH, "tensor_core_products": mma}
+
+
+def mma_fits(dtype: mx.Dtype, bits: int, group: int, d: int, hidden: int) -> bool:
+    """Whether the tensor-core products (MMA) take a model: bf16 activations, 4-bit weights in
+    groups of 64, and both input widths (d, hidden) in 8 slices (a block's warps) of steps of
+    128 values; tiles of 16 rows (8 gate rows and their 8 up rows)."""
+    return (dtype == mx.bfloat16 and bits == 4 and group == 64 and d % (128 * WARPS) == 0
+            and hidden % (128 * WARPS) == 0 and d % 16 == 0 and hidden % 8 == 0)
 
 
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
@@ -487,6 +736,7 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     bits = lin.bits if lin.quantized else 0
     nb = depth_kernel.sm_count() * bps
     warps = nb * WARPS
+    mma = MMA and mma_fits(dtype, bits, lin.group_size if bits else 0, D, HID)
     c = -math.log(temporal.max_period) * 2 / hd
     pos = offset.reshape(1).astype(mx.int32)
     h = x.reshape(D)
@@ -508,7 +758,7 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
                     ("WARPS", WARPS), ("XS", xs), ("PER_LAYER", _PER_LAYER), ("LAST", last),
                     ("AR", os.environ.get("PARLEY_DEPTH_BARRIER") == "acqrel"),
                     ("PROBE", probe), ("LOADS", LOADS), ("Q8", keys[0].dtype == mx.uint8),
-                    ("PF", PREFETCH),
+                    ("PF", PREFETCH), ("MMA", mma), ("MU", MMA_STEPS),
                     ("RWQ", _even_rows(3 * D, warps)),
                     ("RWO", depth_kernel._rows_per_warp(D, warps)),
                     ("RWG", depth_kernel._rows_per_warp(HID, warps)),
