@@ -359,7 +359,8 @@ PY
   mma)
     # The temporal kernel's tensor-core products (PARLEY_TEMPORAL_MMA=1, session 13, opt-in):
     # their CUDA test, the 7B-width numerics against the fused step over the engine's 8-bit
-    # ring, then one 8-layer launch with and without them (phase times from the kernel's clock).
+    # ring, then one 8-layer launch without and with them (2, 1 and 3 steps of 128 values loaded
+    # ahead a lane; phase times from the kernel's clock).
     # ~4 minutes. After `stage`. Then, if they are right and faster, the whole frame:
     # PARLEY_TEMPORAL_MMA=1 BITS=4 FRAMES=200 bash scripts/bench_gpu.sh run
     install
@@ -367,7 +368,7 @@ PY
       -k "tensor_core" > "$out/pytest.txt" 2>&1 || true
     grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -30
     PARLEY_TEMPORAL_MMA=1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/check_fused_kernels.py \
-      --temporal-kernel --q8-only --q8-configs --configs ${MMA_CONFIGS:-3,4 3,4,0,0,0,1} 2>&1 \
+      --temporal-kernel --q8-only --q8-configs --configs ${MMA_CONFIGS:-3,4 3,4,0,0,0,2 3,4,0,0,0,1 3,4,0,0,0,3} 2>&1 \
       | tee "$out/check-mma.txt" | grep -vE "^\s*$" | tail -30 || true
     ;;
   warps)

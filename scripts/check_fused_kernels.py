@@ -822,7 +822,7 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
                             layers: int = 8, reps: int = 20, q8: bool = False) -> list[str]:
     """The step kernel's launch configurations against each other, each (blocks an SM, loads in
     flight a lane[, attention values a lane, attention chunk[, L2 prefetch mask[, tensor-core
-    products]]]), over bf16 rings or (q8) 8-bit ones as the engine's default: a configuration
+    products: steps loaded ahead, 0 off]]]]), over bf16 rings or (q8) 8-bit ones as the engine's default: a configuration
     with the first's attention layout and products must equal the first bit for bit (the same
     sums in the same order), one with others come within bf16 rounding of it; then its step time (one launch of
     `layers` layers, wall time) and, from the kernel's own clock (block 0, PROBE), the time each
@@ -834,7 +834,7 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
     slot = 7 % S
     offset, meta = mx.array(S + 7, dtype=mx.int32), mx.array([slot, S], dtype=mx.int32)
     saved = (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH,
-             tk.PREFETCH, tk.MMA)
+             tk.PREFETCH, tk.MMA, tk.MMA_STEPS)
     lines, first = [], None
     tol = 2e-2 if dtype == mx.bfloat16 else 1e-4
     try:
@@ -843,6 +843,7 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
             bps, loads, dpl, chunk, pf, mma = (tuple(config) + (0, 0, 0, 0))[:6]
             tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK = bps, loads, dpl, chunk
             tk.PREFETCH, tk.MMA = pf, bool(mma)
+            tk.MMA_STEPS = mma or saved[7]
             name = (f"{bps} block(s) an SM, loads {loads or 'compiler'}"
                     + (f", attention {dpl or 'default'} values a lane, chunks of {chunk or 'default'}"
                        if dpl or chunk else "") + (f", L2 prefetch {pf}" if pf else "")
@@ -893,7 +894,7 @@ def temporal_kernel_configs(dtype, bits: int, dims: dict, configs: list[tuple[in
                          + f" (a layer {per_layer:.1f})")
     finally:
         (tk.BLOCKS_PER_SM, tk.LOADS, tk.RING_DPL, tk.RING_CHUNK, tk.LAYERS_PER_LAUNCH,
-         tk.PREFETCH, tk.MMA) = saved
+         tk.PREFETCH, tk.MMA, tk.MMA_STEPS) = saved
         tk._kernel.cache_clear()
     return lines
 
@@ -1257,7 +1258,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=["1,0", "1,8", "2,0", "2,8", "2,4", "3,4"],
                     help="with --temporal-kernel: launch configurations to compare, each "
                          "BLOCKS_PER_SM,LOADS[,RING_DPL,RING_CHUNK[,PREFETCH[,MMA]]] (0: the default; "
-                         "MMA 1: tensor-core products where they fit)")
+                         "MMA n: tensor-core products where they fit, n steps of 128 values loaded "
+                         "ahead)")
     ap.add_argument("--q8-configs", action="store_true",
                     help="with --temporal-kernel: compare the configurations over an 8-bit ring "
                          "too (4-bit weights)")
