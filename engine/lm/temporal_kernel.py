@@ -72,7 +72,7 @@ PF_RING, PF_OUT, PF_GATED, PF_DOWN, PF_NEXT_QKV = 1, 2, 4, 8, 16
 # by DRAM (session 12: L2 prefetches did not help). With MMA each block takes tiles of 16 rows,
 # its 8 warps a K-slice each; a lane unpacks a weight word into bf16 pairs (128 + q, one logic
 # operation a pair) and the tensor cores multiply them by x staged as bf16 pairs (mma.sync
-# m16n8k16, float32 sums): ~1.3 instructions a weight value. Each group of 64 values is scaled
+# m16n8k16, float32 sums): ~1.6 instructions a weight value. Each group of 64 values is scaled
 # as MLX does, s * (sum q x) + b * (sum x), with the 128 taken back out through the group's sum
 # of x. Only bf16 with 4-bit weights in groups of 64 and widths that split into 8 slices of 128
 # (the 7B's); other models keep the CUDA-core products. Sums in another order: within bf16
