@@ -190,6 +190,7 @@ def run_bench(engine, persona, *, frames: int = 100, warmup: int = 10, load_s: f
         "chain_ahead": bool(getattr(engine.gen, "chain_ahead", False)),
         "encode_after_issue": bool(engine.overlap_encode
                                    and getattr(engine, "encode_after_issue", False)),
+        "codes_on_device": bool(engine.overlap_encode and getattr(engine, "codes_on_device", False)),
         "weight_tables": bool(engine.gen.model.temporal.step_kernel
                               and engine.gen.model.temporal.weight_tables),
         "paced_latency": _percentiles(paced) if paced else None,

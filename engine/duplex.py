@@ -110,6 +110,14 @@ class DuplexEngine:
         self._encode_pool = None
         self._encode_stream = None
         self._worker_resets = -1  # encoder_resets when the encoder state was last made concrete
+        # With overlap_encode: the worker hands a frame's codes over as a device array as soon
+        # as their encode is queued on its stream, instead of as host integers once it is done.
+        # A next step chained ahead (LMGen.chain_ahead) then takes them on the device (MLX makes
+        # the main stream wait for the encode stream's event), so the host no longer waits for
+        # the encode (which the persistent kernels starve until ~7.5 ms into a frame) before
+        # issuing that step; the host reads the codes after the frame's barrier. Opt-in
+        # (PARLEY_CODES_ON_DEVICE=1) until measured on a GPU.
+        self.codes_on_device = os.environ.get("PARLEY_CODES_ON_DEVICE") == "1"
         self._overlap_encode = False
         self.overlap_encode = default_overlap_encode() if overlap_encode is None else overlap_encode
         # With overlap_encode: queue a live frame's encode only once the frame's depth chain and
@@ -285,12 +293,12 @@ class DuplexEngine:
                 # The encode queued only once the frame's own work is on the device (its Python
                 # would otherwise hold the GIL while this thread issues the depth chain).
                 from concurrent.futures import Future
-                codes, worker = Future(), self._encode_worker()
+                codes = Future()
 
-                def issued(future=codes, worker=worker, pcm=pcm_in):
-                    worker.submit_to(future, self._encode_frame, pcm)
+                def issued(future=codes, pcm=pcm_in):
+                    self._queue_encode(pcm, future)
             elif self.overlap_encode:
-                codes = self._encode_worker().submit(self._encode_frame, pcm_in)
+                codes = self._queue_encode(pcm_in)
             # The next temporal step is handed over as the frame ends, except for the bench's
             # stage split (profile_stages: whole stages) and with defer_next, where the frame
             # returns once its audio is ready (before its own encode is done) and after_step()
@@ -342,6 +350,8 @@ class DuplexEngine:
         codes = self.gen.finish_frame()
         if codes is not None:
             self.last_user_codes = codes
+        if self.codes_on_device and self._encode_pool is not None:
+            self._encode_pool.submit(lambda: None).result()  # the last encode job has ended
 
     @property
     def frame_path(self) -> str:
@@ -397,7 +407,7 @@ class DuplexEngine:
             self._encode_pool = _EncodeWorker("parley-encode")
         return self._encode_pool
 
-    def _encode_frame(self, pcm_in) -> tuple[np.ndarray, float]:
+    def _encode_frame(self, pcm_in, early=None) -> tuple[np.ndarray, float]:
         """On the encode worker: one frame's codes as int64 numpy, and the milliseconds it took.
         Everything it leaves behind (the encoder's state) is evaluated here, since MLX arrays
         left lazy on one thread's stream fail on another."""
@@ -410,8 +420,35 @@ class DuplexEngine:
                 self.mimi.reset_encoder()
                 self._worker_resets = self.mimi.encoder_resets
             codes = self.mimi.encode_step(np.asarray(pcm_in, np.float32))
+            if early is not None:
+                # Queued, not waited for: the codes go to the model thread now, then this
+                # thread waits for the encoder's state (nothing running is left to another).
+                mx.async_eval(codes, *self.mimi.encoder_state_arrays())
+                early.set_result((codes, (time.perf_counter() - t0) * 1000))
             mx.eval(codes, *self.mimi.encoder_state_arrays())
         return np.array(codes).astype(np.int64), (time.perf_counter() - t0) * 1000
+
+    def _encode_frame_early(self, future, pcm_in) -> None:
+        """On the encode worker, with codes_on_device: `_encode_frame` resolving `future` with
+        the frame's codes as a device array once they are queued (or with its error)."""
+        try:
+            self._encode_frame(pcm_in, early=future)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+            raise
+
+    def _queue_encode(self, pcm_in, future=None):
+        """The frame's encode on the worker -> a Future of (codes, ms): host integers once done,
+        or with codes_on_device a device array once queued. `future`: the Future to resolve."""
+        from concurrent.futures import Future
+        worker = self._encode_worker()
+        future = Future() if future is None else future
+        if self.codes_on_device:
+            worker.submit(self._encode_frame_early, future, pcm_in)
+        else:
+            worker.submit_to(future, self._encode_frame, pcm_in)
+        return future
 
     def _display(self, text_id: int) -> str | None:
         # A model may sample ids its tokenizer lacks (random-weight benchmarks pair a 32000-entry

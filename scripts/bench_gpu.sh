@@ -371,6 +371,24 @@ PY
       --temporal-kernel --q8-only --q8-configs --configs ${MMA_CONFIGS:-3,4 3,4,0,0,0,2 3,4,0,0,0,1 3,4,0,0,0,3} 2>&1 \
       | tee "$out/check-mma.txt" | grep -vE "^\s*$" | tail -30 || true
     ;;
+  codes)
+    # The user codes handed over on the device (PARLEY_CODES_ON_DEVICE=1, session 13, opt-in)
+    # with chain ahead: the presubmit tests on the GPU (cross-stream hand-over, token-identical
+    # frames), then the timeline's chain-ahead variants (does the next temporal step now start
+    # right behind the decode and the encode, ~7.7 ms?), then (RUN=1) the bench with both.
+    # ~5 minutes. After `stage`.
+    install
+    timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_presubmit.py \
+      -k "frames_are_those" > "$out/pytest.txt" 2>&1 || true
+    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -20
+    timeout ${TIMELINE_TIMEOUT:-330} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-30} \
+      --paced-frames ${PACED:-10} --only chain next_temporal_step_submitted_ahead \
+      --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
+    timeline_summary
+    if [ -n "${RUN:-}" ]; then
+      PARLEY_CHAIN_AHEAD=1 PARLEY_CODES_ON_DEVICE=1 BITS=4 FRAMES=${FRAMES:-200} bash "$0" run
+    fi
+    ;;
   warps)
     # The depth kernel's 16-warp blocks: the CUDA test with its full report, the 7B-width check
     # against MLX operations, then (RUN=1) the reference and a 4-bit bench with them. After `stage`.

@@ -237,18 +237,20 @@ def main() -> None:
         # the engine's defaults (pre-submission, weight tables) with some settings changed:
         # presubmit, split (each temporal launch handed over as built), chain (chain ahead),
         # nb (depth kernel blocks), tables (PARLEY_WEIGHT_TABLE), lpl (layers a launch),
-        # after (the encode queued once the frame is handed over, PARLEY_ENCODE_AFTER).
+        # after (the encode queued once the frame is handed over, PARLEY_ENCODE_AFTER), cod (the
+        # worker's codes handed over as a device array once queued, PARLEY_CODES_ON_DEVICE).
         from engine.lm import depth_kernel, temporal_kernel
         # pf (the step kernel's L2 prefetch mask, PARLEY_TEMPORAL_PREFETCH; None: the default).
         # dpf (the depth step kernel's L2 prefetch, PARLEY_DEPTH_PREFETCH).
         # dw (warps a depth step kernel block, PARLEY_DEPTH_WARPS).
         V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False,
-                 pf=None, dpf=depth_kernel.PREFETCH, dw=depth_kernel.WARPS)
+                 cod=False, pf=None, dpf=depth_kernel.PREFETCH, dw=depth_kernel.WARPS)
         variants = {"next temporal step submitted ahead": V,
                     "temporal step built in its frame": {**V, "presubmit": False},
                     "next step built before the barrier (chain ahead)": {**V, "chain": True},
                     "submitted ahead, encode queued after the frame is issued": {**V,
-                                                                                 "after": True}}
+                                                                                 "after": True},
+                    "chain ahead, codes on the device": {**V, "chain": True, "cod": True}}
         if temporal.step_kernel:
             variants["submitted ahead, each launch handed over as built"] = {**V, "split": True}
             variants["chain ahead, each launch handed over as built"] = {**V, "split": True,
@@ -287,6 +289,7 @@ def main() -> None:
             temporal_kernel.LAYERS_PER_LAUNCH = v["lpl"] or default_lpl
             temporal_kernel.PREFETCH = default_pf if v["pf"] is None else v["pf"]
             engine.encode_after_issue = v["after"]
+            engine.codes_on_device = v["cod"]
             depth_kernel.BLOCKS, depth_kernel.PREFETCH, depth_kernel.WARPS = (v["nb"], v["dpf"],
                                                                               v["dw"])
             key = (v["nb"], v["dpf"], v["dw"])

@@ -48,20 +48,24 @@ def _session(engine, pcm) -> list:
     return out
 
 
-@pytest.mark.parametrize("greedy,chain,worker,after", [
-    (True, False, False, False), (False, False, False, False), (True, True, False, False),
-    (False, True, True, False), (False, True, True, True)])
+@pytest.mark.parametrize("greedy,chain,worker,after,on_device", [
+    (True, False, False, False, False), (False, False, False, False, False),
+    (True, True, False, False, False), (False, True, True, False, False),
+    (False, True, True, True, False), (False, True, True, False, True),
+    (True, True, True, True, True), (False, False, True, False, True)])
 def test_the_frames_are_those_of_the_step_built_in_its_frame(tiny_dir, greedy, chain, worker,
-                                                             after):
+                                                             after, on_device):
     """chain: the next step built before the frame's barrier from the samples on the device
     (chain_ahead); worker: the encode on its worker thread (the GPU default); after: that encode
-    queued once the frame's own work is handed over (encode_after_issue)."""
+    queued once the frame's own work is handed over (encode_after_issue); on_device: the
+    worker's codes handed over as a device array once queued (codes_on_device)."""
     rng = np.random.default_rng(3)
     pcm = (0.1 * rng.standard_normal((52, 1920))).astype(np.float32)
     ahead = _engine(tiny_dir, True, greedy=greedy)
     ahead.gen.chain_ahead = chain
     ahead.overlap_encode = worker
     ahead.encode_after_issue = after
+    ahead.codes_on_device = on_device
     ahead.stage_sample_every = 5  # some frames take the stage split (no chaining there)
     inside = _engine(tiny_dir, False, greedy=greedy)
     chained = []

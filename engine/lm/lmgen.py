@@ -670,7 +670,11 @@ class LMGen:
         if (held[~now] < 0).any():  # a delayed user channel not written: build it later
             return None
         if deferred:
-            codes = mx.array(np.asarray(user_codes.result()[0]).reshape(-1).astype(np.int32))
+            got = user_codes.result()[0]
+            if isinstance(got, mx.array):  # queued on the encode worker's stream: MLX waits
+                codes = got.reshape(-1).astype(mx.int32)  # for it on the device, not here
+            else:
+                codes = mx.array(np.asarray(got).reshape(-1).astype(np.int32))
         else:
             codes = user_codes.reshape(-1).astype(mx.int32)
         model_part = mx.where(mx.array(mask), mx.array(vals), sampled.astype(mx.int32))
