@@ -407,10 +407,11 @@ class DuplexEngine:
             self._encode_pool = _EncodeWorker("parley-encode")
         return self._encode_pool
 
-    def _encode_frame(self, pcm_in, early=None) -> tuple[np.ndarray, float]:
-        """On the encode worker: one frame's codes as int64 numpy, and the milliseconds it took.
-        Everything it leaves behind (the encoder's state) is evaluated here, since MLX arrays
-        left lazy on one thread's stream fail on another."""
+    def _encode_frame(self, pcm_in, early=None) -> tuple[np.ndarray, float] | None:
+        """On the encode worker: one frame's codes as int64 numpy, and the milliseconds it took;
+        with `early` (a Future), instead resolves it with the codes as a device array once they
+        are queued, and returns None. Everything it leaves behind (the encoder's state) is
+        evaluated here, since MLX arrays left lazy on one thread's stream fail on another."""
         mx = self.mx
         t0 = time.perf_counter()
         if self._encode_stream is None:
@@ -423,8 +424,12 @@ class DuplexEngine:
             if early is not None:
                 # Queued, not waited for: the codes go to the model thread now, then this
                 # thread waits for the encoder's state (nothing running is left to another).
+                # The codes are that thread's from here: touching them here (an eval marks an
+                # array done) would race with its graph building.
                 mx.async_eval(codes, *self.mimi.encoder_state_arrays())
                 early.set_result((codes, (time.perf_counter() - t0) * 1000))
+                mx.eval(*self.mimi.encoder_state_arrays())
+                return None
             mx.eval(codes, *self.mimi.encoder_state_arrays())
         return np.array(codes).astype(np.int64), (time.perf_counter() - t0) * 1000
 
