@@ -48,7 +48,11 @@ class BenchResult:
             "Depth transformer: " + _DEPTH_PATHS.get(d.get("depth_path", ""), "MLX operations")
             + (" ({blocks} blocks of {warps} warps)".format(**d["depth_kernel_launch"])
                if d.get("depth_kernel_launch") else "")
-            + "; temporal: " + ("CUDA kernels of several layers each" if d.get("temporal_kernel")
+            + "; temporal: " + ("CUDA kernels of several layers each"
+                                + (" (products on the tensor cores)"
+                                   if (d.get("temporal_kernel_launch") or {}).get(
+                                       "tensor_core_products") else "")
+                                if d.get("temporal_kernel")
                                 else "fused CUDA kernels" if d.get("temporal_fused")
                                 else "MLX operations")
             + (" with ring attention" if d.get("ring_attention") and not d.get("temporal_kernel")

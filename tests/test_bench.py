@@ -145,3 +145,7 @@ def test_bench_names_the_depth_kernels_launch(tiny_dir):
     data = {**data, "depth_path": "kernel", "depth_kernel_launch": {"blocks": 132, "warps": 16}}
     line = [s for s in BenchResult(data).summary_lines() if s.startswith("Depth transformer")][0]
     assert line.startswith("Depth transformer: one CUDA kernel a step (132 blocks of 16 warps);")
+    data = {**data, "temporal_kernel": True,
+            "temporal_kernel_launch": {"tensor_core_products": True}}
+    line = [s for s in BenchResult(data).summary_lines() if s.startswith("Depth transformer")][0]
+    assert "; temporal: CUDA kernels of several layers each (products on the tensor cores)" in line
