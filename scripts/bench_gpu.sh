@@ -358,18 +358,23 @@ PY
     ;;
   mma)
     # The temporal kernel's tensor-core products (PARLEY_TEMPORAL_MMA=1, session 13, opt-in):
-    # their CUDA test, the 7B-width numerics against the fused step over the engine's 8-bit
-    # ring, then one 8-layer launch without and with them (2, 1 and 3 steps of 128 values loaded
-    # ahead a lane; phase times from the kernel's clock).
-    # ~4 minutes. After `stage`. Then, if they are right and faster, the whole frame:
+    # their CUDA tests (4 and 8 bits), the 7B-width numerics against the fused step over the
+    # engine's 8-bit ring, one 8-layer launch without and with them (2, 1 and 3 steps of 128
+    # values loaded ahead a lane; phase times from the kernel's clock), then the same at 4 and
+    # 8 bits over bf16 rings. ~9 minutes (run it with timeout_s 590). After `stage`. Then, if they
+    # are right and faster, the whole frame:
     # PARLEY_TEMPORAL_MMA=1 BITS=4 FRAMES=200 bash scripts/bench_gpu.sh run
     install
-    timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
+    timeout ${PYTEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
       -k "tensor_core" > "$out/pytest.txt" 2>&1 || true
     grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -30
-    PARLEY_TEMPORAL_MMA=1 timeout ${CHECK_TIMEOUT:-300} python3 scripts/check_fused_kernels.py \
+    PARLEY_TEMPORAL_MMA=1 timeout ${CHECK_TIMEOUT:-250} python3 scripts/check_fused_kernels.py \
       --temporal-kernel --q8-only --q8-configs --configs ${MMA_CONFIGS:-3,4 3,4,0,0,0,2 3,4,0,0,0,1 3,4,0,0,0,3} 2>&1 \
       | tee "$out/check-mma.txt" | grep -vE "^\s*$" | tail -30 || true
+    # 8-bit weights (two nibble planes) against the CUDA-core products, bf16 rings, 4 and 8 bits.
+    timeout ${CHECK8_TIMEOUT:-160} python3 scripts/check_fused_kernels.py --temporal-kernel \
+      --configs-only --configs 3,4 3,4,0,0,0,2 2>&1 | tee "$out/check-mma8.txt" \
+      | grep -vE "^\s*$" | tail -12 || true
     ;;
   codes)
     # The user codes handed over on the device (PARLEY_CODES_ON_DEVICE=1, session 13, opt-in)

@@ -945,13 +945,14 @@ def _temporal_kernel_sources() -> list[tuple[str, str]]:
     # the kernel writing a table.
     from types import SimpleNamespace
     # Each with every L2 prefetch on too (PARLEY_TEMPORAL_PREFETCH).
-    # And the tensor-core products (PARLEY_TEMPORAL_MMA), where they apply (4-bit bf16).
+    # And the tensor-core products (PARLEY_TEMPORAL_MMA), where they apply (4- and 8-bit bf16).
     saved_pf, saved_mma = temporal_kernel.PREFETCH, temporal_kernel.MMA
     for dims, bits, dtype, q8, pf, mma in (
             (seven_b, 4, mx.bfloat16, True, 0, False), (tiny, 0, mx.float32, False, 0, False),
             (seven_b, 4, mx.bfloat16, True, 31, False), (seven_b, 8, mx.bfloat16, False, 31, False),
             (tiny, 0, mx.float32, True, 31, False), (tiny, 0, mx.float32, False, 31, False),
-            (seven_b, 4, mx.bfloat16, True, 0, True), (seven_b, 4, mx.bfloat16, False, 0, True)):
+            (seven_b, 4, mx.bfloat16, True, 0, True), (seven_b, 4, mx.bfloat16, False, 0, True),
+            (seven_b, 8, mx.bfloat16, True, 0, True)):
         temporal_kernel.BLOCKS_PER_SM, temporal_kernel.LOADS, temporal_kernel.PREFETCH = 3, 4, pf
         temporal_kernel.MMA = mma
         layers = 8

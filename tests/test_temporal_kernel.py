@@ -512,12 +512,13 @@ def _kernel_call(t, dtype, slots: int = 16):
                                 [dummy] * n, [dummy] * n)
 
 
-def test_tensor_core_products_fit_4_bit_bf16_widths_of_8_slices():
+def test_tensor_core_products_fit_4_and_8_bit_bf16_widths_of_8_slices():
     fits = temporal_kernel.mma_fits
     assert fits(mx.bfloat16, 4, 64, 4096, 11264)  # the 7B's
     assert fits(mx.bfloat16, 4, 64, 1024, 2048)
     assert not fits(mx.float32, 4, 64, 4096, 11264)  # x must be bf16 values
-    assert not fits(mx.bfloat16, 8, 64, 4096, 11264)  # bytes do not unpack into bf16 pairs
+    assert fits(mx.bfloat16, 8, 64, 4096, 11264)  # a byte as two nibble planes
+    assert not fits(mx.bfloat16, 2, 64, 4096, 11264)
     assert not fits(mx.bfloat16, 0, 0, 4096, 11264)
     assert not fits(mx.bfloat16, 4, 32, 4096, 11264)  # a pair of groups is one 4-byte load
     assert not fits(mx.bfloat16, 4, 64, 4096, 11264 + 64)  # 8 slices of steps of 128
@@ -525,27 +526,32 @@ def test_tensor_core_products_fit_4_bit_bf16_widths_of_8_slices():
 
 
 def test_tensor_core_products_are_an_opt_in_template_switch(monkeypatch):
-    """PARLEY_TEMPORAL_MMA: a template constant set only where the products fit (a 4-bit bf16
-    model of 7B-like widths here; the tiny float32 one never), with the steps a lane loads ahead;
-    the kernel's source holds the tensor-core path and the settings say which ran."""
+    """PARLEY_TEMPORAL_MMA: a template constant set only where the products fit (4- and 8-bit
+    bf16 models of 7B-like widths here, not one with bf16 weights), with the steps a lane loads
+    ahead and a staged input with room for the pairs; the kernel's source holds the tensor-core
+    path and the settings say which ran."""
     from engine.lm import depth_kernel
     monkeypatch.setattr(depth_kernel, "sm_count", lambda: 4)
     monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: 228 * 1024)
     wide = _shaped(1024, 2048, 8, 2, mx.bfloat16, 4)
-    plain = _shaped(1024, 2048, 8, 2, mx.bfloat16, 8)
+    eight = _shaped(1024, 2048, 8, 2, mx.bfloat16, 8)
+    plain = _shaped(1024, 2048, 8, 2, mx.bfloat16, 0)
     seen = {}
     for mma in (False, True):
         monkeypatch.setattr(temporal_kernel, "MMA", mma)
-        for name, t in (("4-bit", wide), ("8-bit", plain)):
+        for name, t in (("4-bit", wide), ("8-bit", eight), ("bf16", plain)):
             calls = []
             _stand_in(monkeypatch, calls)
             _kernel_call(t, mx.bfloat16)
             seen[(mma, name)] = calls[0]["t"]["MMA"]
+            if seen[(mma, name)]:  # x pairs (16 bytes a weight word) and group sums fit
+                bits = 4 if name == "4-bit" else 8
+                assert calls[0]["t"]["XS"] >= 4 * 2048 * bits // 32 + 2048 // 64
             assert calls[0]["t"]["MU"] == temporal_kernel.MMA_STEPS
             assert temporal_kernel.launch_settings(t, mx.bfloat16, 16)["tensor_core_products"] \
                 is seen[(mma, name)]
-    assert seen == {(False, "4-bit"): False, (False, "8-bit"): False,
-                    (True, "4-bit"): True, (True, "8-bit"): False}
+    assert seen == {(False, "4-bit"): False, (False, "8-bit"): False, (False, "bf16"): False,
+                    (True, "4-bit"): True, (True, "8-bit"): True, (True, "bf16"): False}
     header = calls[0]["kw"]["header"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in header
     assert "if constexpr (MMA)" in calls[0]["kw"]["source"]
@@ -560,8 +566,9 @@ def test_the_engine_traces_its_step_again_when_the_products_change(engine, monke
 
 
 @cuda
-def test_on_cuda_tensor_core_products_give_the_fused_steps_values(monkeypatch):
-    """A 4-bit bf16 temporal of random weights (widths the tensor-core products take): the
+@pytest.mark.parametrize("bits", [4, 8])
+def test_on_cuda_tensor_core_products_give_the_fused_steps_values(monkeypatch, bits):
+    """A 4- or 8-bit bf16 temporal of random weights (widths the tensor-core products take): the
     step kernel with them comes within bf16 rounding of the fused step (MLX's quantized layout,
     fused kernels a layer), output and the ring slot it writes, and no barrier gave up."""
     import math
@@ -572,10 +579,10 @@ def test_on_cuda_tensor_core_products_give_the_fused_steps_values(monkeypatch):
 
     def weights(n, k):
         w = (mx.random.normal((n, k), key=mx.random.key(next(keys))) / math.sqrt(k))
-        q, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=4)
-        return Linear(q, s, b, 4, 64)
+        q, s, b = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=bits)
+        return Linear(q, s, b, bits, 64)
 
-    t = _shaped(1024, 2048, 8, 2, mx.bfloat16, 4, weights)
+    t = _shaped(1024, 2048, 8, 2, mx.bfloat16, bits, weights)
     t.use_fused = t.ring_attention = True
     mx.eval(t.arrays())
     whole = t._whole_step()

@@ -71,12 +71,12 @@ PF_RING, PF_OUT, PF_GATED, PF_DOWN, PF_NEXT_QKV = 1, 2, 4, 8, 16
 # 4-bit weight costs on the CUDA cores (~5 a value: unpack, convert, multiply-add, staged x), not
 # by DRAM (session 12: L2 prefetches did not help). With MMA each block takes tiles of 16 rows,
 # its 8 warps a K-slice each; a lane unpacks a weight word into bf16 pairs (128 + q, one logic
-# operation a pair) and the tensor cores multiply them by x staged as bf16 pairs (mma.sync
-# m16n8k16, float32 sums): ~1.6 instructions a weight value. Each group of 64 values is scaled
-# as MLX does, s * (sum q x) + b * (sum x), with the 128 taken back out through the group's sum
-# of x. Only bf16 with 4-bit weights in groups of 64 and widths that split into 8 slices of 128
-# (the 7B's); other models keep the CUDA-core products. Sums in another order: within bf16
-# rounding of them, not bit-equal.
+# operation a pair; an 8-bit weight as two nibble planes) and the tensor cores multiply them by
+# x staged as matching bf16 pairs (mma.sync m16n8k16, float32 sums): ~1.6 instructions a 4-bit
+# value. Each group of 64 values is scaled as MLX does, s * (sum q x) + b * (sum x), with the
+# 128s taken back out through the group's sum of x. Only bf16 with 4- or 8-bit weights in
+# groups of 64 and widths that split into 8 slices of 128 (the 7B's); other models keep the
+# CUDA-core products. Sums in another order: within bf16 rounding of them, not bit-equal.
 MMA = os.environ.get("PARLEY_TEMPORAL_MMA", "0") == "1"
 # Steps of 128 values a lane loads ahead in the tensor-core products (PARLEY_TEMPORAL_MMA_STEPS).
 MMA_STEPS = max(1, int(os.environ.get("PARLEY_TEMPORAL_MMA_STEPS", "2") or 2))
@@ -167,18 +167,33 @@ __device__ __forceinline__ void add_rows(T* y, const T* res, const float* xs, co
   }
 }
 
-// ---- Tensor-core products (MMA): 4-bit weights, scales and biases in bf16, groups of 64 ----
+// ---- Tensor-core products (MMA): 4- or 8-bit weights, scales and biases in bf16, groups of 64 --
+//
+// A weight word's nibbles become bf16 pairs of 128 + q (nib_pair: nibbles j and j + 4 of the
+// word, j = 0..3 after shifting by 4j). With 4 bits they are values 8w + j and 8w + j + 4 of the
+// row; with 8 bits a byte is two nibbles, q = lo + 16 hi, so the pairs are (lo, hi) planes of
+// values 4w + {0, 2} and 4w + {1, 3}, multiplied by x and by 16 x. Either way a word's four pairs
+// meet the four x pairs stage_pairs writes for it, and sum (128 + q) x over a group comes out as
+// sum q x + FOLD * sum x (FOLD = 128, or 128 * 17 for the two planes).
+template <int BITS> struct MmaLayout {
+  static constexpr int VPW = 32 / BITS;           // values a 32-bit word
+  static constexpr int WPG = 64 / VPW;            // words a group of 64
+  static constexpr int WPT = WPG / 4;             // words of a group a lane loads (of 4 lanes)
+  static constexpr float FOLD = BITS == 4 ? 128.f : 128.f * 17.f;
+};
 
-// The staged input for them, written over xs (the float copy it is made from): for each word of
-// x (8 values, x[8i..8i+8)) its values as bf16 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7), the pairs
-// a 4-bit weight word's nibbles unpack to (uint4 i, from xs[0]); then each group of 64 values'
-// sum (floats from xs + K / 2). x must be bf16 values (stage_x of bf16 rows: it is).
-template <int K, int VPL, int NT>
+// The staged input for them, written over xs (the float copy it is made from): for each weight
+// word's values of x, the x pairs its nibble pairs meet, as bf16 (uint4 a word, from xs[0]):
+// 4 bits, x[8i..8i+8): (x0,x4) (x1,x5) (x2,x6) (x3,x7); 8 bits, x[4i..4i+4): (x0,x2)
+// (16x0,16x2) (x1,x3) (16x1,16x3). Then each group of 64 values' sum (floats after them). x
+// must be bf16 values (stage_x of bf16 rows: it is; 16 x is exact too).
+template <int BITS, int K, int VPL, int NT>
 __device__ __forceinline__ void stage_pairs(float* xs) {
+  using M = MmaLayout<BITS>;
   constexpr int KV = K / VPL;
-  constexpr int W = K / 8;
+  constexpr int W = K / M::VPW;
   constexpr int PER = (W + NT - 1) / NT;
-  static_assert(NT % 8 == 0 && K % 64 == 0, "a group's 8 words on 8 lanes of one warp");
+  static_assert(NT % M::WPG == 0 && K % 64 == 0, "a group's words on lanes of one warp");
   uint4 pk[PER];
   float gs[PER];
 #pragma unroll
@@ -186,20 +201,25 @@ __device__ __forceinline__ void stage_pairs(float* xs) {
     const int i = threadIdx.x + m * NT;
     float sum = 0.f;
     if (W % NT == 0 || i < W) {
-      uint32_t u[8];
+      float v[M::VPW];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float v = xs[xs_at<VPL, KV>(8 * i + j)];
-        sum += v;
-        u[j] = __float_as_uint(v);
+      for (int j = 0; j < M::VPW; ++j) {
+        v[j] = xs[xs_at<VPL, KV>(M::VPW * i + j)];
+        sum += v[j];
       }
-      // A bf16 value's bits are its float's upper half; the pair's first value in the low half.
-      pk[m] = make_uint4((u[0] >> 16) | (u[4] & 0xffff0000u), (u[1] >> 16) | (u[5] & 0xffff0000u),
-                         (u[2] >> 16) | (u[6] & 0xffff0000u), (u[3] >> 16) | (u[7] & 0xffff0000u));
+      // A bf16 value's bits are its float's upper half; a pair's first value in the low half.
+      auto pair = [](float lo, float hi) {
+        return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
+      };
+      if constexpr (BITS == 4) {
+        pk[m] = make_uint4(pair(v[0], v[4]), pair(v[1], v[5]), pair(v[2], v[6]), pair(v[3], v[7]));
+      } else {
+        pk[m] = make_uint4(pair(v[0], v[2]), pair(16.f * v[0], 16.f * v[2]), pair(v[1], v[3]),
+                           pair(16.f * v[1], 16.f * v[3]));
+      }
     }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+#pragma unroll
+    for (int o = 1; o < M::WPG; o *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     gs[m] = sum;
   }
   __syncthreads();  // every thread holds its words: xs can be overwritten
@@ -209,7 +229,7 @@ __device__ __forceinline__ void stage_pairs(float* xs) {
     const int i = threadIdx.x + m * NT;
     if (W % NT == 0 || i < W) {
       xb[i] = pk[m];
-      if ((i & 7) == 0) xs[K / 2 + i / 8] = gs[m];
+      if (i % M::WPG == 0) xs[4 * W + i / M::WPG] = gs[m];
     }
   }
   __syncthreads();
@@ -233,31 +253,57 @@ __device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// A group's term, s * (sum q x) + b * (sum x), from d = sum (128 + q) x; s and b are half `h`
-// of a bf16 pair (the pair's two groups).
+// A group's term, s * (sum q x) + b * (sum x), from d = sum q x + FOLD sum x; s and b are half
+// `h` of a bf16 pair (the pair's two groups).
+template <int BITS>
 __device__ __forceinline__ float group_term(uint32_t sp, uint32_t bp, int h, float d, float xsum) {
   const float s = __uint_as_float(h ? sp & 0xffff0000u : sp << 16);
   const float b = __uint_as_float(h ? bp & 0xffff0000u : bp << 16);
-  return fmaf(s, d - 128.f * xsum, b * xsum);
+  return fmaf(s, d - MmaLayout<BITS>::FOLD * xsum, b * xsum);
+}
+
+// A lane's words of one row's group (WPT of them: 8 or 16 bytes).
+template <int BITS> struct GroupWords;
+template <> struct GroupWords<4> {
+  uint2 v;
+  __device__ __forceinline__ uint32_t operator[](int i) const { return i ? v.y : v.x; }
+};
+template <> struct GroupWords<8> {
+  uint4 v;
+  __device__ __forceinline__ uint32_t operator[](int i) const {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+  }
+};
+template <int BITS>
+__device__ __forceinline__ GroupWords<BITS> load_group_words(const uint32_t* row, int grp, int c) {
+  GroupWords<BITS> g;
+  constexpr int WPG = MmaLayout<BITS>::WPG, WPT = MmaLayout<BITS>::WPT;
+  if constexpr (BITS == 4) {
+    g.v = __ldg(reinterpret_cast<const uint2*>(row + grp * WPG + c * WPT));
+  } else {
+    g.v = __ldg(reinterpret_cast<const uint4*>(row + grp * WPG + c * WPT));
+  }
+  return g;
 }
 
 // Rows ra + g and rb + g (g = lane / 4: the fragment's rows g and g + 8) of W [N, K] times x
 // (stage_pairs' xb and group sums xg) over the K-slice [k0, k0 + KS), in steps of 128 values
-// (two groups). In a step, lane c = lane % 4 of a row loads words 2c and 2c + 1 of both groups
-// (8 bytes each): every mma then sums 16 values of one group, so each group is scaled on its
-// own. The mma's k order is ours to choose as long as A and B agree: word w's nibble pairs
-// (0,4) (1,5) go to one mma, (2,6) (3,7) to the next, with the x pairs stage_pairs made.
+// (two groups). In a step, lane c = lane % 4 of a row loads its WPT words of both groups (words
+// c WPT.. of each): every mma then sums values of one group, so each group is scaled on its own.
+// The mma's k order is ours to choose as long as A and B agree: a word's nibble pairs 0 and 1
+// go to one mma, 2 and 3 to the next, with the x pairs stage_pairs made for that word.
 // lo and hi get the rows' sums over the slice (every lane of a row the same).
-template <typename T, int K, int KS, int U>
+template <typename T, int BITS, int K, int KS, int U>
 __device__ __forceinline__ void mma_rows(const uint4* xb, const float* xg, const void* wp,
                                          const T* scales, const T* biases, int ra, int rb,
                                          int k0, int lane, float& lo, float& hi) {
+  using M = MmaLayout<BITS>;
   static_assert(KS % 128 == 0, "steps of two groups");
   constexpr int STEPS = KS / 128;
   constexpr int G = K / 64;  // groups a row (even: a pair of them is one 4-byte load)
   const int g = lane >> 2, c = lane & 3;
-  const uint2* wa = reinterpret_cast<const uint2*>(wp) + (size_t)(ra + g) * (K / 16) + c;
-  const uint2* wb = reinterpret_cast<const uint2*>(wp) + (size_t)(rb + g) * (K / 16) + c;
+  const uint32_t* wa = reinterpret_cast<const uint32_t*>(wp) + (size_t)(ra + g) * (K / M::VPW);
+  const uint32_t* wb = reinterpret_cast<const uint32_t*>(wp) + (size_t)(rb + g) * (K / M::VPW);
   const uint32_t* sa = reinterpret_cast<const uint32_t*>(scales + (size_t)(ra + g) * G);
   const uint32_t* sb = reinterpret_cast<const uint32_t*>(scales + (size_t)(rb + g) * G);
   const uint32_t* ba = reinterpret_cast<const uint32_t*>(biases + (size_t)(ra + g) * G);
@@ -266,16 +312,17 @@ __device__ __forceinline__ void mma_rows(const uint4* xb, const float* xg, const
   hi = 0.f;
 #pragma unroll 1
   for (int s0 = 0; s0 < STEPS; s0 += U) {
-    uint2 wA[U][2], wB[U][2];
+    GroupWords<BITS> wA[U][2], wB[U][2];
     uint32_t scA[U], scB[U], bsA[U], bsB[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // every load of U steps first
       if (STEPS % U == 0 || s0 + u < STEPS) {
         const int grp = k0 / 64 + 2 * (s0 + u);  // the step's first group (even)
-        wA[u][0] = __ldg(wa + grp * 4);
-        wA[u][1] = __ldg(wa + grp * 4 + 4);
-        wB[u][0] = __ldg(wb + grp * 4);
-        wB[u][1] = __ldg(wb + grp * 4 + 4);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wA[u][h] = load_group_words<BITS>(wa, grp + h, c);
+          wB[u][h] = load_group_words<BITS>(wb, grp + h, c);
+        }
         scA[u] = __ldg(sa + grp / 2);
         scB[u] = __ldg(sb + grp / 2);
         bsA[u] = __ldg(ba + grp / 2);
@@ -290,17 +337,17 @@ __device__ __forceinline__ void mma_rows(const uint4* xb, const float* xg, const
         for (int h = 0; h < 2; ++h) {
           float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-          for (int w = 0; w < 2; ++w) {
-            const uint32_t a = w ? wA[u][h].y : wA[u][h].x;  // row ra + g, word 2c + w
-            const uint32_t b = w ? wB[u][h].y : wB[u][h].x;  // row rb + g
-            const uint4 xv = xb[(grp + h) * 8 + 2 * c + w];
+          for (int w = 0; w < M::WPT; ++w) {
+            const uint32_t a = wA[u][h][w];  // row ra + g, word c WPT + w of the group
+            const uint32_t b = wB[u][h][w];  // row rb + g
+            const uint4 xv = xb[(grp + h) * M::WPG + c * M::WPT + w];
             mma_bf16(d, nib_pair(a), nib_pair(b), nib_pair(a >> 4), nib_pair(b >> 4), xv.x, xv.y);
             mma_bf16(d, nib_pair(a >> 8), nib_pair(b >> 8), nib_pair(a >> 12), nib_pair(b >> 12),
                      xv.z, xv.w);
           }
           const float xsum = xg[grp + h];
-          lo += group_term(scA[u], bsA[u], h, d[0], xsum);  // d[0]: row g, d[2]: row g + 8
-          hi += group_term(scB[u], bsB[u], h, d[2], xsum);
+          lo += group_term<BITS>(scA[u], bsA[u], h, d[0], xsum);  // d[0]: row g, d[2]: g + 8
+          hi += group_term<BITS>(scB[u], bsB[u], h, d[2], xsum);
         }
       }
     }
@@ -311,13 +358,14 @@ __device__ __forceinline__ void mma_rows(const uint4* xb, const float* xg, const
 // whole block: warp w takes the K-slice [w K / WARPS, (w + 1) K / WARPS). Thread r < 16 gets
 // tile row r's sum (the warps' slices added in order); other threads 0. Every thread of the
 // block must call it (it synchronises the block).
-template <typename T, int K, int WARPS, int U>
+template <typename T, int BITS, int K, int WARPS, int U>
 __device__ __forceinline__ float mma_tile(const float* xs, const void* w, const T* s, const T* b,
                                           int ra, int rb, float* mpart, int lane, int warp) {
   constexpr int KS = K / WARPS;
   float lo, hi;
-  mma_rows<T, K, KS, U>(reinterpret_cast<const uint4*>(xs), xs + K / 2, w, s, b, ra, rb,
-                        warp * KS, lane, lo, hi);
+  mma_rows<T, BITS, K, KS, U>(reinterpret_cast<const uint4*>(xs),
+                              xs + 4 * (K / MmaLayout<BITS>::VPW), w, s, b, ra, rb, warp * KS,
+                              lane, lo, hi);
   if ((lane & 3) == 0) {
     mpart[warp * 16 + (lane >> 2)] = lo;
     mpart[warp * 16 + 8 + (lane >> 2)] = hi;
@@ -335,13 +383,13 @@ __device__ __forceinline__ float mma_tile(const float* xs, const void* w, const 
 // y[row] = T(res[row] + T(W[row] . staged x)) for the N rows of W, a tile of 16 at a time over
 // the grid's NB blocks (the tensor-core add_rows; res may be y itself: each row is read and
 // written by one thread).
-template <typename T, int K, int N, int NB, int WARPS, int U>
+template <typename T, int BITS, int K, int N, int NB, int WARPS, int U>
 __device__ __forceinline__ void mma_add_rows(T* y, const T* res, const float* xs, const void* w,
                                              const T* s, const T* b, float* mpart, int lane,
                                              int warp) {
   for (int tile = blockIdx.x; tile < N / 16; tile += NB) {
-    const float a = mma_tile<T, K, WARPS, U>(xs, w, s, b, 16 * tile, 16 * tile + 8, mpart, lane,
-                                             warp);
+    const float a = mma_tile<T, BITS, K, WARPS, U>(xs, w, s, b, 16 * tile, 16 * tile + 8, mpart,
+                                                   lane, warp);
     if (threadIdx.x < 16) {
       const int row = 16 * tile + threadIdx.x;
       y[row] = from_f<T>(ld_cg(res + row) + round_t<T>(a));
@@ -425,9 +473,9 @@ _BODY = r"""
       dst[1] = from_f<T>(a1);
     };
     if constexpr (MMA) {
-      stage_pairs<D, VPL, NT>(xs);
+      stage_pairs<BITS, D, VPL, NT>(xs);
       for (int tile = blockIdx.x; tile < 3 * D / 16; tile += NB) {
-        const float a = mma_tile<T, D, WARPS, MU>(xs, wq, sq, bq, 16 * tile, 16 * tile + 8, mpart,
+        const float a = mma_tile<T, BITS, D, WARPS, MU>(xs, wq, sq, bq, 16 * tile, 16 * tile + 8, mpart,
                                                   lane, warp);
         if (warp == 0) {
           const float a1 = __shfl_down_sync(0xffffffffu, a, 1);
@@ -479,8 +527,8 @@ _BODY = r"""
     // 3. Out projection + residual.
     stage_x<T, VPL, D, NT, true, false>(attn, nullptr, 0.f, xs, red);
     if constexpr (MMA) {
-      stage_pairs<D, VPL, NT>(xs);
-      mma_add_rows<T, D, D, NB, WARPS, MU>(x, xr, xs, wo, so, bo, mpart, lane, warp);
+      stage_pairs<BITS, D, VPL, NT>(xs);
+      mma_add_rows<T, BITS, D, D, NB, WARPS, MU>(x, xr, xs, wo, so, bo, mpart, lane, warp);
     } else {
       add_rows<T, BITS, D, GROUP, RWO, D, TW, LOADS>(x, xr, xs, wo, so, bo, gw, lane);
     }
@@ -501,9 +549,9 @@ _BODY = r"""
       hb[r] = from_f<T>(round_t<T>(g * sig) * u);
     };
     if constexpr (MMA) {  // a tile: 8 gate rows, then their 8 up rows
-      stage_pairs<D, VPL, NT>(xs);
+      stage_pairs<BITS, D, VPL, NT>(xs);
       for (int tile = blockIdx.x; tile < HID / 8; tile += NB) {
-        const float a = mma_tile<T, D, WARPS, MU>(xs, wi, si, bi, 8 * tile, HID + 8 * tile, mpart,
+        const float a = mma_tile<T, BITS, D, WARPS, MU>(xs, wi, si, bi, 8 * tile, HID + 8 * tile, mpart,
                                                   lane, warp);
         if (warp == 0) {
           const float up = __shfl_down_sync(0xffffffffu, a, 8);
@@ -531,8 +579,8 @@ _BODY = r"""
     // 5. Down projection + residual.
     stage_x<T, VPL, HID, NT, true, false>(hb, nullptr, 0.f, xs, red);
     if constexpr (MMA) {
-      stage_pairs<HID, VPL, NT>(xs);
-      mma_add_rows<T, HID, D, NB, WARPS, MU>(x, x, xs, wd, sd, bd, mpart, lane, warp);
+      stage_pairs<BITS, HID, VPL, NT>(xs);
+      mma_add_rows<T, BITS, HID, D, NB, WARPS, MU>(x, x, xs, wd, sd, bd, mpart, lane, warp);
     } else {
       add_rows<T, BITS, HID, GROUP, RWD, D, TW, LOADS>(x, x, xs, wd, sd, bd, gw, lane);
     }
@@ -673,9 +721,11 @@ def _xs_floats(k: int, vpl: int) -> int:
     return vpl * (k // vpl + 1)
 
 
-def _geometry(temporal, dtype: mx.Dtype, slots: int) -> tuple[int, int, int, int]:
+def _geometry(temporal, dtype: mx.Dtype, slots: int,
+              mma: bool = False) -> tuple[int, int, int, int]:
     """(attention chunks a head, slots a chunk, floats of a block's staged input, blocks an SM)
-    of a launch over a ring of `slots`."""
+    of a launch over a ring of `slots` (with `mma`, room for the tensor-core products' staged
+    pairs and group sums too)."""
     D = fused._shape(temporal.layers[0].out_proj)[0]
     HID = fused._shape(temporal.layers[0].linear_out)[1]
     hd = D // temporal.num_heads
@@ -684,29 +734,32 @@ def _geometry(temporal, dtype: mx.Dtype, slots: int) -> tuple[int, int, int, int
     lin = temporal.layers[0].in_proj
     vpl = 128 // lin.bits if lin.quantized else 16 // dtype.size
     xs = max(_xs_floats(D, vpl), _xs_floats(HID, vpl), cl + WARPS * hd)
+    if mma:  # 16 bytes a weight word's x pairs (8 or 4 values), then a float a group
+        xs = max(xs, *(4 * k * lin.bits // 32 + k // 64 for k in (D, HID)))
     bps = blocks_that_fit(BLOCKS_PER_SM, 4 * (xs + 33) + 8 * LAYERS_PER_LAUNCH * _PER_LAYER)
     return chunks, cl, xs, bps
 
 
 def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
     """How the step's launches are laid out on this GPU (for `parley bench --json`)."""
-    _, _, _, bps = _geometry(temporal, dtype, slots)
     lin = temporal.layers[0].in_proj
     D = fused._shape(temporal.layers[0].out_proj)[0]
     HID = fused._shape(temporal.layers[0].linear_out)[1]
     mma = MMA and mma_fits(dtype, lin.bits if lin.quantized else 0,
                            lin.group_size if lin.quantized else 0, D, HID)
+    _, _, _, bps = _geometry(temporal, dtype, slots, mma)
     return {"layers_per_launch": LAYERS_PER_LAUNCH, "blocks_per_sm": bps,
             "sms": depth_kernel.sm_count(), "loads_in_flight": LOADS,
             "l2_prefetch": PREFETCH, "tensor_core_products": mma}
 
 
 def mma_fits(dtype: mx.Dtype, bits: int, group: int, d: int, hidden: int) -> bool:
-    """Whether the tensor-core products (MMA) take a model: bf16 activations, 4-bit weights in
-    groups of 64, and both input widths (d, hidden) in 8 slices (a block's warps) of steps of
+    """Whether the tensor-core products (MMA) take a model: bf16 activations, 4- or 8-bit
+    weights in groups of 64, and both input widths (d, hidden) in 8 slices (a block's warps) of steps of
     128 values; tiles of 16 rows (8 gate rows and their 8 up rows)."""
-    return (dtype == mx.bfloat16 and bits == 4 and group == 64 and d % (128 * WARPS) == 0
-            and hidden % (128 * WARPS) == 0 and d % 16 == 0 and hidden % 8 == 0)
+    return (dtype == mx.bfloat16 and bits in (4, 8) and group == 64
+            and d % (128 * WARPS) == 0 and hidden % (128 * WARPS) == 0 and d % 16 == 0
+            and hidden % 8 == 0)
 
 
 def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.array,
@@ -731,12 +784,12 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     hd = D // H
     S = int(keys[0].shape[2])
     lpr = _lanes_a_row(hd, keys[0].dtype == mx.uint8)
-    chunks, cl, xs, bps = _geometry(temporal, dtype, S)
     lin = layers[0].in_proj
     bits = lin.bits if lin.quantized else 0
+    mma = MMA and mma_fits(dtype, bits, lin.group_size if bits else 0, D, HID)
+    chunks, cl, xs, bps = _geometry(temporal, dtype, S, mma)
     nb = depth_kernel.sm_count() * bps
     warps = nb * WARPS
-    mma = MMA and mma_fits(dtype, bits, lin.group_size if bits else 0, D, HID)
     c = -math.log(temporal.max_period) * 2 / hd
     pos = offset.reshape(1).astype(mx.int32)
     h = x.reshape(D)
