@@ -41,7 +41,9 @@ from .layers import RMS_EPS, Embedding, attention_scale
 # Warps per block: 16 (512 threads). The kernel needs ~128 registers a thread, so one block an
 # SM either way: with 8 warps (the first layout) only 8 warps hid a latency-bound step's loads.
 # Launch bounds cap the registers at 128 so that a block of 16 fits an SM's 64K. Measured on
-# the H200 (docs/benchmarks.md, session 13): a 4-bit frame back to back 9.26 -> 8.76 ms.
+# the H200 (docs/benchmarks.md, session 13): a 4-bit frame back to back 9.12 -> 8.98 ms with
+# `parley bench` (9.26 -> 8.76 ms in the timeline), ~0.3 ms more at real-time pace (a block that
+# fills an SM waits for the encode worker's kernels to leave it).
 # PARLEY_DEPTH_WARPS picks another count (8: the old layout); a block holds at most 32 warps
 # (its reductions' scratch), so a value outside 1-32, or not a number, keeps 16. Read when a
 # depth step is traced.
