@@ -213,6 +213,9 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time the defaults with each of these L2 prefetch masks "
                          "(PARLEY_TEMPORAL_PREFETCH)")
+    ap.add_argument("--mma", action="store_true",
+                    help="also time the defaults, and chain ahead with the codes on the device, "
+                         "with the temporal kernel's tensor-core products (PARLEY_TEMPORAL_MMA)")
     args = ap.parse_args()
     if args.tiny:
         from engine.duplex import DuplexEngine
@@ -238,13 +241,14 @@ def main() -> None:
         # presubmit, split (each temporal launch handed over as built), chain (chain ahead),
         # nb (depth kernel blocks), tables (PARLEY_WEIGHT_TABLE), lpl (layers a launch),
         # after (the encode queued once the frame is handed over, PARLEY_ENCODE_AFTER), cod (the
-        # worker's codes handed over as a device array once queued, PARLEY_CODES_ON_DEVICE).
+        # worker's codes handed over as a device array once queued, PARLEY_CODES_ON_DEVICE), mma
+        # (the temporal kernel's tensor-core products, PARLEY_TEMPORAL_MMA).
         from engine.lm import depth_kernel, temporal_kernel
         # pf (the step kernel's L2 prefetch mask, PARLEY_TEMPORAL_PREFETCH; None: the default).
         # dpf (the depth step kernel's L2 prefetch, PARLEY_DEPTH_PREFETCH).
         # dw (warps a depth step kernel block, PARLEY_DEPTH_WARPS).
         V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False,
-                 cod=False, pf=None, dpf=depth_kernel.PREFETCH, dw=depth_kernel.WARPS)
+                 cod=False, mma=temporal_kernel.MMA, pf=None, dpf=depth_kernel.PREFETCH, dw=depth_kernel.WARPS)
         variants = {"next temporal step submitted ahead": V,
                     "temporal step built in its frame": {**V, "presubmit": False},
                     "next step built before the barrier (chain ahead)": {**V, "chain": True},
@@ -261,6 +265,11 @@ def main() -> None:
             hd = gen.cfg.dim // gen.cfg.num_heads
             if temporal_kernel.supports(temporal, gen.model.dtype, hd, layers_a_launch=16):
                 variants["submitted ahead, 16 layers a launch"] = {**V, "lpl": 16}
+            if args.mma:
+                variants["next temporal step submitted ahead, tensor-core products"] = {
+                    **V, "mma": True}
+                variants["chain ahead, codes on the device, tensor-core products"] = {
+                    **V, "chain": True, "cod": True, "mma": True}
             for pf in args.prefetch:
                 variants[f"submitted ahead, L2 prefetch {pf}"] = {**V, "pf": pf}
                 if args.depth_prefetch:
@@ -288,6 +297,7 @@ def main() -> None:
             temporal.weight_tables = v["tables"]
             temporal_kernel.LAYERS_PER_LAUNCH = v["lpl"] or default_lpl
             temporal_kernel.PREFETCH = default_pf if v["pf"] is None else v["pf"]
+            temporal_kernel.MMA = v["mma"]
             engine.encode_after_issue = v["after"]
             engine.codes_on_device = v["cod"]
             depth_kernel.BLOCKS, depth_kernel.PREFETCH, depth_kernel.WARPS = (v["nb"], v["dpf"],
