@@ -411,18 +411,18 @@ PY
   depthgrid)
     # The depth step kernel's grid (session 12's question; 16 warps a block the default since
     # session 13): the CUDA tests of other warp counts, then the timeline with blocks of
-    # DEPTH_WARPS (default 8, the old layout) and with a grid of DEPTH_BLOCKS (default two
-    # blocks an SM; capped at one an SM with 16-warp blocks). Each new depth setting compiles
+    # DEPTH_WARPS (default 8, the old layout; 12 leaves an SM room for the encode's blocks, for
+    # the paced latency 16 costs) and, if set, with a grid of DEPTH_BLOCKS (capped at one an SM
+    # with blocks of more than 8 warps). Each new depth setting compiles
     # eight kernels first: ~400 s in all. After `stage`.
     install
     if [ "${PYTEST:-1}" != 0 ]; then
       timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_depth_kernel.py \
         -k "warps" 2>&1 | tail -3 | tee "$out/pytest.txt" || true
     fi
-    sms=$(python3 -c "from engine.lm import depth_kernel; print(depth_kernel.sm_count())")
     timeout ${TIMELINE_TIMEOUT:-420} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-30} \
-      --paced-frames ${PACED:-10} --only next_temporal --depth-warps ${DEPTH_WARPS:-8} \
-      --depth-blocks ${DEPTH_BLOCKS:-$((2 * sms))} \
+      --paced-frames ${PACED:-10} --only next_temporal --depth-warps ${DEPTH_WARPS:-8 12} \
+      ${DEPTH_BLOCKS:+--depth-blocks $DEPTH_BLOCKS} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
     timeline_summary
     ;;

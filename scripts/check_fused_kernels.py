@@ -672,7 +672,7 @@ def _depth_kernel_sources() -> list[tuple[str, str]]:
         kv_size = len(dep.layers) * 2 * dims["d"]
         # (steps before, barrier kind, L2 prefetch: PARLEY_DEPTH_PREFETCH, warps a block)
         variants = ([(0, "fences", 0, 8), (2, "fences", 0, 8), (2, "fences", 1, 8),
-                     (2, "fences", 0, 16)]
+                     (2, "fences", 0, 16), (2, "fences", 0, 12)]
                     + ([(2, "acqrel", 0, 8)] if bits == 4 and not tb else []))
         for nkv, barrier, pf, warps in variants:
             os.environ["PARLEY_DEPTH_BARRIER"] = barrier

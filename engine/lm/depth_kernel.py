@@ -390,6 +390,11 @@ LAUNCH_BOUNDS = """
 #undef __global__
 #define __global__ __attribute__((global)) __launch_bounds__({threads}, {blocks})
 """
+# The same with a register cap instead (CUDA 12.4+; it cannot go with launch bounds).
+MAX_REGISTERS = """
+#undef __global__
+#define __global__ __attribute__((global)) __maxnreg__({regs})
+"""
 
 
 @functools.cache
@@ -404,8 +409,10 @@ def _kernel(layers: int, nkv: int, scale: float, warps: int = 8):
     src = (_BODY.replace("{layer_ptrs}", layer_ptrs).replace("{kv_ptrs}", kv_ptrs)
            .replace("{eps}", repr(float(RMS_EPS))).replace("{scale}", repr(float(scale))))
     header = fused._HEADER + _HELPERS
-    if warps > 8:  # at most 128 registers a thread, so that a block of them fits an SM
+    if warps >= 16:  # at most 65536 / threads registers (128 at 16 warps): a block fits an SM
         header += LAUNCH_BOUNDS.format(threads=warps * 32, blocks=1)
+    elif warps > 8:  # launch bounds would allow more than 128 (150 at 12 warps): cap at 128, so
+        header += MAX_REGISTERS.format(regs=128)  # the SM keeps room for the encode's blocks
     digest = hashlib.sha1((header + src).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(name=f"parley_depth_step_{digest}", input_names=names,
                                output_names=["logits", "kv", "x", "q", "hb"], source=src,
