@@ -381,14 +381,16 @@ PY
     # with chain ahead: the presubmit tests on the GPU (cross-stream hand-over, token-identical
     # frames), then the timeline's chain-ahead variants (does the next temporal step now start
     # right behind the decode and the encode, ~7.7 ms?; MMA=1 adds the tensor-core products to
-    # the defaults and to it), then (RUN=1) the bench with both.
+    # the defaults and to it) and the encode queued after the frame is issued (at real-time pace
+    # the depth chain's submission waited ~1.7 ms behind the worker's Python in this session's
+    # timeline), then (RUN=1) the bench with chain ahead and the codes on the device.
     # ~5 minutes. After `stage`.
     install
     timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_presubmit.py \
       -k "frames_are_those" > "$out/pytest.txt" 2>&1 || true
     grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -20
     timeout ${TIMELINE_TIMEOUT:-330} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-30} \
-      --paced-frames ${PACED:-10} --only chain next_temporal_step_submitted_ahead ${MMA:+--mma} \
+      --paced-frames ${PACED:-10} --only chain next_temporal_step_submitted_ahead encode_queued_after ${MMA:+--mma} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
     timeline_summary
     if [ -n "${RUN:-}" ]; then
