@@ -475,8 +475,8 @@ _BODY = r"""
     if constexpr (MMA) {
       stage_pairs<BITS, D, VPL, NT>(xs);
       for (int tile = blockIdx.x; tile < 3 * D / 16; tile += NB) {
-        const float a = mma_tile<T, BITS, D, WARPS, MU>(xs, wq, sq, bq, 16 * tile, 16 * tile + 8, mpart,
-                                                  lane, warp);
+        const float a = mma_tile<T, BITS, D, WARPS, MU>(xs, wq, sq, bq, 16 * tile,
+                                                        16 * tile + 8, mpart, lane, warp);
         if (warp == 0) {
           const float a1 = __shfl_down_sync(0xffffffffu, a, 1);
           if (lane < 16 && (lane & 1) == 0) qkv_out(16 * tile + lane, a, a1);
@@ -551,8 +551,8 @@ _BODY = r"""
     if constexpr (MMA) {  // a tile: 8 gate rows, then their 8 up rows
       stage_pairs<BITS, D, VPL, NT>(xs);
       for (int tile = blockIdx.x; tile < HID / 8; tile += NB) {
-        const float a = mma_tile<T, BITS, D, WARPS, MU>(xs, wi, si, bi, 8 * tile, HID + 8 * tile, mpart,
-                                                  lane, warp);
+        const float a = mma_tile<T, BITS, D, WARPS, MU>(xs, wi, si, bi, 8 * tile,
+                                                        HID + 8 * tile, mpart, lane, warp);
         if (warp == 0) {
           const float up = __shfl_down_sync(0xffffffffu, a, 8);
           if (lane < 8) gated_out(8 * tile + lane, a, up);
@@ -742,21 +742,26 @@ def _geometry(temporal, dtype: mx.Dtype, slots: int,
 
 def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
     """How the step's launches are laid out on this GPU (for `parley bench --json`)."""
-    lin = temporal.layers[0].in_proj
-    D = fused._shape(temporal.layers[0].out_proj)[0]
-    HID = fused._shape(temporal.layers[0].linear_out)[1]
-    mma = MMA and mma_fits(dtype, lin.bits if lin.quantized else 0,
-                           lin.group_size if lin.quantized else 0, D, HID)
+    mma = _uses_mma(temporal, dtype)
     _, _, _, bps = _geometry(temporal, dtype, slots, mma)
     return {"layers_per_launch": LAYERS_PER_LAUNCH, "blocks_per_sm": bps,
             "sms": depth_kernel.sm_count(), "loads_in_flight": LOADS,
             "l2_prefetch": PREFETCH, "tensor_core_products": mma}
 
 
+def _uses_mma(temporal, dtype: mx.Dtype) -> bool:
+    """Whether the step's products run on the tensor cores: MMA asked for, and they fit."""
+    lin = temporal.layers[0].in_proj
+    return MMA and mma_fits(dtype, lin.bits if lin.quantized else 0,
+                            lin.group_size if lin.quantized else 0,
+                            fused._shape(temporal.layers[0].out_proj)[0],
+                            fused._shape(temporal.layers[0].linear_out)[1])
+
+
 def mma_fits(dtype: mx.Dtype, bits: int, group: int, d: int, hidden: int) -> bool:
     """Whether the tensor-core products (MMA) take a model: bf16 activations, 4- or 8-bit
-    weights in groups of 64, and both input widths (d, hidden) in 8 slices (a block's warps) of steps of
-    128 values; tiles of 16 rows (8 gate rows and their 8 up rows)."""
+    weights in groups of 64, and both input widths (d, hidden) in 8 slices (a block's warps) of
+    steps of 128 values; tiles of 16 rows (8 gate rows and their 8 up rows)."""
     return (dtype == mx.bfloat16 and bits in (4, 8) and group == 64
             and d % (128 * WARPS) == 0 and hidden % (128 * WARPS) == 0 and d % 16 == 0
             and hidden % 8 == 0)
@@ -786,7 +791,7 @@ def step(temporal, x: mx.array, offset: mx.array, meta: mx.array, counters: mx.a
     lpr = _lanes_a_row(hd, keys[0].dtype == mx.uint8)
     lin = layers[0].in_proj
     bits = lin.bits if lin.quantized else 0
-    mma = MMA and mma_fits(dtype, bits, lin.group_size if bits else 0, D, HID)
+    mma = _uses_mma(temporal, dtype)
     chunks, cl, xs, bps = _geometry(temporal, dtype, S, mma)
     nb = depth_kernel.sm_count() * bps
     warps = nb * WARPS
