@@ -226,9 +226,9 @@ def _blocked_encode(engine):
     gate = threading.Event()
     real = engine._encode_frame
 
-    def slow(pcm):
+    def slow(pcm, **kw):
         assert gate.wait(10), "the encode was never let through"
-        return real(pcm)
+        return real(pcm, **kw)
     engine._encode_frame = slow
     return gate
 
