@@ -76,7 +76,7 @@ case "$phase" in
     # 4-bit run per entry (commas join variables), on the same machine as the runs above.
     for env in ${EXTRA:-}; do
       env ${env//,/ } python3 -m tui.cli bench --shape personaplex-7b --random-weights --quantize 4 \
-        --frames ${FRAMES:-200} "$@" | grep -E "Frame|Stages|Depth|Latency" | sed "s/^/[$env] /"
+        --frames ${FRAMES:-200} "$@" | grep -E "Frame|Stages|Depth|Latency|Peak" | sed "s/^/[$env] /"
     done
     python3 - "$out" <<'PY'
 import json, sys, pathlib
@@ -367,7 +367,7 @@ PY
     install
     timeout ${PYTEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider tests/test_temporal_kernel.py \
       -k "tensor_core" > "$out/pytest.txt" 2>&1 || true
-    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -30
+    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -30 || true
     PARLEY_TEMPORAL_MMA=1 timeout ${CHECK_TIMEOUT:-250} python3 scripts/check_fused_kernels.py \
       --temporal-kernel --q8-only --q8-configs --configs ${MMA_CONFIGS:-3,4 3,4,0,0,0,2 3,4,0,0,0,1 3,4,0,0,0,3} 2>&1 \
       | tee "$out/check-mma.txt" | grep -vE "^\s*$" | tail -30 || true
@@ -386,9 +386,14 @@ PY
     # timeline), then (RUN=1) the bench with chain ahead and the codes on the device.
     # ~5 minutes. After `stage`.
     install
-    timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_presubmit.py \
-      -k "frames_are_those" > "$out/pytest.txt" 2>&1 || true
-    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -20
+    # The presubmit cases with the codes on the device (the others ran on the CPU; all eight take
+    # ~150 s on the GPU, compiling), and with MMA=1 the tensor-core products' CUDA tests.
+    t=tests/test_presubmit.py::test_the_frames_are_those_of_the_step_built_in_its_frame
+    timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider "$t[False-True-True-False-True]" \
+      "$t[True-True-True-True-True]" \
+      ${MMA:+tests/test_temporal_kernel.py::test_on_cuda_tensor_core_products_give_the_fused_steps_values} \
+      > "$out/pytest.txt" 2>&1 || true
+    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -20 || true
     timeout ${TIMELINE_TIMEOUT:-330} python3 scripts/frame_timeline.py --frames ${TIMELINE_FRAMES:-30} \
       --paced-frames ${PACED:-10} --only chain next_temporal_step_submitted_ahead encode_queued_after ${MMA:+--mma} \
       --out "$out/timeline.json" > /dev/null 2> "$out/timeline.err" || tail -3 "$out/timeline.err"
@@ -403,7 +408,7 @@ PY
     install
     timeout ${PYTEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_depth_kernel.py \
       -k "on_cuda" > "$out/pytest.txt" 2>&1 || true
-    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -40
+    grep -E "passed|failed|Error|^E " "$out/pytest.txt" | head -40 || true
     PARLEY_DEPTH_WARPS=16 timeout ${CHECK_TIMEOUT:-150} python3 scripts/check_fused_kernels.py \
       --depth-only --no-timings 2>&1 | tee "$out/check16.txt" | tail -15 || true
     if [ -n "${RUN:-}" ]; then

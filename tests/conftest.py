@@ -41,3 +41,24 @@ def _mimi_kernels_only_where_cuda_runs(monkeypatch):
     own tests, tests/test_mimi_kernel.py, turn them on explicitly)."""
     if not _REAL_CUDA:
         monkeypatch.setenv("PARLEY_MIMI_KERNEL", "0")
+
+
+_KERNEL_CACHES = (("engine.lm.fused", "_kernel"), ("engine.lm.temporal_kernel", "_kernel"),
+                  ("engine.lm.temporal_kernel", "_capture_kernel"),
+                  ("engine.lm.depth_kernel", "_kernel"), ("engine.lm.sample_kernel", "_kernel"),
+                  ("engine.mimi.transformer_kernel", "_kernel"))
+
+
+@pytest.fixture(autouse=True)
+def _no_stand_in_kernel_outlives_its_test(monkeypatch):
+    """Tests that stand in for mx.fast.cuda_kernel fill the engine's kernel caches with stand-ins;
+    a later CUDA test would run one (zeros out). After a test that patched it (this fixture's
+    teardown runs before monkeypatch undoes the patch), every kernel cache is dropped."""
+    import importlib
+
+    import mlx.core as mx
+    real = mx.fast.cuda_kernel
+    yield
+    if mx.fast.cuda_kernel is not real:
+        for module, name in _KERNEL_CACHES:
+            getattr(importlib.import_module(module), name).cache_clear()
