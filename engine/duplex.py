@@ -65,11 +65,8 @@ def resolve_mimi_weights(mimi_weights: str, quantize: int | None) -> str:
 
 def default_overlap_encode() -> bool:
     """Whether Mimi's encode overlaps the LM step by default: on MLX's CUDA backend only."""
-    import mlx.core as mx
-    try:
-        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
-    except AttributeError:
-        return False
+    from engine.lm import fused
+    return fused.on_cuda()
 
 
 class DuplexEngine:
@@ -115,9 +112,13 @@ class DuplexEngine:
         # A next step chained ahead (LMGen.chain_ahead) then takes them on the device (MLX makes
         # the main stream wait for the encode stream's event), so the host no longer waits for
         # the encode (which the persistent kernels starve until ~7.5 ms into a frame) before
-        # issuing that step; the host reads the codes after the frame's barrier. Opt-in
-        # (PARLEY_CODES_ON_DEVICE=1) until measured on a GPU.
-        self.codes_on_device = os.environ.get("PARLEY_CODES_ON_DEVICE") == "1"
+        # issuing that step; the host reads the codes after the frame's barrier. On by default
+        # where the encode overlaps (H200: the next step then starts 0.1 ms after the decode
+        # instead of ~1-3 ms; docs/benchmarks.md, session 14); PARLEY_CODES_ON_DEVICE=0/1
+        # forces it.
+        forced = os.environ.get("PARLEY_CODES_ON_DEVICE", "")
+        self.codes_on_device = (forced == "1" if forced in ("0", "1")
+                                else default_overlap_encode())
         self._overlap_encode = False
         self.overlap_encode = default_overlap_encode() if overlap_encode is None else overlap_encode
         # With overlap_encode: queue a live frame's encode only once the frame's depth chain and

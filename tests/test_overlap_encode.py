@@ -163,7 +163,7 @@ def test_encode_after_issue_queues_the_encode_behind_the_frame_and_keeps_the_fra
     by after_step) equal those of the one-thread engine."""
     import mlx.core as mx
     monkeypatch.delenv("PARLEY_ENCODE_AFTER", raising=False)
-    monkeypatch.delenv("PARLEY_CODES_ON_DEVICE", raising=False)  # its encodes queue otherwise
+    monkeypatch.setenv("PARLEY_CODES_ON_DEVICE", "0")  # its encodes queue otherwise
     assert not DuplexEngine.load(str(tiny_dir), seed=0).encode_after_issue
     monkeypatch.setenv("PARLEY_ENCODE_AFTER", "1")
     pcm, persona, plain, after = _plain_and_overlapped(tiny_dir, seed=5, frames=30)

@@ -557,6 +557,27 @@ def test_tensor_core_products_are_an_opt_in_template_switch(monkeypatch):
     assert "if constexpr (MMA)" in calls[0]["kw"]["source"]
 
 
+def test_by_default_the_tensor_cores_take_4_bit_products_only(monkeypatch):
+    """MMA None (PARLEY_TEMPORAL_MMA unset): tensor-core products for 4-bit weights, where the
+    H200 ran them faster (session 14), CUDA-core products at 8 bits, where they were slower."""
+    from engine.lm import depth_kernel
+    monkeypatch.setattr(depth_kernel, "sm_count", lambda: 4)
+    monkeypatch.setattr(depth_kernel, "shared_memory_per_sm", lambda: 228 * 1024)
+    monkeypatch.setattr(temporal_kernel, "MMA", None)
+    used = {}
+    for bits in (4, 8, 0):
+        calls = []
+        _stand_in(monkeypatch, calls)
+        _kernel_call(_shaped(1024, 2048, 8, 2, mx.bfloat16, bits), mx.bfloat16)
+        used[bits] = calls[0]["t"]["MMA"]
+    assert used == {4: True, 8: False, 0: False}
+
+
+def test_the_environment_sets_the_products():
+    assert [temporal_kernel.mma_from(v) for v in ("", "0", "1", " 1", "yes")] == [
+        None, False, True, True, None]
+
+
 def test_the_engine_traces_its_step_again_when_the_products_change(engine, monkeypatch):
     temporal = engine.gen.model.temporal
     monkeypatch.setattr(temporal_kernel, "MMA", False)

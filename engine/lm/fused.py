@@ -867,15 +867,20 @@ _RING_ATTN = r"""
 """
 
 
+def on_cuda() -> bool:
+    """Whether MLX's CUDA backend is the default device."""
+    try:
+        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
+    except AttributeError:
+        return False
+
+
 def enabled() -> bool:
     """Whether the fused kernels can run: MLX's CUDA backend is the default device, and
     PARLEY_FUSED is not 0."""
     if os.environ.get("PARLEY_FUSED", "1") == "0":
         return False
-    try:
-        return bool(mx.cuda.is_available()) and mx.default_device().type == mx.DeviceType.gpu
-    except AttributeError:
-        return False
+    return on_cuda()
 
 
 def supports(lin: Linear, dtype: mx.Dtype) -> bool:

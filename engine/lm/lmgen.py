@@ -75,7 +75,7 @@ import numpy as np
 from engine.config import LMGenConfig
 from engine.mxops import at
 
-from . import sample_kernel
+from . import fused, sample_kernel
 from .model import LMModel
 from .sampling import AUDIO_DEFAULT, TEXT_DEFAULT, SamplingParams, sample
 
@@ -103,6 +103,20 @@ def default_presubmit() -> bool:
     step, and back to back the host's cost of issuing it overlaps the device's work. The tokens
     are the same either way (tests/test_presubmit.py). PARLEY_PRESUBMIT=0 turns it off."""
     return os.environ.get("PARLEY_PRESUBMIT", "1") != "0"
+
+
+def default_chain_ahead() -> bool:
+    """Whether, with presubmit, the next frame's temporal step is built before the frame's
+    barrier from the samples still on the device (and, with the engine's codes on the device,
+    this frame's user codes too), so the device starts it right behind the frame's decode. On
+    MLX's CUDA backend, yes (H200, 4 bits, with the codes on the device: 8.98 -> 7.58-8.02 ms a
+    frame back to back; docs/benchmarks.md, session 14); on the CPU backend, where building
+    ahead competes with the frame's own work for the same cores, and on Metal until measured
+    there, no. PARLEY_CHAIN_AHEAD=0/1 forces it. The tokens are the same either way."""
+    forced = os.environ.get("PARLEY_CHAIN_AHEAD", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return fused.on_cuda()
 
 
 class _Pending:
@@ -138,9 +152,8 @@ class LMGen:
         self.early_submit = default_early_submit()
         self.presubmit = default_presubmit()
         # With presubmit: build the next step before the frame's barrier, from the samples still
-        # on the device, so it queues right behind the frame's decode (PARLEY_CHAIN_AHEAD=1;
-        # opt-in until measured on a GPU).
-        self.chain_ahead = os.environ.get("PARLEY_CHAIN_AHEAD") == "1"
+        # on the device, so it queues right behind the frame's decode (default_chain_ahead).
+        self.chain_ahead = default_chain_ahead()
         self._pending: _Pending | None = None
         self._unfinished = None  # (Future of user codes, position) of a frame awaiting them
         self._kernel_notice: str | None = None

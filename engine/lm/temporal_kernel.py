@@ -66,18 +66,28 @@ RING_CHUNK = int(os.environ.get("PARLEY_TEMPORAL_RING_CHUNK", "0"))
 # 1.62-1.95 ms for 8 layers; the issuing phase pays, the next one does not speed up), so off.
 PREFETCH = int(os.environ.get("PARLEY_TEMPORAL_PREFETCH", "0"))
 PF_RING, PF_OUT, PF_GATED, PF_DOWN, PF_NEXT_QKV = 1, 2, 4, 8, 16
-# Tensor-core products (PARLEY_TEMPORAL_MMA=1; opt-in, to measure). The products of a step are
-# most of its time (~100 of ~146 us a layer on the H200) and look bound by the instructions a
-# 4-bit weight costs on the CUDA cores (~5 a value: unpack, convert, multiply-add, staged x), not
-# by DRAM (session 12: L2 prefetches did not help). With MMA each block takes tiles of 16 rows,
-# its 8 warps a K-slice each; a lane unpacks a weight word into bf16 pairs (128 + q, one logic
+# Tensor-core products (PARLEY_TEMPORAL_MMA). The products of a step are most of its time (~100
+# of ~146 us a layer on the H200) and ran ~5 instructions a 4-bit weight on the CUDA cores
+# (unpack, convert, multiply-add, staged x). With MMA each block takes tiles of 16 rows, its 8
+# warps a K-slice each; a lane unpacks a weight word into bf16 pairs (128 + q, one logic
 # operation a pair; an 8-bit weight as two nibble planes) and the tensor cores multiply them by
 # x staged as matching bf16 pairs (mma.sync m16n8k16, float32 sums): ~1.6 instructions a 4-bit
 # value. Each group of 64 values is scaled as MLX does, s * (sum q x) + b * (sum x), with the
 # 128s taken back out through the group's sum of x. Only bf16 with 4- or 8-bit weights in
 # groups of 64 and widths that split into 8 slices of 128 (the 7B's); other models keep the
 # CUDA-core products. Sums in another order: within bf16 rounding of them, not bit-equal.
-MMA = os.environ.get("PARLEY_TEMPORAL_MMA", "0") == "1"
+# Measured on the H200 (docs/benchmarks.md, session 14): an 8-layer 4-bit launch 1.59 -> 1.56
+# ms (8-bit ring), a frame 8.02 -> 7.58-7.81 ms; at 8 bits slower (1.49 -> 1.91 ms a launch:
+# twice the mma work a value). So the default (None) uses them at 4 bits only; "1" wherever
+# they fit, "0" never.
+
+
+def mma_from(value: str) -> bool | None:
+    """PARLEY_TEMPORAL_MMA's value as MMA: "1" True, "0" False, anything else None (4 bits)."""
+    return {"1": True, "0": False}.get(value.strip())
+
+
+MMA: bool | None = mma_from(os.environ.get("PARLEY_TEMPORAL_MMA", ""))
 # Steps of 128 values a lane loads ahead in the tensor-core products (PARLEY_TEMPORAL_MMA_STEPS).
 MMA_STEPS = max(1, int(os.environ.get("PARLEY_TEMPORAL_MMA_STEPS", "2") or 2))
 # norm1, in_proj (w, s, b), out_proj (3), norm2, linear_in (3), linear_out (3), keys, values,
@@ -750,12 +760,14 @@ def launch_settings(temporal, dtype: mx.Dtype, slots: int) -> dict:
 
 
 def _uses_mma(temporal, dtype: mx.Dtype) -> bool:
-    """Whether the step's products run on the tensor cores: MMA asked for, and they fit."""
+    """Whether the step's products run on the tensor cores: they fit, and MMA asks for them
+    (None: at 4 bits, where they are faster)."""
     lin = temporal.layers[0].in_proj
-    return MMA and mma_fits(dtype, lin.bits if lin.quantized else 0,
-                            lin.group_size if lin.quantized else 0,
-                            fused._shape(temporal.layers[0].out_proj)[0],
-                            fused._shape(temporal.layers[0].linear_out)[1])
+    bits = lin.bits if lin.quantized else 0
+    wanted = bits == 4 if MMA is None else MMA
+    return wanted and mma_fits(dtype, bits, lin.group_size if lin.quantized else 0,
+                               fused._shape(temporal.layers[0].out_proj)[0],
+                               fused._shape(temporal.layers[0].linear_out)[1])
 
 
 def mma_fits(dtype: mx.Dtype, bits: int, group: int, d: int, hidden: int) -> bool:
