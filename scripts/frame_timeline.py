@@ -237,7 +237,8 @@ def main() -> None:
         temporal = gen.model.temporal
         # Back to back, in alternating blocks (the next frame picks up a step handed over ahead,
         # so variants cannot alternate frame by frame), then at real-time pace. A variant is
-        # the engine's defaults (pre-submission, weight tables) with some settings changed:
+        # session 13's defaults (pre-submission, weight tables; no chain ahead, codes through
+        # the host, CUDA-core products) with some settings changed:
         # presubmit, split (each temporal launch handed over as built), chain (chain ahead),
         # nb (depth kernel blocks), tables (PARLEY_WEIGHT_TABLE), lpl (layers a launch),
         # after (the encode queued once the frame is handed over, PARLEY_ENCODE_AFTER), cod (the
@@ -248,8 +249,13 @@ def main() -> None:
         # dpf (the depth step kernel's L2 prefetch, PARLEY_DEPTH_PREFETCH).
         # dw (warps a depth step kernel block, PARLEY_DEPTH_WARPS).
         V = dict(presubmit=True, split=False, chain=False, nb=0, tables=True, lpl=0, after=False,
-                 cod=False, mma=temporal_kernel.MMA, pf=None, dpf=depth_kernel.PREFETCH, dw=depth_kernel.WARPS)
-        variants = {"next temporal step submitted ahead": V,
+                 cod=False, mma=False, pf=None, dpf=depth_kernel.PREFETCH, dw=depth_kernel.WARPS)
+        # The engine's defaults now (session 14: chain ahead and codes on the device on CUDA,
+        # tensor-core products at 4 bits): as this process's environment left them.
+        now = {**V, "chain": gen.chain_ahead, "cod": engine.codes_on_device,
+               "mma": temporal_kernel.MMA}
+        variants = {"the engine's defaults": now,
+                    "next temporal step submitted ahead": V,
                     "temporal step built in its frame": {**V, "presubmit": False},
                     "next step built before the barrier (chain ahead)": {**V, "chain": True},
                     "submitted ahead, encode queued after the frame is issued": {**V,
@@ -313,7 +319,7 @@ def main() -> None:
                 apply(v)
                 run(engine, mic, 3, markers, frame)  # warm-up: compiles the marker chains
                 blocks[name] += run(engine, mic, args.frames // 2, markers, frame)
-        apply(V)
+        apply(now)
         def save():  # after each section, so a run cut short still leaves what it measured
             if args.out:
                 with open(args.out, "w") as f:
@@ -331,7 +337,7 @@ def main() -> None:
             result[f"real-time pace, {name}"] = summarize(
                 run(engine, mic, args.paced_frames, markers, frame, paced=True), markers)
             save()
-        apply(V)
+        apply(now)
         engine.close()
         print(json.dumps(result, indent=1))
     finally:
