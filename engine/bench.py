@@ -59,6 +59,10 @@ class BenchResult:
                else "")
             + ("; top-k draws: one CUDA kernel each" if d.get("one_kernel_draws") else "")
             + ("; stages submitted as built" if d.get("early_submit") else "")
+            + ("; the next temporal step chained ahead"
+               + (" on the device's user codes" if d.get("codes_on_device")
+                  and d.get("overlap_encode") else "")
+               if d.get("chain_ahead") and d.get("presubmit") else "")
             + ("; Mimi transformers: CUDA kernels" if d.get("mimi_kernels") else ""),
             *([f"Latency at real-time pace: p50 {d['paced_latency']['p50_ms']:.2f} ms, p95 "
                f"{d['paced_latency']['p95_ms']:.2f} ms from a frame's audio to its output (a frame "

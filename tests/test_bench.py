@@ -149,3 +149,11 @@ def test_bench_names_the_depth_kernels_launch(tiny_dir):
             "temporal_kernel_launch": {"tensor_core_products": True}}
     line = [s for s in BenchResult(data).summary_lines() if s.startswith("Depth transformer")][0]
     assert "; temporal: CUDA kernels of several layers each (products on the tensor cores)" in line
+    assert "chained ahead" not in line  # the CPU's defaults
+    data = {**data, "chain_ahead": True, "presubmit": True, "codes_on_device": True,
+            "overlap_encode": True}
+    line = [s for s in BenchResult(data).summary_lines() if s.startswith("Depth transformer")][0]
+    assert "; the next temporal step chained ahead on the device's user codes" in line
+    line = [s for s in BenchResult({**data, "overlap_encode": False}).summary_lines()
+            if s.startswith("Depth transformer")][0]
+    assert line.endswith("; the next temporal step chained ahead")
