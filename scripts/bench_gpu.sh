@@ -357,7 +357,7 @@ PY
     ls -la "$out"
     ;;
   mma)
-    # The temporal kernel's tensor-core products (PARLEY_TEMPORAL_MMA=1, session 13, opt-in):
+    # The temporal kernel's tensor-core products (PARLEY_TEMPORAL_MMA; session 13, the 4-bit default since 14):
     # their CUDA tests (4 and 8 bits), the 7B-width numerics against the fused step over the
     # engine's 8-bit ring, one 8-layer launch without and with them (2, 1 and 3 steps of 128
     # values loaded ahead a lane; phase times from the kernel's clock), then the same at 4 and
@@ -377,7 +377,7 @@ PY
       | grep -vE "^\s*$" | tail -12 || true
     ;;
   codes)
-    # The user codes handed over on the device (PARLEY_CODES_ON_DEVICE=1, session 13, opt-in)
+    # The user codes handed over on the device (PARLEY_CODES_ON_DEVICE; session 13, a CUDA default since 14)
     # with chain ahead: the presubmit tests on the GPU (cross-stream hand-over, token-identical
     # frames), then the timeline's chain-ahead variants (does the next temporal step now start
     # right behind the decode and the encode, ~7.7 ms?; MMA=1 adds the tensor-core products to
